@@ -1,0 +1,2 @@
+//! ballast CLI.
+fn main() {}

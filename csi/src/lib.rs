@@ -1,0 +1,1 @@
+//! Ballast control plane library.

@@ -1,0 +1,15 @@
+//! The Ballast storage agent: what runs on every node.
+//!
+//! - [`pool`] formats and imports the node's disks (XFS with reflink) and
+//!   accounts for their capacity.
+//! - [`replica`] owns replica files and their metadata inside pools.
+//! - [`uring`] is the I/O engine: threads that own io_uring rings and execute
+//!   O_DIRECT reads, writes, syncs and fallocates for the rest of the agent.
+//! - [`block`] is the [`block::BlockDevice`] trait that exports serve.
+//! - [`nbd`] is the NBD server (fixed newstyle handshake, transmission phase).
+//! - [`api`] is the agent's gRPC API; [`agent`] wires everything together.
+//!
+//! The agent holds no cluster state: everything it knows is on its own disks.
+
+pub mod block;
+pub mod buf;

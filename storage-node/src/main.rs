@@ -1,0 +1,3 @@
+//! `ballast-agent`: the storage agent binary.
+
+fn main() {}

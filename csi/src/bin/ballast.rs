@@ -1,2 +1,0 @@
-//! ballast CLI.
-fn main() {}

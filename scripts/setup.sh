@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what Ballast's build, tests, demo and benchmarks need on a fresh
+# Debian machine that has only the Rust toolchain, qemu-utils, gcc and Python.
+# Safe to run again: packages already present are left alone.
+set -euo pipefail
+
+packages=(
+    protobuf-compiler # protoc, for the gRPC code generated in proto/
+    xfsprogs          # mkfs.xfs: pools are XFS with reflink
+    e2fsprogs         # mkfs.ext4, resize2fs
+    util-linux        # losetup, wipefs, blkid, mount, fsfreeze
+    fdisk             # sfdisk, used by tests to write partition tables
+    fuse3             # nbdfuse needs fusermount3
+    libnbd-bin        # nbdinfo, nbdcopy, nbdfuse, nbdsh
+    python3-libnbd    # libnbd's Python bindings, a real NBD client in tests
+    nbdkit            # a mature NBD server, the benchmark baseline
+    fio               # with the nbd engine, for tests and benchmarks
+    qemu-utils        # qemu-img, qemu-io
+    iproute2          # network namespaces for fault tests
+    psmisc
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "setup: installing cargo-nextest"
+    cargo install --locked cargo-nextest
+fi
+
+# Loop devices and FUSE are needed by pools and by attaching volumes.
+$SUDO modprobe loop 2>/dev/null || true
+$SUDO modprobe fuse 2>/dev/null || true
+[ -e /dev/loop-control ] || { echo "setup: /dev/loop-control is missing; loop devices are required" >&2; exit 1; }
+[ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing; FUSE is required" >&2; exit 1; }
+echo "setup: ready"

@@ -1,1 +1,12 @@
-//! End-to-end suites.
+//! End-to-end suites: real `ballast-agent` processes served to real NBD
+//! clients (nbdinfo, qemu-io, qemu-img, nbdcopy, nbdfuse, fio, libnbd).
+//!
+//! Every test runs as root (loop devices, mounts, FUSE). Fixtures in
+//! [`harness`] tear everything down even when an assertion fails.
+
+mod bad_input;
+mod crash;
+mod filesystem;
+mod harness;
+mod nbd_clients;
+mod pools;

@@ -14,3 +14,4 @@
 pub mod block;
 pub mod buf;
 pub mod durable;
+pub mod pool;

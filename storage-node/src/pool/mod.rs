@@ -7,7 +7,7 @@
 //!
 //! 1. A device (or loop device) already mounted under `<state_dir>/pools/` is
 //!    reused as it is: the agent was killed and restarted.
-//! 2. Otherwise the device is probed for signatures ([`signature`]). A blank
+//! 2. Otherwise the device is probed for signatures (`wipefs`). A blank
 //!    device is formatted (`mkfs.xfs -m reflink=1 -L ballast`), mounted at
 //!    `<state_dir>/pools/<name>` and labelled with `ballast-pool.json`. An XFS
 //!    filesystem labelled `ballast` that carries our pool label is imported:
@@ -33,22 +33,20 @@ mod label;
 mod loopdev;
 mod manager;
 mod mountinfo;
+mod open;
 mod signature;
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use nix::errno::Errno;
-use nix::mount::{MntFlags, MsFlags};
+use nix::mount::MntFlags;
 use tracing::{info, warn};
 use uuid::Uuid;
-
-use crate::durable;
 
 pub use label::{LABEL_FILE, LABEL_FORMAT_VERSION, PoolLabel};
 pub use manager::PoolManager;
@@ -69,10 +67,17 @@ pub const MAX_NAME_LEN: usize = 64;
 
 /// Errors of pool operations.
 ///
-/// Variants group by the gRPC code they map to: invalid configuration
-/// (`InvalidArgument`), missing things (`NotFound`), devices that must not be
-/// touched (`FailedPrecondition`), capacity (`ResourceExhausted`) and system
-/// failures (`Internal`).
+/// For gRPC:
+/// - `InvalidArgument`: `InvalidName`, `InvalidOvercommit`, `SizeRequired`,
+///   `InvalidSize`, `FileSizeMismatch`, `WrongSourceType`.
+/// - `NotFound`: `SourceNotFound`, `PoolNotFound`.
+/// - `FailedPrecondition` (the device must not be touched, or the node is
+///   misconfigured): `ForeignSignature`, `UnlabelledFilesystem`,
+///   `DeviceInUse`, `MountPointBusy`, `UnsupportedLabelVersion`,
+///   `DuplicatePool`, `PoolClosed`, `NoPools`.
+/// - `ResourceExhausted`: `OvercommitLimit`, `InsufficientSpace`,
+///   `NoPoolFits`.
+/// - `Internal`: the rest (system calls and tools that failed).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The pool name is empty, too long or has characters outside
@@ -457,7 +462,7 @@ impl Pool {
             return Err(Error::InvalidOvercommit { percent: 0 });
         }
         let pools_dir = state_dir.join(POOLS_DIR);
-        create_dir(&pools_dir)?;
+        open::create_dir(&pools_dir)?;
         // The mount table lists canonical paths.
         let pools_dir = fs::canonicalize(&pools_dir).map_err(|source| Error::CreateDir {
             path: pools_dir.clone(),
@@ -465,9 +470,9 @@ impl Pool {
         })?;
 
         let (device, attached_here) = match &config.source {
-            PoolSource::Device(path) => (block_device(path)?, false),
+            PoolSource::Device(path) => (open::block_device(path)?, false),
             PoolSource::File { path, size_bytes } => {
-                let file = prepare_file(path, *size_bytes)?;
+                let file = open::prepare_file(path, *size_bytes)?;
                 match loopdev::find_attached(&file)? {
                     Some(dev) => {
                         info!(pool.name = %name, file = %file.display(), device = %dev.display(), "Reusing loop device");
@@ -482,7 +487,7 @@ impl Pool {
             }
         };
 
-        match open_device(&pools_dir, &name, config, &device) {
+        match open::open_device(&pools_dir, &name, config, &device) {
             Ok((label, mount_path)) => {
                 info!(
                     pool.name = %label.name,
@@ -526,7 +531,7 @@ impl Pool {
             if mountinfo::at(&mounts, &self.mount_path).is_empty() {
                 return Ok(());
             }
-            unmount(&self.mount_path)
+            open::unmount(&self.mount_path)
         });
         if let Err(e) = unmounted {
             self.closed.store(false, Ordering::SeqCst);
@@ -827,298 +832,5 @@ fn is_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
 }
 
-/// Opens the pool on a resolved block device; returns its label and mount path.
-fn open_device(
-    pools_dir: &Path,
-    name: &str,
-    config: &PoolConfig,
-    device: &Path,
-) -> Result<(PoolLabel, PathBuf), Error> {
-    let dev = device_number(device)?;
-    let mounts = mountinfo::read().map_err(Error::MountTable)?;
-    let mounted: Vec<_> = mounts.iter().filter(|m| m.dev == dev).collect();
-    if let Some(ours) = mounted
-        .iter()
-        .find(|m| m.mount_point.parent() == Some(pools_dir) && m.fs_type == "xfs")
-    {
-        info!(pool.name = %name, mount = %ours.mount_point.display(), "Pool already mounted; reusing the mount");
-        return adopt(pools_dir, &ours.mount_point, config, device)?.ok_or_else(|| {
-            Error::UnlabelledFilesystem {
-                device: device.to_owned(),
-            }
-        });
-    }
-    if let Some(elsewhere) = mounted.first() {
-        return Err(Error::DeviceInUse {
-            device: device.to_owned(),
-            mount_point: elsewhere.mount_point.clone(),
-        });
-    }
-
-    match signature::classify(signature::probe(device)?) {
-        signature::Contents::Blank => format(pools_dir, name, device, false),
-        signature::Contents::BallastXfs => {
-            let target = mount_new(pools_dir, name, device)?;
-            match adopt(pools_dir, &target, config, device) {
-                Ok(Some(opened)) => Ok(opened),
-                Ok(None) => {
-                    unmount(&target)?;
-                    if config.force_format {
-                        warn!(pool.name = %name, device = %device.display(), "Reformatting an unlabelled Ballast XFS because force_format is set");
-                        format(pools_dir, name, device, true)
-                    } else {
-                        Err(Error::UnlabelledFilesystem {
-                            device: device.to_owned(),
-                        })
-                    }
-                }
-                Err(e) => {
-                    if let Err(u) = unmount(&target) {
-                        warn!(mount = %target.display(), error = %u, "Cannot unmount after a failed import");
-                    }
-                    Err(e)
-                }
-            }
-        }
-        signature::Contents::Foreign(signatures) => {
-            if !config.force_format {
-                return Err(Error::ForeignSignature {
-                    device: device.to_owned(),
-                    signatures,
-                });
-            }
-            warn!(
-                pool.name = %name,
-                device = %device.display(),
-                signatures = %signature::describe(&signatures),
-                "Formatting over existing signatures because force_format is set"
-            );
-            format(pools_dir, name, device, true)
-        }
-    }
-}
-
-/// Takes over a mounted Ballast XFS: reads its label, moves the mount to the
-/// label's name if needed. Returns `None` for a filesystem that is not a pool
-/// (no label, not empty); it is left mounted for the caller to deal with.
-fn adopt(
-    pools_dir: &Path,
-    mount_path: &Path,
-    config: &PoolConfig,
-    device: &Path,
-) -> Result<Option<(PoolLabel, PathBuf)>, Error> {
-    let mounted_as = mount_path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let label = match label::read(mount_path)? {
-        Some(label) => label,
-        None if is_empty_dir(mount_path)? => {
-            // mkfs and mount happened but the agent died before writing the
-            // label: nothing can be in an empty filesystem, so finish the job.
-            info!(pool.name = %mounted_as, "Completing an interrupted format: writing the pool label");
-            let label = PoolLabel::new(&mounted_as);
-            label::write(mount_path, &label)?;
-            label
-        }
-        None => return Ok(None),
-    };
-    validate_name(&label.name)?;
-    if let Some(configured) = &config.name
-        && *configured != label.name
-    {
-        warn!(pool.name = %label.name, configured = %configured, "Configured pool name differs from the pool label; the label wins");
-    }
-    let mount_path = if label.name == mounted_as {
-        mount_path.to_owned()
-    } else {
-        unmount(mount_path)?;
-        if let Err(e) = fs::remove_dir(mount_path) {
-            warn!(path = %mount_path.display(), error = %e, "Cannot remove the old mount point");
-        }
-        mount_new(pools_dir, &label.name, device)?
-    };
-    create_dir(&mount_path.join(REPLICAS_DIR))?;
-    Ok(Some((label, mount_path)))
-}
-
-/// Formats `device`, mounts it and writes a new label.
-fn format(
-    pools_dir: &Path,
-    name: &str,
-    device: &Path,
-    force: bool,
-) -> Result<(PoolLabel, PathBuf), Error> {
-    if force {
-        // mkfs.xfs -f leaves signatures it does not overwrite (a GPT backup
-        // header at the end of the disk); wiping them keeps the next start-up
-        // from refusing our own pool.
-        command::run("wipefs", ["--all".as_ref(), device.as_os_str()])?;
-    }
-    let mut args: Vec<&std::ffi::OsStr> = vec![
-        "-m".as_ref(),
-        "reflink=1".as_ref(),
-        "-L".as_ref(),
-        XFS_LABEL.as_ref(),
-    ];
-    if force {
-        args.push("-f".as_ref());
-    }
-    args.push(device.as_os_str());
-    info!(pool.name = %name, device = %device.display(), "Formatting pool with XFS");
-    command::run("mkfs.xfs", args)?;
-    let target = mount_new(pools_dir, name, device)?;
-    let label = PoolLabel::new(name);
-    let labelled =
-        label::write(&target, &label).and_then(|()| create_dir(&target.join(REPLICAS_DIR)));
-    if let Err(e) = labelled {
-        if let Err(u) = unmount(&target) {
-            warn!(mount = %target.display(), error = %u, "Cannot unmount after a failed format");
-        }
-        return Err(e);
-    }
-    Ok((label, target))
-}
-
-/// Mounts `device` at `<pools_dir>/<name>`, which must not be a mount point.
-fn mount_new(pools_dir: &Path, name: &str, device: &Path) -> Result<PathBuf, Error> {
-    let target = pools_dir.join(name);
-    create_dir(&target)?;
-    let mounts = mountinfo::read().map_err(Error::MountTable)?;
-    if let Some(other) = mountinfo::at(&mounts, &target).last() {
-        return Err(Error::MountPointBusy {
-            path: target,
-            mounted: other.source.clone(),
-        });
-    }
-    nix::mount::mount(
-        Some(device),
-        &target,
-        Some("xfs"),
-        MsFlags::MS_NOATIME,
-        None::<&str>,
-    )
-    .map_err(|source| Error::Mount {
-        device: device.to_owned(),
-        target: target.clone(),
-        source,
-    })?;
-    Ok(target)
-}
-
-fn unmount(target: &Path) -> Result<(), Error> {
-    nix::mount::umount2(target, MntFlags::empty()).map_err(|source| Error::Unmount {
-        target: target.to_owned(),
-        source,
-    })
-}
-
-/// Creates a directory (and parents) durably.
-fn create_dir(path: &Path) -> Result<(), Error> {
-    let made = fs::create_dir_all(path).and_then(|()| match path.parent() {
-        Some(parent) => durable::sync_dir(parent),
-        None => Ok(()),
-    });
-    made.map_err(|source| Error::CreateDir {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-fn is_empty_dir(path: &Path) -> Result<bool, Error> {
-    let mut entries = fs::read_dir(path).map_err(|source| Error::Source {
-        path: path.to_owned(),
-        source,
-    })?;
-    Ok(entries.next().is_none())
-}
-
-/// Checks that `path` is a block device and returns its canonical path.
-fn block_device(path: &Path) -> Result<PathBuf, Error> {
-    let meta = source_metadata(path)?;
-    if !meta.file_type().is_block_device() {
-        return Err(Error::WrongSourceType {
-            path: path.to_owned(),
-            expected: "block device",
-        });
-    }
-    fs::canonicalize(path).map_err(|source| Error::Source {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-/// Returns the (major, minor) of a block device, as the mount table shows it.
-fn device_number(device: &Path) -> Result<(u64, u64), Error> {
-    let rdev = source_metadata(device)?.rdev();
-    Ok((nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev)))
-}
-
-/// Creates a missing pool file (sparse) or checks an existing one; returns its
-/// canonical path.
-fn prepare_file(path: &Path, size_bytes: Option<u64>) -> Result<PathBuf, Error> {
-    if let Some(size_bytes) = size_bytes
-        && (size_bytes == 0 || !size_bytes.is_multiple_of(4096))
-    {
-        return Err(Error::InvalidSize {
-            path: path.to_owned(),
-            size_bytes,
-        });
-    }
-    let io_err = |source| Error::Source {
-        path: path.to_owned(),
-        source,
-    };
-    match fs::metadata(path) {
-        Ok(meta) => {
-            if !meta.is_file() {
-                return Err(Error::WrongSourceType {
-                    path: path.to_owned(),
-                    expected: "regular file",
-                });
-            }
-            if let Some(configured_bytes) = size_bytes
-                && configured_bytes != meta.len()
-            {
-                return Err(Error::FileSizeMismatch {
-                    path: path.to_owned(),
-                    actual_bytes: meta.len(),
-                    configured_bytes,
-                });
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let size_bytes = size_bytes.ok_or_else(|| Error::SizeRequired {
-                path: path.to_owned(),
-            })?;
-            let file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(path)
-                .map_err(io_err)?;
-            file.set_len(size_bytes).map_err(io_err)?;
-            file.sync_all().map_err(io_err)?;
-            info!(file = %path.display(), size_bytes, "Created sparse pool file");
-        }
-        Err(e) => return Err(io_err(e)),
-    }
-    fs::canonicalize(path).map_err(io_err)
-}
-
-fn source_metadata(path: &Path) -> Result<fs::Metadata, Error> {
-    fs::metadata(path).map_err(|source| {
-        if source.kind() == io::ErrorKind::NotFound {
-            Error::SourceNotFound {
-                path: path.to_owned(),
-            }
-        } else {
-            Error::Source {
-                path: path.to_owned(),
-                source,
-            }
-        }
-    })
-}
-
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

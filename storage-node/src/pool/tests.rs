@@ -623,3 +623,34 @@ fn force_cleanup_releases_a_killed_agents_pools() {
     assert!(env.loop_devices().is_empty(), "{:?}", env.loop_devices());
     force_cleanup(&env.path("never-used")).expect("nothing to clean");
 }
+
+#[test]
+fn a_name_taken_by_another_pool_is_refused_before_formatting() {
+    let env = TestEnv::new();
+    let state = env.state_dir();
+    let config = |dir: &str| {
+        fs::create_dir(env.path(dir)).expect("mkdir");
+        PoolConfig::new(PoolSource::File {
+            path: env.path(dir).join("pool.img"),
+            size_bytes: Some(POOL_BYTES),
+        })
+    };
+    let (a, b) = (config("a"), config("b"));
+
+    let err = PoolManager::open_all(&state, &[a.clone(), b.clone()]).expect_err("same name");
+    assert!(matches!(err, Error::MountPointBusy { .. }), "{err:?}");
+    assert!(
+        kinds(&env.path("b/pool.img")).is_empty(),
+        "second device was formatted"
+    );
+    assert!(env.loop_devices().is_empty(), "{:?}", env.loop_devices());
+
+    let b = PoolConfig {
+        name: Some("pool-b".to_owned()),
+        ..b
+    };
+    let manager = PoolManager::open_all(&state, &[a, b]).expect("named apart");
+    let names: Vec<String> = manager.list().iter().map(|p| p.name().to_owned()).collect();
+    assert_eq!(names, vec!["pool", "pool-b"]);
+    manager.close_all().expect("close");
+}

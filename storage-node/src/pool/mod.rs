@@ -347,6 +347,64 @@ pub enum Error {
     NoPools,
 }
 
+impl Error {
+    /// Returns the gRPC status code for this error.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        // No `_` arm: a new variant must choose its code.
+        match self {
+            Self::InvalidName { .. }
+            | Self::InvalidOvercommit { .. }
+            | Self::SizeRequired { .. }
+            | Self::InvalidSize { .. }
+            | Self::FileSizeMismatch { .. }
+            | Self::WrongSourceType { .. } => Code::InvalidArgument,
+            Self::SourceNotFound { .. } | Self::PoolNotFound { .. } => Code::NotFound,
+            Self::ForeignSignature { .. }
+            | Self::UnlabelledFilesystem { .. }
+            | Self::DeviceInUse { .. }
+            | Self::MountPointBusy { .. }
+            | Self::UnsupportedLabelVersion { .. }
+            | Self::DuplicatePool { .. }
+            | Self::PoolClosed { .. }
+            | Self::NoPools => Code::FailedPrecondition,
+            Self::OvercommitLimit { .. }
+            | Self::InsufficientSpace { .. }
+            | Self::NoPoolFits { .. } => Code::ResourceExhausted,
+            Self::Source { .. }
+            | Self::DetachTimeout { .. }
+            | Self::ReadLabel { .. }
+            | Self::WriteLabel { .. }
+            | Self::CreateDir { .. }
+            | Self::MountTable(_)
+            | Self::Mount { .. }
+            | Self::Unmount { .. }
+            | Self::Statvfs { .. }
+            | Self::Spawn { .. }
+            | Self::CommandFailed { .. }
+            | Self::CommandOutput { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        tonic::Status::new(e.code(), error_chain(&e))
+    }
+}
+
+/// Formats an error followed by its causes, for status messages and logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Where a pool's storage comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PoolSource {

@@ -63,13 +63,8 @@ pub const MAX_NAME_LEN: usize = 128;
 /// sector devices can reach every byte.
 pub const SIZE_ALIGN_BYTES: u64 = 4096;
 
-/// Errors of replica catalog operations.
-///
-/// For gRPC: `InvalidName`, `InvalidSize`, `InvalidVolumeId` and `Shrink` are
-/// `InvalidArgument`; `NotFound` is `NotFound`; `AlreadyExists` is
-/// `AlreadyExists`; `StaleEpoch` and `Faulted` are `FailedPrecondition`;
-/// `NoSpace` is `ResourceExhausted`; `Pool` maps as the pool error does; the
-/// rest are `Internal`.
+/// Errors of replica catalog operations; [`Error::code`] gives each its gRPC
+/// code.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The replica name is empty, too long, starts with a dot, or has
@@ -257,6 +252,44 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+impl Error {
+    /// Returns the gRPC status code for this error.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        // No `_` arm: a new variant must choose its code.
+        match self {
+            Self::InvalidName { .. } | Self::InvalidSize { .. } | Self::InvalidVolumeId { .. } => {
+                Code::InvalidArgument
+            }
+            Self::NotFound { .. } => Code::NotFound,
+            Self::AlreadyExists { .. } => Code::AlreadyExists,
+            // CSI's ControllerExpandVolume answers an unsupported capacity so.
+            Self::Shrink { .. } => Code::OutOfRange,
+            Self::StaleEpoch { .. } | Self::Faulted { .. } | Self::DuplicateReplica { .. } => {
+                Code::FailedPrecondition
+            }
+            Self::Pool(e) => e.code(),
+            Self::NoSpace { .. } => Code::ResourceExhausted,
+            Self::OpenData { .. }
+            | Self::ResizeData { .. }
+            | Self::SyncData { .. }
+            | Self::StatData { .. }
+            | Self::Remove { .. }
+            | Self::Scan { .. }
+            | Self::ReadMeta { .. }
+            | Self::ParseMeta { .. }
+            | Self::UnsupportedMetaVersion { .. }
+            | Self::WriteMeta { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        tonic::Status::new(e.code(), pool::error_chain(&e))
+    }
 }
 
 /// A healthy replica as the catalog knows it.
@@ -684,7 +717,7 @@ impl ReplicaCatalog {
                     Ok(()) => Ok(meta),
                     Err(reason) => Err((reason, Some(meta))),
                 },
-                Err(e) => Err((describe_error(&e), None)),
+                Err(e) => Err((pool::error_chain(&e), None)),
             };
             match checked {
                 Ok(meta) => {
@@ -872,18 +905,6 @@ fn check_data(data_path: &Path, meta: &ReplicaMeta) -> Result<(), String> {
         warn!(path = %data_path.display(), len, size_bytes = meta.size_bytes, "Data file is longer than its metadata: an interrupted grow");
     }
     Ok(())
-}
-
-/// Describes an error with its causes, for a fault reason.
-fn describe_error(e: &Error) -> String {
-    let mut reason = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        reason.push_str(": ");
-        reason.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    reason
 }
 
 fn remove_quietly(path: &Path) {

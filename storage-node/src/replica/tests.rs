@@ -406,3 +406,46 @@ fn duplicate_names_across_pools_stop_the_load() {
     assert!(matches!(err, Error::DuplicateReplica { .. }), "{err:?}");
     pools.close_all().expect("close");
 }
+
+#[test]
+fn errors_map_to_grpc_codes() {
+    use tonic::Code;
+    let stale = Error::StaleEpoch {
+        name: "r".to_owned(),
+        epoch: 2,
+        requested: 1,
+    };
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    let full = Error::Pool(pool::Error::OvercommitLimit {
+        pool: "p".to_owned(),
+        requested_bytes: 1,
+        provisioned_bytes: 2,
+        limit_bytes: 2,
+        overcommit_percent: 200,
+        total_bytes: 1,
+    });
+    assert_eq!(full.code(), Code::ResourceExhausted);
+    let exists = Error::AlreadyExists {
+        name: "r".to_owned(),
+        pool: "p".to_owned(),
+        volume_id: "v".to_owned(),
+        size_bytes: 4096,
+        thin: true,
+    };
+    assert_eq!(exists.code(), Code::AlreadyExists);
+
+    let failed = Error::ResizeData {
+        path: "/p/r.data".into(),
+        source: nix::errno::Errno::EIO,
+    };
+    let status = tonic::Status::from(failed);
+    assert_eq!(status.code(), Code::Internal);
+    assert!(
+        status
+            .message()
+            .starts_with("Cannot size replica data file /p/r.data: ")
+            && status.message().contains("I/O error"),
+        "{}",
+        status.message()
+    );
+}

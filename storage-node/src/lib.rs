@@ -3,6 +3,8 @@
 //! - [`pool`] formats and imports the node's disks (XFS with reflink) and
 //!   accounts for their capacity.
 //! - [`replica`] owns replica files and their metadata inside pools.
+//! - [`durable`] replaces small files atomically and durably (pool labels,
+//!   replica metadata).
 //! - [`uring`] is the I/O engine: threads that own io_uring rings and execute
 //!   O_DIRECT reads, writes, syncs and fallocates for the rest of the agent.
 //! - [`block`] is the [`block::BlockDevice`] trait that exports serve.
@@ -13,3 +15,6 @@
 
 pub mod block;
 pub mod buf;
+pub mod durable;
+pub mod pool;
+pub mod replica;

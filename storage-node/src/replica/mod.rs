@@ -1,0 +1,914 @@
+//! The replica catalog: which replicas this node holds, in which pool, with
+//! what size and epoch.
+//!
+//! A replica is two files in its pool's `replicas/` directory:
+//! `<name>.data` (the volume's bytes, sparse when thin) and `<name>.meta.json`
+//! ([`ReplicaMeta`]). The catalog creates, grows and destroys them, persists
+//! epochs, and rebuilds itself at start-up by scanning every pool. It never
+//! opens data files for I/O: the agent opens `replica::data` on the path the
+//! catalog returns.
+//!
+//! # Crash safety
+//!
+//! The metadata file is the commit point of every operation:
+//!
+//! - **create**: data file (`O_EXCL`), sized, fsynced; then the metadata,
+//!   written durably (which also makes the data file's directory entry
+//!   durable). A data file without metadata is an unfinished create.
+//! - **grow**: the data file is extended and fsynced, then the metadata. A
+//!   crash in between leaves a data file longer than the metadata says, which
+//!   is harmless: the metadata size is the replica's size, and a retried grow
+//!   completes.
+//! - **destroy**: metadata first, then data. A crash in between leaves a data
+//!   file without metadata, which the next start-up removes as it would an
+//!   unfinished create. The other order would leave metadata without data,
+//!   which must not be mistaken for anything but lost data.
+//!
+//! At start-up ([`ReplicaCatalog::load`]) data without metadata is removed;
+//! metadata without data, unreadable metadata, or a data file shorter than its
+//! metadata says are reported loudly and kept as [`FaultedReplica`]s: their
+//! names stay reserved (a create with that name fails rather than silently
+//! making an empty replica for a volume that had data) until they are
+//! destroyed.
+//!
+//! The catalog is not internally synchronised: mutations take `&mut self`, and
+//! the agent keeps it behind one lock. Every method blocks on file system
+//! calls; async callers use `spawn_blocking`.
+
+pub mod meta;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::fcntl::FallocateFlags;
+use tracing::{error, info, warn};
+
+use crate::durable;
+use crate::pool::{self, Pool, PoolManager};
+
+pub use meta::{DATA_SUFFIX, META_FORMAT_VERSION, META_SUFFIX, ReplicaMeta};
+
+/// Longest replica name, in bytes.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Replica sizes are multiples of this many bytes, so O_DIRECT I/O on 4 KiB
+/// sector devices can reach every byte.
+pub const SIZE_ALIGN_BYTES: u64 = 4096;
+
+/// Errors of replica catalog operations; [`Error::code`] gives each its gRPC
+/// code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The replica name is empty, too long, starts with a dot, or has
+    /// characters outside `[A-Za-z0-9._-]`.
+    #[error("Invalid replica name {name:?}: {reason}")]
+    InvalidName {
+        /// The rejected name.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The size is zero, not a multiple of 4096 bytes, or too large.
+    #[error(
+        "Invalid replica size {size_bytes} bytes: must be a positive multiple of {SIZE_ALIGN_BYTES} below 2^63"
+    )]
+    InvalidSize {
+        /// The rejected size in bytes.
+        size_bytes: u64,
+    },
+    /// The volume id is empty.
+    #[error("Replica {name} has no volume id")]
+    InvalidVolumeId {
+        /// The replica name.
+        name: String,
+    },
+    /// No replica has this name.
+    #[error("Replica {name} not found")]
+    NotFound {
+        /// The requested name.
+        name: String,
+    },
+    /// A replica with this name exists with other parameters.
+    #[error(
+        "Replica {name} already exists in pool {pool} for volume {volume_id} with {size_bytes} bytes, thin={thin}"
+    )]
+    AlreadyExists {
+        /// The replica name.
+        name: String,
+        /// Its pool.
+        pool: String,
+        /// Its volume.
+        volume_id: String,
+        /// Its size in bytes.
+        size_bytes: u64,
+        /// Whether it is thin.
+        thin: bool,
+    },
+    /// A grow request smaller than the current size.
+    #[error("Replica {name} is {size_bytes} bytes; it cannot shrink to {requested_bytes}")]
+    Shrink {
+        /// The replica name.
+        name: String,
+        /// Its current size in bytes.
+        size_bytes: u64,
+        /// The requested size in bytes.
+        requested_bytes: u64,
+    },
+    /// An epoch lower than the highest accepted one: the request comes from a
+    /// stale target and is fenced off.
+    #[error("Replica {name} has accepted epoch {epoch}; refusing older epoch {requested}")]
+    StaleEpoch {
+        /// The replica name.
+        name: String,
+        /// The highest accepted epoch.
+        epoch: u64,
+        /// The refused epoch.
+        requested: u64,
+    },
+    /// The replica was found damaged at start-up; only destroy is allowed.
+    #[error("Replica {name} is faulted: {reason}")]
+    Faulted {
+        /// The replica name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Two pools hold a replica of the same name.
+    #[error("Replica {name} exists in both pool {first_pool} and pool {second_pool}")]
+    DuplicateReplica {
+        /// The replica name.
+        name: String,
+        /// The pool scanned first.
+        first_pool: String,
+        /// The pool scanned second.
+        second_pool: String,
+    },
+    /// A pool error: pool not found, overcommit limit, insufficient space.
+    #[error(transparent)]
+    Pool(#[from] pool::Error),
+    /// The pool ran out of space while allocating the replica's blocks.
+    #[error("No space left in the pool to allocate {}", path.display())]
+    NoSpace {
+        /// The data file.
+        path: PathBuf,
+        /// `ENOSPC` or `EDQUOT`.
+        #[source]
+        source: Errno,
+    },
+    /// The data file could not be created or opened.
+    #[error("Cannot open replica data file {}", path.display())]
+    OpenData {
+        /// The data file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Setting the data file's size (ftruncate or fallocate) failed.
+    #[error("Cannot size replica data file {}", path.display())]
+    ResizeData {
+        /// The data file.
+        path: PathBuf,
+        /// The system call's error.
+        #[source]
+        source: Errno,
+    },
+    /// fsync of the data file failed.
+    #[error("Cannot sync replica data file {}", path.display())]
+    SyncData {
+        /// The data file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// stat of the data file failed.
+    #[error("Cannot stat replica data file {}", path.display())]
+    StatData {
+        /// The data file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A replica file could not be removed.
+    #[error("Cannot remove {}", path.display())]
+    Remove {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A pool's replicas directory could not be listed.
+    #[error("Cannot scan replica directory {}", path.display())]
+    Scan {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A metadata file could not be read.
+    #[error("Cannot read replica metadata {}", path.display())]
+    ReadMeta {
+        /// The metadata file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A metadata file is not valid JSON of the expected shape.
+    #[error("Cannot parse replica metadata {}", path.display())]
+    ParseMeta {
+        /// The metadata file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A metadata file written by a newer Ballast.
+    #[error("Replica metadata {} has format version {version}; this agent reads up to {META_FORMAT_VERSION}", path.display())]
+    UnsupportedMetaVersion {
+        /// The metadata file.
+        path: PathBuf,
+        /// The version found.
+        version: u32,
+    },
+    /// A metadata file could not be written.
+    #[error("Cannot write replica metadata {}", path.display())]
+    WriteMeta {
+        /// The metadata file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// Returns the gRPC status code for this error.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        // No `_` arm: a new variant must choose its code.
+        match self {
+            Self::InvalidName { .. } | Self::InvalidSize { .. } | Self::InvalidVolumeId { .. } => {
+                Code::InvalidArgument
+            }
+            Self::NotFound { .. } => Code::NotFound,
+            Self::AlreadyExists { .. } => Code::AlreadyExists,
+            // CSI's ControllerExpandVolume answers an unsupported capacity so.
+            Self::Shrink { .. } => Code::OutOfRange,
+            Self::StaleEpoch { .. } | Self::Faulted { .. } | Self::DuplicateReplica { .. } => {
+                Code::FailedPrecondition
+            }
+            Self::Pool(e) => e.code(),
+            Self::NoSpace { .. } => Code::ResourceExhausted,
+            Self::OpenData { .. }
+            | Self::ResizeData { .. }
+            | Self::SyncData { .. }
+            | Self::StatData { .. }
+            | Self::Remove { .. }
+            | Self::Scan { .. }
+            | Self::ReadMeta { .. }
+            | Self::ParseMeta { .. }
+            | Self::UnsupportedMetaVersion { .. }
+            | Self::WriteMeta { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        tonic::Status::new(e.code(), pool::error_chain(&e))
+    }
+}
+
+/// A healthy replica as the catalog knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    /// Replica name, unique on the node.
+    pub name: String,
+    /// Name of the pool holding it.
+    pub pool: String,
+    /// The data file, to open for I/O.
+    pub data_path: PathBuf,
+    /// The metadata file.
+    pub meta_path: PathBuf,
+    /// Its metadata (size in bytes, thin, epoch, volume id).
+    pub meta: ReplicaMeta,
+}
+
+/// A replica found damaged at start-up; see the module docs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultedReplica {
+    /// Replica name.
+    pub name: String,
+    /// Name of the pool holding its files.
+    pub pool: String,
+    /// Its data file (which may be missing).
+    pub data_path: PathBuf,
+    /// Its metadata file.
+    pub meta_path: PathBuf,
+    /// Its metadata, when it could be read.
+    pub meta: Option<ReplicaMeta>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Parameters of [`ReplicaCatalog::create`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateReplica {
+    /// Replica name: 1 to 128 bytes of `[A-Za-z0-9._-]`, no leading dot.
+    pub name: String,
+    /// The volume it is a copy of.
+    pub volume_id: String,
+    /// Size in bytes, a positive multiple of 4096.
+    pub size_bytes: u64,
+    /// Sparse (`true`) or fully allocated up front (`false`).
+    pub thin: bool,
+    /// The pool to create it in; chosen by free space when `None`.
+    pub pool: Option<String>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    replica: Replica,
+    pool: Arc<Pool>,
+}
+
+/// Every replica on this node.
+#[derive(Debug)]
+pub struct ReplicaCatalog {
+    pools: Arc<PoolManager>,
+    replicas: BTreeMap<String, Entry>,
+    faulted: BTreeMap<String, (FaultedReplica, Arc<Pool>)>,
+}
+
+impl ReplicaCatalog {
+    /// Builds the catalog by scanning the `replicas/` directory of every
+    /// pool, finishing interrupted operations (see the module docs), and sets
+    /// each pool's provisioned bytes and replica count from what it found.
+    ///
+    /// There is one catalog per [`PoolManager`]: loading another one replaces
+    /// the pools' accounting.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Scan`] if a directory cannot be listed,
+    /// [`Error::DuplicateReplica`] if two pools hold the same name, or the
+    /// error of removing an unfinished create. Damaged replicas are not
+    /// errors: see [`ReplicaCatalog::faulted`].
+    pub fn load(pools: Arc<PoolManager>) -> Result<Self, Error> {
+        let mut catalog = Self {
+            pools,
+            replicas: BTreeMap::new(),
+            faulted: BTreeMap::new(),
+        };
+        for pool in catalog.pools.list() {
+            catalog.scan_pool(&pool)?;
+        }
+        info!(
+            replicas = catalog.replicas.len(),
+            faulted = catalog.faulted.len(),
+            "Replica catalog loaded"
+        );
+        Ok(catalog)
+    }
+
+    /// Returns the pools the catalog places replicas in.
+    pub fn pools(&self) -> &Arc<PoolManager> {
+        &self.pools
+    }
+
+    /// Creates a replica, or returns the existing one if a replica with the
+    /// same name, volume, size and thinness exists (in the requested pool,
+    /// if one is named).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`], [`Error::InvalidSize`],
+    /// [`Error::InvalidVolumeId`], [`Error::AlreadyExists`] for the same name
+    /// with other parameters, [`Error::Faulted`] if the name belongs to a
+    /// faulted replica, [`Error::Pool`] (pool not found, no pool fits,
+    /// overcommit limit, insufficient space), [`Error::NoSpace`], and file
+    /// errors. On error no files are left behind.
+    pub fn create(&mut self, req: &CreateReplica) -> Result<Replica, Error> {
+        validate_name(&req.name)?;
+        validate_size(req.size_bytes)?;
+        if req.volume_id.is_empty() {
+            return Err(Error::InvalidVolumeId {
+                name: req.name.clone(),
+            });
+        }
+        self.check_not_faulted(&req.name)?;
+        if let Some(existing) = self.replicas.get(&req.name) {
+            let r = &existing.replica;
+            let same = r.meta.size_bytes == req.size_bytes
+                && r.meta.thin == req.thin
+                && r.meta.volume_id == req.volume_id
+                && req.pool.as_ref().is_none_or(|p| *p == r.pool);
+            if same {
+                return Ok(r.clone());
+            }
+            return Err(Error::AlreadyExists {
+                name: r.name.clone(),
+                pool: r.pool.clone(),
+                volume_id: r.meta.volume_id.clone(),
+                size_bytes: r.meta.size_bytes,
+                thin: r.meta.thin,
+            });
+        }
+
+        let pool = match &req.pool {
+            Some(name) => self.pools.get(name)?,
+            None => self.pools.choose(req.size_bytes, !req.thin)?,
+        };
+        let provision = pool.provision(req.size_bytes, !req.thin, true)?;
+        let (data_path, meta_path) = paths(&pool, &req.name);
+
+        create_data(&data_path, &meta_path, req.size_bytes, req.thin)?;
+        let meta = ReplicaMeta::new(&req.volume_id, req.size_bytes, req.thin);
+        if let Err(e) = meta.store(&meta_path) {
+            remove_quietly(&data_path);
+            return Err(e);
+        }
+        provision.commit();
+
+        let replica = Replica {
+            name: req.name.clone(),
+            pool: pool.name().to_owned(),
+            data_path,
+            meta_path,
+            meta,
+        };
+        info!(
+            replica.id = %replica.name,
+            volume.id = %replica.meta.volume_id,
+            pool.name = %replica.pool,
+            size_bytes = replica.meta.size_bytes,
+            thin = replica.meta.thin,
+            "Replica created"
+        );
+        self.replicas.insert(
+            req.name.clone(),
+            Entry {
+                replica: replica.clone(),
+                pool,
+            },
+        );
+        Ok(replica)
+    }
+
+    /// Grows a replica to `size_bytes`; growing to the current size does
+    /// nothing. A thick replica's new tail is allocated.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidSize`], [`Error::NotFound`], [`Error::Faulted`],
+    /// [`Error::Shrink`] for a smaller size, [`Error::Pool`] (overcommit
+    /// limit, insufficient space), [`Error::NoSpace`], and file errors.
+    pub fn grow(&mut self, name: &str, size_bytes: u64) -> Result<Replica, Error> {
+        validate_size(size_bytes)?;
+        self.check_not_faulted(name)?;
+        let entry = self.replicas.get_mut(name).ok_or_else(|| Error::NotFound {
+            name: name.to_owned(),
+        })?;
+        let current = entry.replica.meta.size_bytes;
+        if size_bytes == current {
+            return Ok(entry.replica.clone());
+        }
+        if size_bytes < current {
+            return Err(Error::Shrink {
+                name: name.to_owned(),
+                size_bytes: current,
+                requested_bytes: size_bytes,
+            });
+        }
+        let thin = entry.replica.meta.thin;
+        let provision = entry.pool.provision(size_bytes - current, !thin, false)?;
+        let data_path = &entry.replica.data_path;
+        let file = OpenOptions::new()
+            .write(true)
+            .open(data_path)
+            .map_err(|source| Error::OpenData {
+                path: data_path.clone(),
+                source,
+            })?;
+        set_size(&file, data_path, current, size_bytes, thin)?;
+        file.sync_all().map_err(|source| Error::SyncData {
+            path: data_path.clone(),
+            source,
+        })?;
+        let meta = ReplicaMeta {
+            size_bytes,
+            ..entry.replica.meta.clone()
+        };
+        meta.store(&entry.replica.meta_path)?;
+        provision.commit();
+        entry.replica.meta = meta;
+        info!(replica.id = %name, from_bytes = current, size_bytes, "Replica grown");
+        Ok(entry.replica.clone())
+    }
+
+    /// Destroys a replica (healthy or faulted): removes its metadata, then
+    /// its data. The caller must have stopped any export of it first.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`], or [`Error::Remove`] if the metadata could not be
+    /// removed (the replica then still exists). Once the metadata is gone the
+    /// destroy has happened: a data file that cannot be removed is logged and
+    /// left for the next start-up to clean.
+    pub fn destroy(&mut self, name: &str) -> Result<(), Error> {
+        let (meta_path, data_path, pool, size_bytes) = if let Some(e) = self.replicas.get(name) {
+            let r = &e.replica;
+            (
+                r.meta_path.clone(),
+                r.data_path.clone(),
+                Arc::clone(&e.pool),
+                r.meta.size_bytes,
+            )
+        } else if let Some((f, pool)) = self.faulted.get(name) {
+            let size = f.meta.as_ref().map_or(0, |m| m.size_bytes);
+            (
+                f.meta_path.clone(),
+                f.data_path.clone(),
+                Arc::clone(pool),
+                size,
+            )
+        } else {
+            return Err(Error::NotFound {
+                name: name.to_owned(),
+            });
+        };
+
+        match durable::remove(&meta_path) {
+            Ok(()) => {}
+            // A faulted replica may have lost its metadata already.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(Error::Remove {
+                    path: meta_path,
+                    source,
+                });
+            }
+        }
+        match durable::remove(&data_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(replica.id = %name, path = %data_path.display(), error = %e, "Cannot remove data of a destroyed replica; it will be removed at the next start-up");
+            }
+        }
+        self.replicas.remove(name);
+        self.faulted.remove(name);
+        pool.release(size_bytes, true);
+        info!(replica.id = %name, pool.name = %pool.name(), "Replica destroyed");
+        Ok(())
+    }
+
+    /// Returns a healthy replica.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Faulted`] or [`Error::NotFound`].
+    pub fn get(&self, name: &str) -> Result<Replica, Error> {
+        self.check_not_faulted(name)?;
+        self.replicas
+            .get(name)
+            .map(|e| e.replica.clone())
+            .ok_or_else(|| Error::NotFound {
+                name: name.to_owned(),
+            })
+    }
+
+    /// Returns every healthy replica, ordered by name.
+    pub fn list(&self) -> Vec<Replica> {
+        self.replicas.values().map(|e| e.replica.clone()).collect()
+    }
+
+    /// Returns every faulted replica, ordered by name.
+    pub fn faulted(&self) -> Vec<FaultedReplica> {
+        self.faulted.values().map(|(f, _)| f.clone()).collect()
+    }
+
+    /// Persists `epoch` as the replica's highest accepted epoch. The same
+    /// epoch again does nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StaleEpoch`] for an epoch lower than the accepted one,
+    /// [`Error::NotFound`], [`Error::Faulted`], [`Error::WriteMeta`] (the old
+    /// epoch then stays in force).
+    pub fn set_epoch(&mut self, name: &str, epoch: u64) -> Result<Replica, Error> {
+        self.check_not_faulted(name)?;
+        let entry = self.replicas.get_mut(name).ok_or_else(|| Error::NotFound {
+            name: name.to_owned(),
+        })?;
+        let current = entry.replica.meta.epoch;
+        if epoch < current {
+            return Err(Error::StaleEpoch {
+                name: name.to_owned(),
+                epoch: current,
+                requested: epoch,
+            });
+        }
+        if epoch > current {
+            let meta = ReplicaMeta {
+                epoch,
+                ..entry.replica.meta.clone()
+            };
+            meta.store(&entry.replica.meta_path)?;
+            entry.replica.meta = meta;
+            info!(replica.id = %name, epoch, "Replica epoch raised");
+        }
+        Ok(entry.replica.clone())
+    }
+
+    /// Returns the bytes actually allocated to a replica's data file
+    /// (`st_blocks * 512`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`], [`Error::Faulted`], [`Error::StatData`].
+    pub fn allocated_bytes(&self, name: &str) -> Result<u64, Error> {
+        let replica = self.get(name)?;
+        let meta = fs::metadata(&replica.data_path).map_err(|source| Error::StatData {
+            path: replica.data_path.clone(),
+            source,
+        })?;
+        Ok(meta.blocks().saturating_mul(512))
+    }
+
+    fn check_not_faulted(&self, name: &str) -> Result<(), Error> {
+        match self.faulted.get(name) {
+            Some((f, _)) => Err(Error::Faulted {
+                name: name.to_owned(),
+                reason: f.reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn scan_pool(&mut self, pool: &Arc<Pool>) -> Result<(), Error> {
+        let dir = pool.replicas_dir();
+        let scan_err = |source| Error::Scan {
+            path: dir.clone(),
+            source,
+        };
+        let mut metas = BTreeSet::new();
+        let mut datas = BTreeSet::new();
+        for entry in fs::read_dir(&dir).map_err(scan_err)? {
+            let file_name = entry.map_err(scan_err)?.file_name();
+            let Some(file_name) = file_name.to_str() else {
+                warn!(pool.name = %pool.name(), file = ?file_name, "Ignoring a file with a non-UTF-8 name");
+                continue;
+            };
+            if durable::is_temp_name(file_name.as_ref()) {
+                // A metadata update that crashed before its rename; the old
+                // metadata is intact.
+                let path = dir.join(file_name);
+                info!(pool.name = %pool.name(), path = %path.display(), "Removing an interrupted metadata write");
+                remove_quietly(&path);
+            } else if let Some(name) = file_name.strip_suffix(META_SUFFIX) {
+                metas.insert(name.to_owned());
+            } else if let Some(name) = file_name.strip_suffix(DATA_SUFFIX) {
+                datas.insert(name.to_owned());
+            } else {
+                warn!(pool.name = %pool.name(), file = %file_name, "Ignoring an unexpected file among replicas");
+            }
+        }
+
+        let mut provisioned_bytes = 0u64;
+        let mut count = 0u64;
+        for name in metas.union(&datas) {
+            if validate_name(name).is_err() {
+                warn!(pool.name = %pool.name(), name = %name, "Ignoring replica files with an invalid name");
+                continue;
+            }
+            let (data_path, meta_path) = paths(pool, name);
+            if !metas.contains(name) {
+                warn!(replica.id = %name, pool.name = %pool.name(), "Removing the data file of an unfinished create or destroy");
+                durable::remove(&data_path).map_err(|source| Error::Remove {
+                    path: data_path.clone(),
+                    source,
+                })?;
+                continue;
+            }
+            if let Some(first_pool) = self.pool_of(name) {
+                return Err(Error::DuplicateReplica {
+                    name: name.clone(),
+                    first_pool,
+                    second_pool: pool.name().to_owned(),
+                });
+            }
+            count += 1;
+            let checked = match ReplicaMeta::load(&meta_path) {
+                Ok(meta) => match check_data(&data_path, &meta) {
+                    Ok(()) => Ok(meta),
+                    Err(reason) => Err((reason, Some(meta))),
+                },
+                Err(e) => Err((pool::error_chain(&e), None)),
+            };
+            match checked {
+                Ok(meta) => {
+                    provisioned_bytes += meta.size_bytes;
+                    let replica = Replica {
+                        name: name.clone(),
+                        pool: pool.name().to_owned(),
+                        data_path,
+                        meta_path,
+                        meta,
+                    };
+                    self.replicas.insert(
+                        name.clone(),
+                        Entry {
+                            replica,
+                            pool: Arc::clone(pool),
+                        },
+                    );
+                }
+                Err((reason, meta)) => {
+                    error!(replica.id = %name, pool.name = %pool.name(), reason = %reason, "Replica is faulted; it keeps its name until destroyed");
+                    provisioned_bytes += meta.as_ref().map_or(0, |m| m.size_bytes);
+                    let faulted = FaultedReplica {
+                        name: name.clone(),
+                        pool: pool.name().to_owned(),
+                        data_path,
+                        meta_path,
+                        meta,
+                        reason,
+                    };
+                    self.faulted
+                        .insert(name.clone(), (faulted, Arc::clone(pool)));
+                }
+            }
+        }
+        pool.set_provisioned(provisioned_bytes, count);
+        Ok(())
+    }
+
+    fn pool_of(&self, name: &str) -> Option<String> {
+        self.replicas
+            .get(name)
+            .map(|e| e.replica.pool.clone())
+            .or_else(|| self.faulted.get(name).map(|(f, _)| f.pool.clone()))
+    }
+}
+
+/// Checks a replica name: 1 to [`MAX_NAME_LEN`] bytes of `[A-Za-z0-9._-]`,
+/// not starting with a dot (dot files are the catalog's temporary files).
+///
+/// # Errors
+///
+/// [`Error::InvalidName`] saying what is wrong.
+pub fn validate_name(name: &str) -> Result<(), Error> {
+    let reason = if name.is_empty() {
+        Some("empty")
+    } else if name.len() > MAX_NAME_LEN {
+        Some("longer than 128 bytes")
+    } else if name.starts_with('.') {
+        Some("starts with a dot")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        Some("only A-Z, a-z, 0-9, '.', '_' and '-' are allowed")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(Error::InvalidName {
+            name: name.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Checks a replica size: positive, a multiple of [`SIZE_ALIGN_BYTES`], and
+/// representable as a file offset.
+///
+/// # Errors
+///
+/// [`Error::InvalidSize`].
+pub fn validate_size(size_bytes: u64) -> Result<(), Error> {
+    if size_bytes == 0
+        || !size_bytes.is_multiple_of(SIZE_ALIGN_BYTES)
+        || libc::off_t::try_from(size_bytes).is_err()
+    {
+        return Err(Error::InvalidSize { size_bytes });
+    }
+    Ok(())
+}
+
+fn paths(pool: &Pool, name: &str) -> (PathBuf, PathBuf) {
+    let dir = pool.replicas_dir();
+    (
+        dir.join(format!("{name}{DATA_SUFFIX}")),
+        dir.join(format!("{name}{META_SUFFIX}")),
+    )
+}
+
+/// Creates and sizes a data file and fsyncs it; removes it again on error.
+fn create_data(
+    data_path: &Path,
+    meta_path: &Path,
+    size_bytes: u64,
+    thin: bool,
+) -> Result<(), Error> {
+    let open = || {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(data_path)
+    };
+    let file = match open() {
+        // Left by a create whose cleanup failed: without metadata it is
+        // garbage, exactly what the next start-up would remove.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && !meta_path.exists() => {
+            warn!(path = %data_path.display(), "Removing a leftover data file before create");
+            fs::remove_file(data_path).and_then(|()| open())
+        }
+        other => other,
+    }
+    .map_err(|source| Error::OpenData {
+        path: data_path.to_owned(),
+        source,
+    })?;
+    let sized = set_size(&file, data_path, 0, size_bytes, thin).and_then(|()| {
+        file.sync_all().map_err(|source| Error::SyncData {
+            path: data_path.to_owned(),
+            source,
+        })
+    });
+    if let Err(e) = sized {
+        drop(file);
+        remove_quietly(data_path);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Extends a data file from `from` to `to` bytes: a hole when thin, allocated
+/// blocks when thick.
+fn set_size(file: &File, path: &Path, from: u64, to: u64, thin: bool) -> Result<(), Error> {
+    let off = |bytes: u64| {
+        libc::off_t::try_from(bytes).map_err(|_| Error::InvalidSize { size_bytes: bytes })
+    };
+    let result = if thin {
+        nix::unistd::ftruncate(file, off(to)?)
+    } else {
+        nix::fcntl::fallocate(file, FallocateFlags::empty(), off(from)?, off(to - from)?)
+    };
+    result.map_err(|source| match source {
+        Errno::ENOSPC | Errno::EDQUOT => Error::NoSpace {
+            path: path.to_owned(),
+            source,
+        },
+        _ => Error::ResizeData {
+            path: path.to_owned(),
+            source,
+        },
+    })
+}
+
+/// Returns why a data file does not back its metadata, if it does not.
+fn check_data(data_path: &Path, meta: &ReplicaMeta) -> Result<(), String> {
+    let len = match fs::metadata(data_path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(format!(
+                "metadata without data file {}",
+                data_path.display()
+            ));
+        }
+        Err(e) => return Err(format!("cannot stat {}: {e}", data_path.display())),
+    };
+    if len < meta.size_bytes {
+        return Err(format!(
+            "data file is {len} bytes, metadata says {}",
+            meta.size_bytes
+        ));
+    }
+    if len > meta.size_bytes {
+        warn!(path = %data_path.display(), len, size_bytes = meta.size_bytes, "Data file is longer than its metadata: an interrupted grow");
+    }
+    Ok(())
+}
+
+fn remove_quietly(path: &Path) {
+    if let Err(e) = durable::remove(path) {
+        warn!(path = %path.display(), error = %e, "Cannot remove file");
+    }
+}

@@ -13,4 +13,5 @@
 
 pub mod block;
 pub mod buf;
+pub mod replica;
 pub mod uring;

@@ -337,8 +337,20 @@ impl std::fmt::Debug for IoEngine {
     }
 }
 
+/// The error inside the [`io::Error`] of a request refused because the
+/// engine is shutting down; see [`is_stopped`].
+#[derive(Debug, thiserror::Error)]
+#[error("I/O engine is shutting down")]
+pub struct Stopped;
+
+/// True if `error` means the engine refused the request because it is
+/// shutting down (rather than the kernel failing it).
+pub fn is_stopped(error: &io::Error) -> bool {
+    error.get_ref().is_some_and(|inner| inner.is::<Stopped>())
+}
+
 fn stopped() -> io::Error {
-    io::Error::new(io::ErrorKind::BrokenPipe, "I/O engine is shutting down")
+    io::Error::new(io::ErrorKind::BrokenPipe, Stopped)
 }
 
 fn thread_lost() -> io::Error {
@@ -447,4 +459,4 @@ impl Shared {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

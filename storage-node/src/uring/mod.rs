@@ -26,7 +26,7 @@
 //!
 //! # Extending it
 //!
-//! A new operation needs a [`ring::Request`] variant, an SQE builder in
+//! A new operation needs a `ring::Request` variant, an SQE builder in
 //! `Request::sqe`, completion handling in `RingThread::complete`, its opcode
 //! in [`REQUIRED_OPCODES`], and an async method on [`IoEngine`].
 

@@ -18,3 +18,4 @@ pub mod buf;
 pub mod durable;
 pub mod pool;
 pub mod replica;
+pub mod uring;

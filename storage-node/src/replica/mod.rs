@@ -5,7 +5,8 @@
 //! `<name>.data` (the volume's bytes, sparse when thin) and `<name>.meta.json`
 //! ([`ReplicaMeta`]). The catalog creates, grows and destroys them, persists
 //! epochs, and rebuilds itself at start-up by scanning every pool. It never
-//! opens data files for I/O: the agent opens `replica::data` on the path the
+//! opens data files for I/O: the agent opens [`data::ReplicaData`] (the
+//! `O_DIRECT` data path through the [`crate::uring`] engine) on the path the
 //! catalog returns.
 //!
 //! # Crash safety
@@ -35,6 +36,7 @@
 //! the agent keeps it behind one lock. Every method blocks on file system
 //! calls; async callers use `spawn_blocking`.
 
+pub mod data;
 pub mod meta;
 
 #[cfg(test)]

@@ -39,12 +39,6 @@ pub enum Error {
         /// The offending path.
         path: PathBuf,
     },
-    /// The TCP address does not parse as HOST:PORT.
-    #[error("Invalid TCP address {address:?}: expected IP:PORT")]
-    InvalidTcpAddress {
-        /// The offending text.
-        address: String,
-    },
     /// The replica's data file could not be opened.
     #[error("Cannot open replica {name} for I/O")]
     Open {

@@ -13,8 +13,11 @@
 //!
 //! The agent holds no cluster state: everything it knows is on its own disks.
 
+pub mod agent;
+pub mod api;
 pub mod block;
 pub mod buf;
+pub mod exports;
 pub mod durable;
 pub mod pool;
 pub mod replica;

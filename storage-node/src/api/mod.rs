@@ -1,0 +1,63 @@
+//! The agent's gRPC API (`ballast.agent.v1`): one file per service, each a
+//! thin adapter between protobuf messages and [`Agent`] operations.
+//!
+//! Handlers validate arguments, call the agent and convert the result; they
+//! hold no state of their own. Every agent error becomes a gRPC status
+//! through the single `From<agent::Error> for Status` below, so adding an
+//! error variant forces a decision about its code.
+
+mod export;
+mod pool;
+mod replica;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ballast_proto::agent::export_service_server::ExportServiceServer;
+use ballast_proto::agent::pool_service_server::PoolServiceServer;
+use ballast_proto::agent::replica_service_server::ReplicaServiceServer;
+use tonic::Status;
+
+use crate::agent::{self, Agent};
+
+/// Serves the agent API on `listen` until `shutdown` completes.
+///
+/// Errors: the transport error if the address cannot be bound or serving
+/// fails.
+pub async fn serve(
+    agent: Arc<Agent>,
+    listen: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(PoolServiceServer::new(pool::PoolApi::new(agent.clone())))
+        .add_service(ReplicaServiceServer::new(replica::ReplicaApi::new(agent.clone())))
+        .add_service(ExportServiceServer::new(export::ExportApi::new(agent)))
+        .serve_with_shutdown(listen, shutdown)
+        .await
+}
+
+impl From<agent::Error> for Status {
+    fn from(e: agent::Error) -> Self {
+        match e {
+            agent::Error::Pool(e) => e.into(),
+            agent::Error::Replica(e) => e.into(),
+            agent::Error::Export(e) => {
+                let code = match &e {
+                    crate::exports::Error::Conflict { .. } => tonic::Code::AlreadyExists,
+                    crate::exports::Error::RelativeSocket { .. } => tonic::Code::InvalidArgument,
+                    crate::exports::Error::Open { .. }
+                    | crate::exports::Error::Start { .. }
+                    | crate::exports::Error::Resize { .. } => tonic::Code::Internal,
+                };
+                Status::new(code, crate::pool::error_chain(&e))
+            }
+            agent::Error::ReplicaExported { .. } => {
+                Status::failed_precondition(crate::pool::error_chain(&e))
+            }
+            agent::Error::Engine(_) | agent::Error::Task(_) => {
+                Status::internal(crate::pool::error_chain(&e))
+            }
+        }
+    }
+}

@@ -13,3 +13,4 @@
 
 pub mod block;
 pub mod buf;
+pub mod nbd;

@@ -25,7 +25,9 @@ use crate::buf::IoBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     /// The request touches bytes at or beyond the end of the device.
-    #[error("Range of {length} bytes at offset {offset} is beyond the end of the device ({size_bytes} bytes)")]
+    #[error(
+        "Range of {length} bytes at offset {offset} is beyond the end of the device ({size_bytes} bytes)"
+    )]
     OutOfRange {
         /// First byte of the request.
         offset: u64,

@@ -26,4 +26,14 @@
 //! socket reachable only by root on the node (and on TCP for tests and
 //! benchmarks).
 
+mod export;
+mod handshake;
 pub mod protocol;
+mod server;
+mod transmission;
+
+#[cfg(test)]
+pub(crate) mod tests;
+
+pub use export::{BLOCK_SIZES, Export, MAX_PAYLOAD};
+pub use server::{Error, NbdServer};

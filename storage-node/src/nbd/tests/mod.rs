@@ -3,10 +3,13 @@
 //!
 //! - `raw` drives the server over raw sockets with well-formed and malformed
 //!   input.
+//! - `clients` runs real NBD clients nobody here wrote (libnbd's nbdinfo,
+//!   nbdcopy and nbdsh, qemu-io, qemu-img) as subprocesses.
 //!
 //! Every wait is bounded by [`within`]; temporary directories and child
 //! processes are cleaned up on drop, so also when a test fails.
 
+mod clients;
 mod raw;
 
 use std::future::Future;
@@ -191,6 +194,20 @@ impl Fixture {
             socket,
             _dir: dir,
         }
+    }
+
+    /// The NBD URI of the default export.
+    pub(crate) fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    /// The NBD URI of the export by its name.
+    pub(crate) fn named_uri(&self) -> String {
+        format!(
+            "nbd+unix:///{}?socket={}",
+            Self::EXPORT,
+            self.socket.display()
+        )
     }
 
     /// Waits until the server has no open connection.

@@ -77,7 +77,7 @@ fn qemu_io_writes_and_reads_patterns() -> Result<()> {
     let out = qemu_io(&[
         "read -P 0xab 0 513",
         "read -P 0x11 513 1000",
-        "read -P 0xab 1513 63k",
+        "read -P 0xab 1513 64023",
         "read -P 0xcd 1M 4k",
         "read -P 0x22 8M 16k",
         "read -P 0 16M 1M",

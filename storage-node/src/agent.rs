@@ -93,7 +93,8 @@ impl Agent {
     /// already opened are closed again), [`Error::Replica`] if the catalog
     /// cannot be loaded, [`Error::Engine`].
     pub fn open(config: &AgentConfig) -> Result<Self, Error> {
-        let engine = IoEngine::start(config.io_threads, config.io_queue_depth).map_err(Error::Engine)?;
+        let engine =
+            IoEngine::start(config.io_threads, config.io_queue_depth).map_err(Error::Engine)?;
         let pools = Arc::new(PoolManager::open_all(&config.state_dir, &config.pools)?);
         let catalog = match ReplicaCatalog::load(pools.clone()) {
             Ok(catalog) => catalog,
@@ -107,7 +108,11 @@ impl Agent {
         for faulted in catalog.faulted() {
             warn!(replica.id = %faulted.name, pool.name = %faulted.pool, reason = %faulted.reason, "Replica is faulted");
         }
-        info!(pools = pools.list().len(), replicas = catalog.list().len(), "Agent ready");
+        info!(
+            pools = pools.list().len(),
+            replicas = catalog.list().len(),
+            "Agent ready"
+        );
         Ok(Self {
             pools,
             catalog: Arc::new(Mutex::new(catalog)),
@@ -218,7 +223,9 @@ impl Agent {
     ) -> Result<ExportInfo, Error> {
         let mut exports = self.exports.lock().await;
         let owned = name.to_string();
-        let replica = self.with_catalog(move |catalog| catalog.get(&owned)).await?;
+        let replica = self
+            .with_catalog(move |catalog| catalog.get(&owned))
+            .await?;
         Ok(exports.start(&replica, socket, tcp)?)
     }
 
@@ -271,7 +278,9 @@ impl Agent {
 /// Locks the catalog; a panic while it was held leaves it usable because
 /// every catalog change is written to disk before memory is updated.
 fn lock(catalog: &Mutex<ReplicaCatalog>) -> MutexGuard<'_, ReplicaCatalog> {
-    catalog.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    catalog
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn blocking<T: Send + 'static>(

@@ -202,13 +202,15 @@ impl Exports {
     /// Does nothing if `name` is not exported. Errors: [`Error::Resize`].
     pub fn resize(&self, name: &str, size_bytes: u64) -> Result<(), Error> {
         match self.running.get(name) {
-            Some(running) => running
-                .data
-                .set_size_bytes(size_bytes)
-                .map_err(|source| Error::Resize {
-                    name: name.to_string(),
-                    source,
-                }),
+            Some(running) => {
+                running
+                    .data
+                    .set_size_bytes(size_bytes)
+                    .map_err(|source| Error::Resize {
+                        name: name.to_string(),
+                        source,
+                    })
+            }
             None => Ok(()),
         }
     }

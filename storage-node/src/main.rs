@@ -77,7 +77,10 @@ impl Args {
             overcommit_percent: self.overcommit_percent,
             ..PoolConfig::new(source)
         };
-        let devices = self.pool_devices.iter().map(|d| config(PoolSource::Device(d.clone())));
+        let devices = self
+            .pool_devices
+            .iter()
+            .map(|d| config(PoolSource::Device(d.clone())));
         let files = self.pool_files.iter().map(|f| {
             config(PoolSource::File {
                 path: f.clone(),

@@ -48,9 +48,7 @@ impl ExportService for ExportApi {
         let tcp = match req.tcp_address.as_str() {
             "" => None,
             text => Some(text.parse::<SocketAddr>().map_err(|_| {
-                Status::invalid_argument(format!(
-                    "Invalid TCP address {text:?}: expected IP:PORT"
-                ))
+                Status::invalid_argument(format!("Invalid TCP address {text:?}: expected IP:PORT"))
             })?),
         };
         let info = self

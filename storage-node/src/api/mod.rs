@@ -31,7 +31,9 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(PoolServiceServer::new(pool::PoolApi::new(agent.clone())))
-        .add_service(ReplicaServiceServer::new(replica::ReplicaApi::new(agent.clone())))
+        .add_service(ReplicaServiceServer::new(replica::ReplicaApi::new(
+            agent.clone(),
+        )))
         .add_service(ExportServiceServer::new(export::ExportApi::new(agent)))
         .serve_with_shutdown(listen, shutdown)
         .await

@@ -5,6 +5,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=ballast");
     tonic_prost_build::configure()
         .type_attribute(".", "#[derive(serde::Serialize)]")
-        .compile_protos(&["ballast/agent.proto"], &["."])?;
+        .compile_protos(&["ballast/agent.proto", "ballast/controller.proto"], &["."])?;
     Ok(())
 }

@@ -444,7 +444,11 @@ fn check(request: &Request, size_bytes: u64, structured_replies: bool) -> Result
             Command::WriteZeroes => cmd_flag::NO_HOLE,
             Command::Write | Command::Flush | Command::Trim => 0,
             // Unknown commands (and ones we do not advertise, such as
-            // NBD_CMD_CACHE): the spec asks for EINVAL.
+            // NBD_CMD_CACHE): the spec asks for EINVAL. Only NBD_CMD_WRITE
+            // carries a payload ("Request message"), so none is read; a
+            // client that sent one anyway desynchronises the stream, and its
+            // payload then fails the next magic check, closing the
+            // connection.
             Command::Disc | Command::Other(_) => return Err(errno::EINVAL),
         };
     if request.flags & !allowed != 0 {
@@ -460,7 +464,8 @@ fn check(request: &Request, size_bytes: u64, structured_replies: bool) -> Result
         Command::Write | Command::WriteZeroes if !in_range => Err(errno::ENOSPC),
         // NBD_CMD_WRITE_ZEROES and NBD_CMD_TRIM carry no payload, so lengths
         // above the advertised maximum cost nothing; Linux's nbd driver
-        // ignores the maximum for them, so they are accepted.
+        // ignores the maximum for them, so they are accepted. NBD_CMD_FLUSH
+        // ignores its reserved offset and length.
         _ => Ok(()),
     }
 }

@@ -1,5 +1,6 @@
 //! The server against real NBD clients run as subprocesses: libnbd's
-//! nbdinfo and nbdcopy, libnbd's Python bindings, qemu-io and qemu-img.
+//! nbdinfo, nbdcopy, nbdsh and nbdfuse (with mkfs.ext4 and e2fsck on top),
+//! qemu-io and qemu-img.
 //!
 //! A missing tool fails the test with a message naming it; these clients are
 //! the point of the tests, so they are never skipped silently.
@@ -294,5 +295,62 @@ async fn libnbd_with_simple_replies() {
         );
     }
     assert!(f.device.flushes.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    f.wait_idle().await;
+}
+
+/// Unmounts a FUSE mount point when dropped, so a failing test leaves no
+/// mount behind.
+struct FuseMount(std::path::PathBuf);
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.0)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mkfs_through_nbdfuse() {
+    const FS_SIZE: usize = 64 << 20;
+    let f = Fixture::start_with(MemDevice::new(FS_SIZE), Limits::default(), false);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).expect("mount point");
+    let disk = mnt.join("disk");
+
+    let mut nbdfuse = Command::new("nbdfuse")
+        .arg(&disk)
+        .arg(f.uri())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run nbdfuse (is it installed?): {e}"));
+    let mount = FuseMount(mnt.clone());
+    within("nbdfuse to mount", async {
+        while std::fs::metadata(&disk).map(|m| m.len()).ok() != Some(FS_SIZE as u64) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    let disk_path = disk.to_str().expect("UTF-8 path");
+    success(
+        &run("mkfs.ext4", &["-q", "-F", disk_path]).await,
+        "mkfs.ext4",
+    );
+    // Read back through NBD and check every structure mkfs wrote.
+    success(&run("e2fsck", &["-f", "-n", disk_path]).await, "e2fsck");
+    let contents = f.device.contents();
+    // The ext4 superblock magic (0xEF53) at byte 1024 + 56.
+    assert_eq!(&contents[1024 + 56..1024 + 58], &[0x53, 0xef]);
+
+    drop(mount);
+    let status = within("nbdfuse to exit", nbdfuse.wait())
+        .await
+        .expect("nbdfuse status");
+    assert!(status.success(), "nbdfuse exited with {status}");
     f.wait_idle().await;
 }

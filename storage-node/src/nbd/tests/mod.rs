@@ -4,7 +4,8 @@
 //! - `raw` drives the server over raw sockets with well-formed and malformed
 //!   input.
 //! - `clients` runs real NBD clients nobody here wrote (libnbd's nbdinfo,
-//!   nbdcopy and nbdsh, qemu-io, qemu-img) as subprocesses.
+//!   nbdcopy, nbdsh and nbdfuse, qemu-io, qemu-img, mkfs.ext4 and e2fsck) as
+//!   subprocesses.
 //!
 //! Every wait is bounded by [`within`]; temporary directories and child
 //! processes are cleaned up on drop, so also when a test fails.

@@ -452,6 +452,14 @@ async fn unknown_commands_and_flags_get_einval() {
     assert_eq!(c.simple_reply(0).await, (errno::EINVAL, 2, vec![]));
 
     assert_eq!(c.read(3, 0, 4).await, Ok(vec![0; 4]));
+
+    // An unknown command followed by a payload: the payload cannot be told
+    // apart from the next request, fails its magic check, and closes.
+    let (mut c, _) = Raw::negotiate(&f, false).await;
+    c.request(42, 0, 4, 0, 28).await;
+    c.send(&[0x11; 28]).await;
+    assert_eq!(c.simple_reply(0).await, (errno::EINVAL, 4, vec![]));
+    c.expect_closed().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

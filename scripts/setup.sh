@@ -18,6 +18,7 @@ packages=(
     qemu-utils        # qemu-img, qemu-io
     iproute2          # network namespaces for fault tests
     psmisc
+    etcd-server       # the production cluster store, started by tests on loopback
 )
 
 missing=()

@@ -5,7 +5,7 @@
 //! above this module talks to a [`ClusterStore`] trait object; two backends
 //! implement it:
 //!
-//! - etcd, for production (next).
+//! - [`EtcdStore`]: etcd, for production. Revisions are etcd's.
 //! - [`EmbeddedStore`]: one redb file, for one-machine clusters, tests and the
 //!   quickstart.
 //!
@@ -65,6 +65,9 @@
 //! meaning belong to the controller.
 
 mod embedded;
+mod etcd;
+#[cfg(test)]
+pub(crate) mod etcd_server;
 pub mod keys;
 #[cfg(test)]
 mod tests;
@@ -73,12 +76,14 @@ use std::collections::HashSet;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use embedded::EmbeddedStore;
+pub use etcd::{EtcdConfig, EtcdStore};
 
 /// Any error, boxed: the causes of [`Error::Unavailable`], [`Error::Corrupt`]
 /// and [`Error::Backend`] come from several libraries.
@@ -523,6 +528,10 @@ pub enum StoreAddress {
     /// `embedded:///var/lib/ballast/store.redb` is an absolute path,
     /// `embedded://store.redb` a relative one.
     Embedded(PathBuf),
+    /// `etcd://host:port[,host:port...][/namespace]`: an etcd cluster over
+    /// plain HTTP/2, with every key stored under `/namespace` (default: none).
+    /// Timeouts are [`EtcdConfig`]'s defaults.
+    Etcd(EtcdConfig),
 }
 
 impl StoreAddress {
@@ -543,7 +552,32 @@ impl StoreAddress {
             }
             return Ok(StoreAddress::Embedded(PathBuf::from(path)));
         }
-        Err(invalid("Expected embedded://<path>"))
+        if let Some(rest) = address.strip_prefix("etcd://") {
+            let (hosts, namespace) = match rest.find('/') {
+                Some(slash) => (&rest[..slash], rest[slash..].trim_end_matches('/')),
+                None => (rest, ""),
+            };
+            let mut endpoints = Vec::new();
+            for host in hosts.split(',') {
+                let port = host
+                    .rsplit_once(':')
+                    .map(|(name, port)| (name, port.parse::<u16>()));
+                match port {
+                    Some((name, Ok(port))) if !name.is_empty() && port != 0 => {
+                        endpoints.push(format!("http://{host}"));
+                    }
+                    _ => return Err(invalid("Every etcd endpoint must be host:port")),
+                }
+            }
+            return Ok(StoreAddress::Etcd(EtcdConfig {
+                endpoints,
+                namespace: namespace.to_owned(),
+                ..EtcdConfig::default()
+            }));
+        }
+        Err(invalid(
+            "Expected embedded://<path> or etcd://<host:port>[,<host:port>...][/<namespace>]",
+        ))
     }
 }
 
@@ -561,5 +595,11 @@ impl StoreAddress {
 pub async fn open_store(address: &str) -> Result<Arc<dyn ClusterStore>, Error> {
     match StoreAddress::parse(address)? {
         StoreAddress::Embedded(path) => Ok(Arc::new(EmbeddedStore::open(path).await?)),
+        StoreAddress::Etcd(config) => Ok(Arc::new(EtcdStore::connect(config).await?)),
     }
+}
+
+/// An [`Error::Unavailable`] for an operation that got no answer in time.
+fn timed_out(after: Duration) -> Error {
+    Error::Unavailable(format!("No answer within {} ms", after.as_millis()).into())
 }

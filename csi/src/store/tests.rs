@@ -6,10 +6,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::etcd_server::EtcdServer;
 use super::*;
 
 /// Bound on the whole concurrent-increment part.
@@ -231,7 +232,7 @@ async fn list_by_prefix(store: &dyn ClusterStore) {
 
 /// More keys than one etcd page, written in full-size transactions.
 async fn list_many(store: &dyn ClusterStore) {
-    let count = 757;
+    let count = 3 * super::etcd::PAGE_SIZE as usize / 2 + 7;
     let keys: Vec<String> = (0..count).map(|i| format!("/many/{i:05}")).collect();
     for chunk in keys.chunks(MAX_TXN_OPS) {
         let txn = chunk
@@ -647,6 +648,208 @@ mod embedded {
     }
 }
 
+mod etcd {
+    use super::*;
+
+    /// Upper bound on an answer from a stopped etcd: the request timeout
+    /// plus scheduling slack on a busy machine.
+    fn unavailable_within(config: &EtcdConfig) -> Duration {
+        config.request_timeout + Duration::from_secs(3)
+    }
+
+    async fn assert_unavailable<T: std::fmt::Debug>(
+        what: &str,
+        limit: Duration,
+        op: impl std::future::Future<Output = Result<T, Error>>,
+    ) {
+        let started = Instant::now();
+        let result = tokio::time::timeout(limit + Duration::from_secs(5), op)
+            .await
+            .unwrap_or_else(|_| panic!("{what} hung"));
+        let took = started.elapsed();
+        assert!(
+            matches!(result, Err(Error::Unavailable(_))),
+            "{what}: expected Unavailable, got {result:?}"
+        );
+        assert!(took <= limit, "{what} took {took:?}, more than {limit:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conforms() {
+        let etcd = EtcdServer::start().await.expect("start etcd");
+        let store = EtcdStore::connect(etcd.config("/conformance"))
+            .await
+            .expect("connect to etcd");
+        conformance(Arc::new(store)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn survives_a_new_client_and_an_etcd_restart() {
+        let mut etcd = EtcdServer::start().await.expect("start etcd");
+        let store = EtcdStore::connect(etcd.config("/ns"))
+            .await
+            .expect("connect to etcd");
+        let written = write_for_restart(&store).await;
+        drop(store);
+        let store = EtcdStore::connect(etcd.config("/ns"))
+            .await
+            .expect("connect to etcd");
+        assert_eq!(
+            store.get("/restart/kept").await.expect("store call"),
+            Some(written.kept.clone())
+        );
+        drop(store);
+
+        etcd.restart().await.expect("restart etcd");
+        let store = EtcdStore::connect(etcd.config("/ns"))
+            .await
+            .expect("connect to etcd");
+        check_after_restart(&store, written).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn namespaces_do_not_see_each_other() {
+        let etcd = EtcdServer::start().await.expect("start etcd");
+        let a = EtcdStore::connect(etcd.config("/cluster-a"))
+            .await
+            .expect("connect to etcd");
+        let b = EtcdStore::connect(etcd.config("/cluster-b"))
+            .await
+            .expect("connect to etcd");
+        let ra = a
+            .put("/ballast/nodes/n1", b"a".to_vec())
+            .await
+            .expect("store call");
+        b.put("/ballast/nodes/n1", b"b".to_vec())
+            .await
+            .expect("store call");
+        b.put("/ballast/nodes/n2", b"b".to_vec())
+            .await
+            .expect("store call");
+
+        let listed = a.list("").await.expect("store call");
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].0, "/ballast/nodes/n1");
+        assert_eq!(
+            listed[0].1,
+            Versioned {
+                value: b"a".to_vec(),
+                revision: ra
+            }
+        );
+        assert_eq!(b.list("/ballast/").await.expect("store call").len(), 2);
+        // A create-only in one namespace ignores the same key in the other.
+        a.delete("/ballast/nodes/n1").await.expect("store call");
+        a.compare_and_put("/ballast/nodes/n1", b"a2".to_vec(), Expect::Absent)
+            .await
+            .expect("store call");
+
+        // Without a namespace, the prefixes are visible as stored.
+        let raw = EtcdStore::connect(etcd.config(""))
+            .await
+            .expect("connect to etcd");
+        let keys: Vec<String> = raw
+            .list("")
+            .await
+            .expect("store call")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "/cluster-a/ballast/nodes/n1",
+                "/cluster-b/ballast/nodes/n1",
+                "/cluster-b/ballast/nodes/n2"
+            ]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paused_etcd_is_unavailable_not_a_hang() {
+        let etcd = EtcdServer::start().await.expect("start etcd");
+        let mut config = etcd.config("/pause");
+        config.request_timeout = Duration::from_secs(1);
+        let limit = unavailable_within(&config);
+        let store = EtcdStore::connect(config.clone())
+            .await
+            .expect("connect to etcd");
+        store
+            .put("/k", b"before".to_vec())
+            .await
+            .expect("store call");
+
+        etcd.pause().expect("SIGSTOP etcd");
+        assert_unavailable("get", limit, store.get("/k")).await;
+        assert_unavailable("list", limit, store.list("/")).await;
+        assert_unavailable("put", limit, store.put("/k", b"during".to_vec())).await;
+        let cas = store.compare_and_put("/k2", b"x".to_vec(), Expect::Absent);
+        assert_unavailable("compare_and_put", limit, cas).await;
+        assert_unavailable("connect", limit, EtcdStore::connect(config.clone())).await;
+
+        // Once etcd is back, the same client works again. The put above may
+        // or may not have been applied (it is Unavailable's contract), so the
+        // value is one of the two.
+        etcd.resume().expect("SIGCONT etcd");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let read = loop {
+            match store.get("/k").await {
+                Ok(read) => break read.expect("/k exists"),
+                Err(err) if Instant::now() < deadline => {
+                    eprintln!("waiting for etcd after SIGCONT: {err}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(err) => panic!("etcd did not come back: {err}"),
+            }
+        };
+        assert!(
+            read.value == b"before" || read.value == b"during",
+            "{read:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_etcd_is_unavailable() {
+        let mut etcd = EtcdServer::start().await.expect("start etcd");
+        let mut config = etcd.config("/dead");
+        config.request_timeout = Duration::from_secs(1);
+        config.connect_timeout = Duration::from_secs(1);
+        let limit = unavailable_within(&config);
+        let store = EtcdStore::connect(config.clone())
+            .await
+            .expect("connect to etcd");
+        store.put("/k", b"v".to_vec()).await.expect("store call");
+
+        etcd.kill().expect("kill etcd");
+        assert_unavailable("get", limit, store.get("/k")).await;
+        let txn = Txn::new()
+            .check("/k", Expect::Absent)
+            .put("/k", b"w".to_vec());
+        assert_unavailable("commit", limit, store.commit(txn)).await;
+        assert_unavailable("connect", limit, EtcdStore::connect(config)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn opens_from_an_address() {
+        let etcd = EtcdServer::start().await.expect("start etcd");
+        let host = etcd.endpoint().replace("http://", "");
+        let store = open_store(&format!("etcd://{host}/addr"))
+            .await
+            .expect("open the store");
+        let r = store.put("/k", b"v".to_vec()).await.expect("store call");
+        let raw = EtcdStore::connect(etcd.config(""))
+            .await
+            .expect("connect to etcd");
+        assert_eq!(
+            raw.get("/addr/k")
+                .await
+                .expect("store call")
+                .map(|v| v.revision),
+            Some(r)
+        );
+    }
+}
+
 #[test]
 fn addresses_parse() {
     assert_eq!(
@@ -657,6 +860,24 @@ fn addresses_parse() {
         StoreAddress::parse("embedded://store.redb").expect("valid address"),
         StoreAddress::Embedded("store.redb".into())
     );
+    let StoreAddress::Etcd(config) =
+        StoreAddress::parse("etcd://10.0.0.1:2379").expect("valid address")
+    else {
+        panic!("not etcd");
+    };
+    assert_eq!(config.endpoints, ["http://10.0.0.1:2379"]);
+    assert_eq!(config.namespace, "");
+    let StoreAddress::Etcd(config) =
+        StoreAddress::parse("etcd://a:2379,b:2380,[::1]:2381/prod/east/").expect("valid address")
+    else {
+        panic!("not etcd");
+    };
+    assert_eq!(
+        config.endpoints,
+        ["http://a:2379", "http://b:2380", "http://[::1]:2381"]
+    );
+    assert_eq!(config.namespace, "/prod/east");
+
     for bad in [
         "",
         "/var/lib/store.redb",
@@ -687,6 +908,12 @@ fn errors_map_to_grpc_codes() {
         "Revision check on /k failed: the key is at revision 3"
     );
     assert_eq!(tonic::Status::from(conflict).code(), tonic::Code::Aborted);
+    let unavailable = tonic::Status::from(timed_out(Duration::from_millis(1500)));
+    assert_eq!(unavailable.code(), tonic::Code::Unavailable);
+    assert!(
+        unavailable.message().contains("No answer within 1500 ms"),
+        "{unavailable:?}"
+    );
     let absent = Error::Conflict {
         key: "/k".into(),
         current: None,

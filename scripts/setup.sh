@@ -18,6 +18,7 @@ packages=(
     qemu-utils        # qemu-img, qemu-io
     iproute2          # network namespaces for fault tests
     psmisc
+    etcd-server       # etcd, the cluster store's production backend; store tests run a real one
 )
 
 missing=()

@@ -126,6 +126,13 @@ impl EpochStore for CatalogEpochStore {
 ///
 /// Cheap to share behind an `Arc`; every method may be called concurrently,
 /// from within a tokio runtime.
+///
+/// # Cancel safety
+///
+/// Every async method is cancel safe in the sense that matters for fencing:
+/// its admission, any epoch persist and its I/O run in their own task and
+/// complete even if the caller's future is dropped, holding off newer epochs
+/// until then. The caller only loses the result.
 pub struct FencedReplica {
     inner: Arc<Inner>,
 }

@@ -10,9 +10,10 @@
 //! order they complete:
 //!
 //! ```text
-//! socket ─► reader: header ─► [permits] ─► payload ─► spawn(execute) ─┐
-//!                                                                      ▼
-//! socket ◄─ writer: drain channel, batch into one buffer, flush when idle
+//! socket ─► reader: header ─► [permits] ─► payload ─► FencedReplica::submit
+//!                                                     (one task: admit, I/O,
+//!                                                      queue the response) ─┐
+//! socket ◄─ writer: drain the queue, batch into one buffer, flush when idle ◄┘
 //! ```
 //!
 //! # Bounds and back-pressure
@@ -153,8 +154,8 @@ impl ReplicaServer {
     /// executing (within [`ServerConfig::stop_grace`]), and closes them.
     ///
     /// # Cancel safety
-    /// Cancel safe: if the future is dropped, the server stops in the
-    /// background.
+    /// Cancel safe: if the future is dropped, the server still stops: in the
+    /// background once the future was polled, else at once as on drop.
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
         if let Some(accept) = self.accept.take() {

@@ -338,6 +338,15 @@ fn map_error(err: etcd_client::Error) -> Error {
         {
             Error::Unavailable(Box::new(err))
         }
+        // A connection that broke under a request (etcd killed): tonic
+        // reports Unknown with the transport error as its source.
+        etcd_client::Error::GRpcStatus(status)
+            if status.code() == Code::Unknown
+                && std::error::Error::source(status)
+                    .is_some_and(|s| s.downcast_ref::<tonic::transport::Error>().is_some()) =>
+        {
+            Error::Unavailable(Box::new(err))
+        }
         _ => Error::Backend(Box::new(err)),
     }
 }

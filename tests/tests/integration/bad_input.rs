@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 
-use crate::harness::{Agent, Child, GIB, TestDir, run_ok};
+use crate::harness::{Agent, Child, GIB, TestDir, run_ok, wait_for};
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -272,6 +272,7 @@ fn clients_survive_a_peer_that_vanishes_under_load() -> Result<()> {
             Command::new("fio")
                 .args([
                     "--name=vanish",
+                    "--thread",
                     "--ioengine=nbd",
                     "--rw=randrw",
                     "--bs=64k",
@@ -284,6 +285,17 @@ fn clients_survive_a_peer_that_vanishes_under_load() -> Result<()> {
         std::thread::sleep(Duration::from_millis(700));
         fio.kill();
     }
+    // Requests a killed client had already sent still complete; the export
+    // drops the connection only after them. Wait for that before checking,
+    // or one of them could land on the range qemu-io checks.
+    wait_for(
+        "the killed clients' connections to close",
+        Duration::from_secs(30),
+        || {
+            let exports = agent.cli_json(&["export", "list"]).ok()?;
+            (exports[0]["connections"] == 0).then_some(())
+        },
+    )?;
     qemu_io_roundtrip(&uri, 0x33)?;
     assert!(agent.is_running());
     Ok(())

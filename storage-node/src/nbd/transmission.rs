@@ -368,7 +368,9 @@ async fn read_request<R: AsyncRead + Unpin>(
     let held = permits.acquire(payload_len).await;
 
     let payload = if request.command == Command::Write {
-        let mut buf = IoBuf::zeroed(payload_len);
+        // `read_payload` fills every byte or fails, and on failure the
+        // buffer is dropped unread.
+        let mut buf = IoBuf::for_overwrite(payload_len);
         read_payload(reader, &mut buf).await?;
         Some(buf)
     } else {

@@ -393,9 +393,11 @@ impl FileIo {
 
     /// Reads exactly `len` bytes at `offset` (both aligned).
     async fn read_exact(&self, offset: u64, len: usize) -> Result<IoBuf, BlockError> {
+        // The kernel fills all `len` bytes, or the read fails below and the
+        // buffer is dropped unread.
         let (buf, result) = self
             .engine
-            .read(&self.file, offset, IoBuf::zeroed(len))
+            .read(&self.file, offset, IoBuf::for_overwrite(len))
             .await;
         let read = result.map_err(block_error)?;
         if read < len {

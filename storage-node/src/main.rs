@@ -7,11 +7,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use ballast_storage_node::agent::{Agent, AgentConfig};
-use ballast_storage_node::api;
 use ballast_storage_node::pool::{self, PoolConfig, PoolSource};
+use ballast_storage_node::{api, buf};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
@@ -96,6 +97,22 @@ impl Args {
     }
 }
 
+/// How often idle I/O buffers of unused sizes go back to the system.
+const POOL_TRIM_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Returns the buffer pool's idle memory of sizes nobody used in the last
+/// interval, so an agent whose load stopped holds no pooled memory.
+async fn trim_buffer_pool() {
+    let mut interval = tokio::time::interval(POOL_TRIM_INTERVAL);
+    loop {
+        interval.tick().await;
+        let released = buf::pool::trim();
+        if released > 0 {
+            tracing::debug!(released, "Released idle I/O buffers");
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -120,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
             _ = sigint.recv() => info!("SIGINT received"),
         }
     };
+    tokio::spawn(trim_buffer_pool());
     info!(grpc = %args.grpc_listen, "Serving the agent API");
     let served = api::serve(agent.clone(), args.grpc_listen, shutdown).await;
     if let Err(e) = agent.shutdown().await {

@@ -96,11 +96,31 @@ def fio(job, target_args, runtime, size):
     return {"iops": side["iops"], "bw": side["bw_bytes"], "mean_us": mean / 1000, "p99_us": p99 / 1000}
 
 
+def drop_cache(path):
+    """Writes back and evicts the page cache of `path`.
+
+    nbdkit's file plugin does buffered I/O on the same file that raw and
+    Ballast open with O_DIRECT. Left alone, its cached and dirty pages would
+    tax the next target: an O_DIRECT write must first write back and
+    invalidate any cached page in its range, and io_uring cannot do that
+    without blocking, so every such write is punted to a kernel worker
+    thread. Every target therefore starts with none of the file cached.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runtime", type=int, default=15, help="seconds per fio job (default 15)")
     ap.add_argument("--size", default=2 << 30, type=int, help="replica size in bytes (default 2 GiB)")
     ap.add_argument("--no-build", action="store_true", help="use the existing release binaries")
+    ap.add_argument("--jobs", default=",".join(JOBS), help="comma-separated jobs to run (default: all)")
+    ap.add_argument("--no-rss", action="store_true", help="skip the RSS measurement")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (loop devices and mounts)")
@@ -130,14 +150,18 @@ def main():
             "ballast": ["--ioengine=nbd", "--uri=" + uri],
         }
         results = {}
-        for job in JOBS:
+        jobs = [j for j in args.jobs.split(",") if j]
+        for job in jobs:
+            if job not in JOBS:
+                sys.exit("unknown job %s (jobs: %s)" % (job, ", ".join(JOBS)))
             for name, targs in targets.items():
                 print("running %s on %s" % (job, name), file=sys.stderr, flush=True)
+                drop_cache(path)
                 results[(job, name)] = fio(job, targs, args.runtime, args.size)
 
         print("| job | target | IOPS | MiB/s | mean µs | p99 µs | ballast/nbdkit | ballast/raw |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
-        for job in JOBS:
+        for job in jobs:
             b = results[(job, "ballast")]
             for name in targets:
                 r = results[(job, name)]
@@ -149,6 +173,8 @@ def main():
                     job, name, r["iops"], r["bw"] / 2**20, r["mean_us"], r["p99_us"], *ratios))
         print("\nRatios are of IOPS (higher is better for Ballast).")
 
+        if args.no_rss:
+            return
         # Memory: 4 exports under concurrent random-write load.
         agent.cli("export", "stop", "bench")
         uris = []

@@ -7,12 +7,18 @@
 //! order (the spec allows any order) and never interleave.
 //!
 //! Invariants:
-//! - Memory is bounded per connection: a request (and its reply) holds a
-//!   permit of [`Limits::max_requests`] and, for reads and writes, permits
-//!   for its payload bytes out of [`Limits::max_bytes`]; the reader stops
-//!   reading the socket while it waits for permits (back-pressure). Permits
-//!   are released only once the reply has been written, so a client that
-//!   does not read its replies stalls itself and nobody else.
+//! - Memory is bounded per connection and per process: a request (and its
+//!   reply) holds a permit of [`Limits::max_requests`] and, for reads and
+//!   writes, permits for its payload bytes out of [`Limits::max_bytes`] of
+//!   its connection and then out of [`PROCESS_MAX_BYTES`], shared by every
+//!   connection of every server in the process; the reader stops reading
+//!   the socket while it waits for permits (back-pressure). Permits are
+//!   released only once the reply has been written. A client that does not
+//!   read its replies stalls its own connection, and holds at most its
+//!   connection's share of the process budget. Permits are always taken in
+//!   the same order (connection, then process) and a request that holds
+//!   process permits needs nothing more to finish, so waiting cannot
+//!   deadlock.
 //! - Bad input never panics and closes this connection only: a bad request
 //!   magic, a write payload above [`MAX_PAYLOAD`] (we will not read it, so
 //!   the stream cannot be resynchronised) or a client vanishing mid-request.
@@ -30,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, SemaphorePermit, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, error};
 
@@ -61,12 +67,24 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_requests: 128,
-            // Two maximal requests, or 256 of 256 KiB; enough to keep a fast
-            // device busy without letting one connection pin much memory.
-            max_bytes: 2 * MAX_PAYLOAD as usize,
+            // One maximal request, or 32 of 1 MiB: enough to keep a fast
+            // device busy (a queue depth of 8 already saturates sequential
+            // 1 MiB writes here), and with `PROCESS_MAX_BYTES` it lets at
+            // least two connections make progress at full size.
+            max_bytes: MAX_PAYLOAD as usize,
         }
     }
 }
+
+/// Most payload bytes in flight over all connections of all servers in the
+/// process: what bounds the agent's memory for request data, whatever the
+/// number of exports and connections. 64 MiB keeps the agent under the
+/// 128 MiB it is meant to fit in (docs/benchmarks.md), leaving room for the
+/// idle buffer pool (`buf::pool`, at most 32 MiB) and everything else.
+pub const PROCESS_MAX_BYTES: usize = 2 * MAX_PAYLOAD as usize;
+
+/// The permits of [`PROCESS_MAX_BYTES`].
+static PROCESS_BYTES: Semaphore = Semaphore::const_new(PROCESS_MAX_BYTES);
 
 /// Errors that end the transmission phase by closing the connection.
 #[derive(Debug, thiserror::Error)]
@@ -255,9 +273,17 @@ impl Permits {
                 self.bytes.clone().acquire_many_owned(n).await.ok()
             }
         };
+        let process_bytes = match payload.min(PROCESS_MAX_BYTES) {
+            0 => None,
+            n => {
+                let n = u32::try_from(n).unwrap_or(u32::MAX);
+                PROCESS_BYTES.acquire_many(n).await.ok()
+            }
+        };
         Held {
             _request: request,
             _bytes: bytes,
+            _process_bytes: process_bytes,
         }
     }
 }
@@ -266,6 +292,7 @@ impl Permits {
 struct Held {
     _request: Option<OwnedSemaphorePermit>,
     _bytes: Option<OwnedSemaphorePermit>,
+    _process_bytes: Option<SemaphorePermit<'static>>,
 }
 
 /// A checked request ready to run on the device.
@@ -368,7 +395,9 @@ async fn read_request<R: AsyncRead + Unpin>(
     let held = permits.acquire(payload_len).await;
 
     let payload = if request.command == Command::Write {
-        let mut buf = IoBuf::zeroed(payload_len);
+        // `read_payload` fills every byte or fails, and on failure the
+        // buffer is dropped unread.
+        let mut buf = IoBuf::for_overwrite(payload_len);
         read_payload(reader, &mut buf).await?;
         Some(buf)
     } else {

@@ -10,7 +10,7 @@
 //! - Writes whose offset and length are block multiples go straight to the
 //!   file; other writes read the partial head and tail blocks, merge, and
 //!   write whole blocks back (read-modify-write).
-//! - FUA writes use `RWF_DSYNC`; FLUSH is a full `fsync`; TRIM punches holes
+//! - FUA writes use `RWF_DSYNC`; FLUSH is `fdatasync`; TRIM punches holes
 //!   (thin stays thin); WRITE_ZEROES zeroes a range, keeping it allocated
 //!   unless a hole is allowed. Partial blocks at the edges of TRIM and
 //!   WRITE_ZEROES are zeroed by read-modify-write.
@@ -312,11 +312,19 @@ impl BlockDevice for ReplicaData {
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
-        // A full fsync, not fdatasync: it also persists metadata such as the
-        // allocation changes of punched holes and zeroed ranges.
+        // fdatasync, not a full fsync. NBD_CMD_FLUSH promises that completed
+        // writes survive a crash, i.e. that the data can be read back. That
+        // needs the data blocks and the metadata needed to find them (file
+        // size, extent maps: allocations, unwritten-to-written conversions,
+        // punched holes and zeroed ranges), which is exactly what fdatasync
+        // persists (POSIX "synchronized I/O data integrity"). XFS implements
+        // it by forcing the log whenever the inode carries any logged change
+        // other than timestamps, and allocation changes are always logged.
+        // What fdatasync skips, the timestamps, no NBD client can observe.
+        // nbdkit's file plugin makes the same choice.
         self.io
             .engine
-            .fsync(&self.io.file, false)
+            .fsync(&self.io.file, true)
             .await
             .map_err(block_error)
     }
@@ -385,9 +393,11 @@ impl FileIo {
 
     /// Reads exactly `len` bytes at `offset` (both aligned).
     async fn read_exact(&self, offset: u64, len: usize) -> Result<IoBuf, BlockError> {
+        // The kernel fills all `len` bytes, or the read fails below and the
+        // buffer is dropped unread.
         let (buf, result) = self
             .engine
-            .read(&self.file, offset, IoBuf::zeroed(len))
+            .read(&self.file, offset, IoBuf::for_overwrite(len))
             .await;
         let read = result.map_err(block_error)?;
         if read < len {

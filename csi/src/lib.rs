@@ -1,5 +1,7 @@
 //! The Ballast control plane.
 //!
-//! Today this crate holds the operator CLI (`src/bin/ballast`); the CSI
-//! controller, node plugin, placement and cluster store join it as they are
-//! built.
+//! Today this crate holds the operator CLI (`src/bin/ballast`) and the
+//! cluster store ([`store`]) the controller keeps its state in; the CSI
+//! controller, node plugin and placement join it as they are built.
+
+pub mod store;

@@ -10,5 +10,6 @@
 //! The operator CLI lives in `src/bin/ballast`; the CSI node plugin joins
 //! this crate later.
 
+pub mod cluster;
 pub mod controller;
 pub mod store;

@@ -60,11 +60,18 @@ pub struct AgentError {
 impl AgentError {
     /// Wraps `status` from a call to `node`'s agent.
     pub fn new(node: &str, action: impl Into<String>, status: tonic::Status) -> Self {
+        let message = match (status.code(), status.message()) {
+            (tonic::Code::Unimplemented, "") => {
+                "the agent does not implement this call (an older agent?)".to_string()
+            }
+            (code, "") => format!("{code:?}: {}", code.description()),
+            (_, message) => message.to_string(),
+        };
         Self {
             node: node.to_string(),
             action: action.into(),
             code: status.code(),
-            message: status.message().to_string(),
+            message,
         }
     }
 

@@ -10,6 +10,7 @@
 use std::fs;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -196,6 +197,15 @@ impl Child {
     pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Self> {
         let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
         let err = out.try_clone()?;
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls prctl(2), which is async-signal-safe. It makes the child die
+        // with the test thread that spawned it, even when the test process is
+        // killed on a timeout and no Drop runs.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(out)

@@ -30,7 +30,9 @@ struct Cluster {
 impl Cluster {
     /// `ballast cluster up` with `nodes` agents of 1 GiB pools.
     fn up(name: &str, nodes: usize, store: &str, extra: &[&str]) -> Result<Self> {
+        sweep_orphans();
         let dir = TestDir::new(name);
+        std::fs::write(dir.join(OWNER_FILE), std::process::id().to_string())?;
         let path = dir.join("cluster");
         let cluster = Self { dir, path };
         let nodes = nodes.to_string();
@@ -186,6 +188,38 @@ impl Drop for Cluster {
             T,
         );
         let _ = &self.dir;
+    }
+}
+
+/// File in a test directory naming the test process that owns its cluster.
+const OWNER_FILE: &str = "owner.pid";
+
+/// Stops clusters whose test process is gone without running its Drop
+/// (killed on a timeout): the cluster's daemons run in their own sessions
+/// and would otherwise outlive it. Clusters of live tests are left alone.
+fn sweep_orphans() {
+    let Ok(entries) = std::fs::read_dir("/var/tmp/ballast-tests") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let Some(owner) = std::fs::read_to_string(dir.join(OWNER_FILE))
+            .ok()
+            .and_then(|text| text.trim().parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid_running(owner) {
+            continue;
+        }
+        let _ = run(
+            Command::new(bin("ballast"))
+                .args(["cluster", "down", "--dir"])
+                .arg(dir.join("cluster")),
+            T,
+        );
+        crate::harness::cleanup_under(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 

@@ -14,6 +14,9 @@
 //! - delete: `deleting` before destroying replicas; the record last.
 //! - publish: the raised epoch and the target's node before the target
 //!   starts, so a replica can never see an epoch the store does not hold.
+//!
+//! Nothing here changes a replica's membership of the in-sync set (that is
+//! [`super::control`], on a target's request) or lowers an epoch.
 
 use ballast_proto::agent as agent_pb;
 use tracing::{info, instrument, warn};
@@ -378,6 +381,13 @@ impl Volumes {
         if let Some(target) = &previous {
             if target.node_id == node_id {
                 if let Some(publication) = self.running_target(&current, &node).await? {
+                    // A publish interrupted after the target started (a
+                    // crash) left the socket unrecorded: record it now.
+                    if target.nbd_uri != publication.nbd_uri
+                        || target.socket_path != publication.socket_path
+                    {
+                        self.record_socket(volume_id, node_id, &publication).await?;
+                    }
                     return Ok(publication);
                 }
                 info!("The target is not running at the volume's epoch; starting it again");
@@ -440,20 +450,36 @@ impl Volumes {
             socket_path: target.socket_path.clone(),
             epoch,
         };
-        record::update(store, volume_id, |r| {
+        self.record_socket(volume_id, node_id, &publication).await?;
+        info!(uri = %publication.nbd_uri, "Volume published");
+        Ok(publication)
+    }
+
+    /// Records the socket and URI of the target that runs on `node_id` at
+    /// `publication.epoch`, unless the record moved on meanwhile.
+    async fn record_socket(
+        &self,
+        volume_id: &str,
+        node_id: &str,
+        publication: &Publication,
+    ) -> Result<(), Error> {
+        record::update(&self.context.store, volume_id, |r| {
             match &mut r.target {
-                Some(t) if r.epoch == epoch && t.node_id == node_id => {
+                Some(t) if r.epoch == publication.epoch && t.node_id == node_id => {
+                    if t.socket_path == publication.socket_path && t.nbd_uri == publication.nbd_uri
+                    {
+                        return Ok::<_, Error>(Change::Keep);
+                    }
                     t.socket_path = publication.socket_path.clone();
                     t.nbd_uri = publication.nbd_uri.clone();
-                    Ok::<_, Error>(Change::Write)
+                    Ok(Change::Write)
                 }
                 // Changed meanwhile (a newer publish): leave it.
                 _ => Ok(Change::Keep),
             }
         })
         .await?;
-        info!(uri = %publication.nbd_uri, "Volume published");
-        Ok(publication)
+        Ok(())
     }
 
     /// The publication of the target on `node` if it runs at the volume's

@@ -280,6 +280,39 @@ async fn publish_raises_the_epoch_and_is_idempotent_on_the_same_node() {
 }
 
 #[tokio::test]
+async fn a_publish_interrupted_after_the_target_started_is_completed_by_a_retry() {
+    let fixture = Fixture::new(2).await;
+    let volumes = Volumes::new(fixture.context.clone());
+    volumes.create(&request("v", GIB, 2)).await.expect("create");
+    let first = volumes
+        .publish("v", "node-1", false)
+        .await
+        .expect("publish");
+    // What a controller that crashed between StartTarget and recording the
+    // socket leaves: the target runs, the record has no socket.
+    record::update::<Error>(&fixture.context.store, "v", |r| {
+        if let Some(t) = &mut r.target {
+            t.socket_path.clear();
+            t.nbd_uri.clear();
+        }
+        Ok(record::Change::Write)
+    })
+    .await
+    .expect("update");
+    let retried = volumes.publish("v", "node-1", false).await.expect("retry");
+    assert_eq!(
+        retried, first,
+        "the running target is adopted, not restarted"
+    );
+    let target = stored(&fixture, "v")
+        .await
+        .and_then(|r| r.target)
+        .expect("target");
+    assert_eq!(target.nbd_uri, first.nbd_uri);
+    assert_eq!(target.socket_path, first.socket_path);
+}
+
+#[tokio::test]
 async fn publishing_elsewhere_needs_force_which_fences_and_stops_the_old_target() {
     let fixture = Fixture::new(3).await;
     let volumes = Volumes::new(fixture.context.clone());

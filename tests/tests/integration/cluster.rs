@@ -662,3 +662,37 @@ fn cluster_down_twice_leaves_no_process_mount_or_loop_device() -> Result<()> {
     assert!(err.contains("Cannot reach the controller"), "{err}");
     Ok(())
 }
+
+#[test]
+fn agents_register_again_when_the_controller_forgot_them() -> Result<()> {
+    let cluster = Cluster::up("cluster-forgot", 2, "embedded", &[])?;
+    let info = cluster.info()?;
+    let controller = info.controller.as_ref().context("controller")?;
+    signal::kill(Pid::from_raw(controller.process.pid), Signal::SIGKILL)?;
+    wait_for("the controller to die", Duration::from_secs(10), || {
+        (!pid_running(controller.process.pid)).then_some(())
+    })?;
+    // A new, empty store: the controller knows no node, so the agents'
+    // heartbeats get NOT_FOUND and they must register again.
+    std::fs::remove_file(info.dir.join("ballast.redb"))?;
+    let _restarted = Child::spawn(
+        "ballast-csi",
+        Command::new(&controller.process.command[0]).args(&controller.process.command[1..]),
+        &cluster.dir.join("controller-restarted.log"),
+    )?;
+    cluster.wait_all_up(2)?;
+    let nodes = cluster.cli_json(&["node", "list"])?;
+    for node in nodes.as_array().context("nodes")? {
+        assert!(
+            !node["agent_address"]
+                .as_str()
+                .unwrap_or_default()
+                .is_empty()
+        );
+        assert!(!node["data_address"].as_str().unwrap_or_default().is_empty());
+        assert_eq!(node["pools"].as_array().map(Vec::len), Some(1), "{node}");
+    }
+    let agent_log = std::fs::read_to_string(&info.nodes[0].process.log)?;
+    assert!(agent_log.contains("registering again"), "{agent_log}");
+    Ok(())
+}

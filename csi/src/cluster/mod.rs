@@ -565,7 +565,7 @@ fn check_alive(info: &ClusterInfo) -> Result<(), Error> {
         }
         return Err(Error::Exited {
             what,
-            log_tail: process.log_tail(20),
+            log_tail: process.log_tail(40),
         });
     }
     Ok(())

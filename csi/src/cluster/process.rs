@@ -150,7 +150,12 @@ pub fn spawn_daemon(program: &Path, args: &[String], log: &Path) -> Result<Proce
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        );
+        )
+        // Logs go to files: no colour escapes, and no backtraces captured
+        // for ordinary errors (a panic still gets one with RUST_BACKTRACE),
+        // so the reason a daemon stopped is in the last lines of its log.
+        .env("NO_COLOR", "1")
+        .env("RUST_LIB_BACKTRACE", "0");
     // SAFETY: the closure runs in the forked child before exec and makes a
     // single async-signal-safe system call (setsid); it allocates nothing
     // and takes no lock.

@@ -147,14 +147,18 @@ impl Registry {
         Instant::now().saturating_duration_since(last)
     }
 
-    /// Adds `bytes` to the provisioned figure of `pool` on `node_id` until
-    /// the next heartbeat replaces it, so placements made between two
+    /// Adds `bytes` to the provisioned figure of `pool` on `node_id` (and,
+    /// for a thick replica, takes them from its free space) until the next
+    /// heartbeat replaces the figures, so placements made between two
     /// heartbeats see replicas created meanwhile.
-    pub fn note_provisioned(&self, node_id: &str, pool: &str, bytes: u64) {
+    pub fn note_provisioned(&self, node_id: &str, pool: &str, bytes: u64, thin: bool) {
         if let Some(live) = self.live().get_mut(node_id)
             && let Some(p) = live.pools.iter_mut().find(|p| p.name == pool)
         {
             p.provisioned_bytes = p.provisioned_bytes.saturating_add(bytes);
+            if !thin {
+                p.free_bytes = p.free_bytes.saturating_sub(bytes);
+            }
         }
     }
 

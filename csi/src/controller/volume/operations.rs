@@ -644,7 +644,7 @@ impl Volumes {
             .into_inner();
         self.context
             .nodes
-            .note_provisioned(node_id, &replica.pool, volume.size_bytes);
+            .note_provisioned(node_id, &replica.pool, volume.size_bytes, volume.thin);
         info!(node.id = %node_id, pool = %replica.pool, "Replica created");
         Ok(())
     }

@@ -8,6 +8,8 @@
 //! - [`uring`] is the I/O engine: threads that own io_uring rings and execute
 //!   O_DIRECT reads, writes, syncs and fallocates for the rest of the agent.
 //! - [`block`] is the [`block::BlockDevice`] trait that exports serve.
+//! - [`replication`] is the replica protocol between targets and replicas on
+//!   other nodes, and the epoch fencing every replica applies.
 //! - [`nbd`] is the NBD server (fixed newstyle handshake, transmission phase).
 //! - [`api`] is the agent's gRPC API; [`agent`] wires everything together.
 //! - [`registration`] registers the node with the controller and sends
@@ -25,4 +27,5 @@ pub mod nbd;
 pub mod pool;
 pub mod registration;
 pub mod replica;
+pub mod replication;
 pub mod uring;

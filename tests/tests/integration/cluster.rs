@@ -576,7 +576,7 @@ fn nodes_go_down_without_heartbeats_and_deletes_finish_when_they_return() -> Res
         "cluster-liveness",
         2,
         "embedded",
-        &["--heartbeat-timeout", "2s"],
+        &["--heartbeat-timeout", "5s"],
     )?;
     cluster.cli_ok(&[
         "volume",
@@ -592,7 +592,9 @@ fn nodes_go_down_without_heartbeats_and_deletes_finish_when_they_return() -> Res
     let agent2 = info.nodes[1].process.pid;
     signal::kill(Pid::from_raw(agent2), Signal::SIGSTOP)?;
     let result = (|| -> Result<()> {
-        cluster.wait_node("node-2", "down", Duration::from_secs(20))?;
+        // Heartbeats come every 2 s; 5 s without one is "down" (tight
+        // enough for a quick test, loose enough for a loaded machine).
+        cluster.wait_node("node-2", "down", Duration::from_secs(30))?;
         // node-1 stays up: only node-2 stopped sending heartbeats.
         assert!(
             cluster

@@ -15,7 +15,7 @@ use ballast_csi::controller::{self, Context, ControllerConfig};
 use ballast_csi::store;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Ballast control plane.
 #[derive(Parser)]
@@ -125,6 +125,13 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
             "--node-down-after ({:?}) must be longer than --heartbeat-timeout ({:?})",
             args.node_down_after,
             args.heartbeat_timeout
+        );
+    }
+    if args.heartbeat_timeout < Duration::from_secs(5) {
+        // Agents send a heartbeat every 2 s.
+        warn!(
+            timeout = ?args.heartbeat_timeout,
+            "A heartbeat timeout under 5 s (2.5 agent heartbeats) lets nodes flap on a loaded machine"
         );
     }
     let store = store::open_store(&args.store)

@@ -1,7 +1,15 @@
 //! The Ballast control plane.
 //!
-//! Today this crate holds the operator CLI (`src/bin/ballast`) and the
-//! cluster store ([`store`]) the controller keeps its state in; the CSI
-//! controller, node plugin and placement join it as they are built.
+//! - [`controller`]: the controller process (`ballast-csi controller`): node
+//!   registry, volumes, placement, publication, in-sync sets, reconcilers,
+//!   and the management gRPC API.
+//! - [`store`]: the cluster store the controller keeps its state in.
+//! - [`cluster`]: starts and stops a whole cluster on one machine (the
+//!   `ballast cluster` commands, and the integration tests).
+//!
+//! The operator CLI lives in `src/bin/ballast`; the CSI node plugin joins
+//! this crate later.
 
+pub mod cluster;
+pub mod controller;
 pub mod store;

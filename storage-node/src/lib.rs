@@ -12,6 +12,8 @@
 //!   other nodes, and the epoch fencing every replica applies.
 //! - [`nbd`] is the NBD server (fixed newstyle handshake, transmission phase).
 //! - [`api`] is the agent's gRPC API; [`agent`] wires everything together.
+//! - [`registration`] registers the node with the controller and sends
+//!   heartbeats (only with `--controller`).
 //!
 //! The agent holds no cluster state: everything it knows is on its own disks.
 
@@ -23,6 +25,7 @@ pub mod durable;
 pub mod exports;
 pub mod nbd;
 pub mod pool;
+pub mod registration;
 pub mod replica;
 pub mod replication;
 pub mod uring;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ballast_storage_node::agent::{Agent, AgentConfig};
 use ballast_storage_node::pool::{self, PoolConfig, PoolSource};
+use ballast_storage_node::registration::{self, NodeIdentity};
 use ballast_storage_node::{api, buf};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
@@ -63,6 +64,26 @@ struct Args {
     /// Submission queue entries of each io_uring.
     #[arg(long, default_value_t = 256)]
     io_queue_depth: u32,
+
+    /// This node's id in the cluster (default: the host name).
+    #[arg(long, env = "BALLAST_NODE_ID")]
+    node_id: Option<String>,
+
+    /// The controller's management API (http://HOST:PORT). The agent
+    /// registers there and sends heartbeats; without it the agent runs
+    /// standalone.
+    #[arg(long, env = "BALLAST_CONTROLLER")]
+    controller: Option<String>,
+
+    /// Address of the replica protocol listener (HOST:PORT), advertised to
+    /// the controller for other nodes' targets.
+    #[arg(long, env = "BALLAST_DATA_LISTEN")]
+    data_listen: Option<SocketAddr>,
+
+    /// A topology label of this node, key=value (repeatable).
+    /// topology.ballast.io/node=<node id> is always added.
+    #[arg(long = "topology", value_name = "KEY=VALUE")]
+    topology: Vec<String>,
 }
 
 fn parse_bytes(text: &str) -> Result<u64, String> {
@@ -113,6 +134,18 @@ async fn trim_buffer_pool() {
     }
 }
 
+impl Args {
+    fn node_identity(&self) -> anyhow::Result<NodeIdentity> {
+        let node_id = self.node_id.clone().unwrap_or_else(registration::hostname);
+        Ok(NodeIdentity::new(
+            node_id,
+            &self.topology,
+            format!("http://{}", self.grpc_listen),
+            self.data_listen.map(|a| a.to_string()).unwrap_or_default(),
+        )?)
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -128,6 +161,14 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(pool::error_chain(&e)))
         .context("Cannot start the agent")?;
     let agent = Arc::new(agent);
+    let registration = match &args.controller {
+        Some(controller) => Some(tokio::spawn(registration::run(
+            agent.clone(),
+            args.node_identity()?,
+            registration::controller_channel(controller)?,
+        ))),
+        None => None,
+    };
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -140,6 +181,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(trim_buffer_pool());
     info!(grpc = %args.grpc_listen, "Serving the agent API");
     let served = api::serve(agent.clone(), args.grpc_listen, shutdown).await;
+    if let Some(registration) = registration {
+        registration.abort();
+    }
     if let Err(e) = agent.shutdown().await {
         error!(error = %pool::error_chain(&e), "Clean shutdown failed");
     }

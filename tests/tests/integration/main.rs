@@ -1,10 +1,12 @@
 //! End-to-end suites: real `ballast-agent` processes served to real NBD
-//! clients (nbdinfo, qemu-io, qemu-img, nbdcopy, nbdfuse, fio, libnbd).
+//! clients (nbdinfo, qemu-io, qemu-img, nbdcopy, nbdfuse, fio, libnbd), and
+//! whole local clusters (controller and agents) driven through the CLI.
 //!
 //! Every test runs as root (loop devices, mounts, FUSE). Fixtures in
 //! [`harness`] tear everything down even when an assertion fails.
 
 mod bad_input;
+mod cluster;
 mod crash;
 mod filesystem;
 mod harness;

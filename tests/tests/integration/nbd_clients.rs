@@ -191,6 +191,7 @@ fn fio_nbd_engine_verifies_with_several_jobs() -> Result<()> {
                 "--size=32M",
                 "--offset_increment=32M",
                 "--verify=crc32c",
+                "--verify_state_save=0",
                 "--do_verify=1",
                 "--verify_fatal=1",
                 "--output-format=json",

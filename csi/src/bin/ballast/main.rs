@@ -1,13 +1,24 @@
 //! `ballast`: the operator's command-line tool.
 //!
-//! Talks to a storage agent's gRPC API (`--agent`) to list pools, manage
-//! replicas and start NBD exports. Every command prints a table by default and
-//! JSON with `-o json`; errors go to stderr with a non-zero exit code.
+//! - `pool`, `replica`, `export` talk to one storage agent's gRPC API
+//!   (`--agent`).
+//! - `volume` and `node` talk to the controller: the one of the local
+//!   cluster in `--cluster DIR` (its `cluster.json`), or `--controller URL`.
+//! - `cluster up | status | down` start and stop a whole cluster on this
+//!   machine.
+//!
+//! Every list and show command prints a table by default and JSON with
+//! `-o json`; errors go to stderr with a non-zero exit code.
 
+mod cluster;
 mod export;
+mod node;
 mod output;
 mod pool;
 mod replica;
+mod volume;
+
+use std::path::PathBuf;
 
 use std::process::ExitCode;
 
@@ -30,6 +41,16 @@ struct Cli {
     )]
     agent: String,
 
+    /// Directory of a local cluster (`ballast cluster up --dir`): volume and
+    /// node commands talk to its controller.
+    #[arg(long, global = true, env = "BALLAST_CLUSTER")]
+    cluster: Option<PathBuf>,
+
+    /// The controller's management API (http://HOST:PORT); overrides
+    /// --cluster.
+    #[arg(long, global = true, env = "BALLAST_CONTROLLER")]
+    controller: Option<String>,
+
     /// Output format of list and show commands.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -49,6 +70,15 @@ enum Command {
     /// NBD exports serving replicas.
     #[command(subcommand)]
     Export(export::ExportCommand),
+    /// Replicated volumes (through the controller).
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
+    /// Nodes registered with the controller.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
+    /// A whole cluster on this machine: controller and agents on loopback.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -64,22 +94,54 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let channel = connect(&cli.agent).await?;
     match cli.command {
-        Command::Pool(cmd) => pool::run(cmd, channel, cli.output).await,
-        Command::Replica(cmd) => replica::run(cmd, channel, cli.output).await,
-        Command::Export(cmd) => export::run(cmd, channel, cli.output).await,
+        Command::Pool(cmd) => pool::run(cmd, connect("agent", &cli.agent).await?, cli.output).await,
+        Command::Replica(cmd) => {
+            replica::run(cmd, connect("agent", &cli.agent).await?, cli.output).await
+        }
+        Command::Export(cmd) => {
+            export::run(cmd, connect("agent", &cli.agent).await?, cli.output).await
+        }
+        Command::Volume(cmd) => {
+            let address = controller_address(cli.controller, cli.cluster)?;
+            volume::run(cmd, connect("controller", &address).await?, cli.output).await
+        }
+        Command::Node(cmd) => {
+            let address = controller_address(cli.controller, cli.cluster)?;
+            node::run(cmd, connect("controller", &address).await?, cli.output).await
+        }
+        Command::Cluster(cmd) => cluster::run(cmd, cli.output).await,
     }
 }
 
-async fn connect(address: &str) -> anyhow::Result<Channel> {
+/// The controller to talk to: `--controller`, else the one in the
+/// cluster file of `--cluster`.
+fn controller_address(
+    controller: Option<String>,
+    cluster: Option<PathBuf>,
+) -> anyhow::Result<String> {
+    if let Some(address) = controller {
+        return Ok(address);
+    }
+    let Some(dir) = cluster else {
+        anyhow::bail!(
+            "No controller: give --cluster DIR (or set BALLAST_CLUSTER) for a local cluster, or --controller URL"
+        );
+    };
+    let info = ballast_csi::cluster::ClusterInfo::load(&dir)?;
+    info.controller_address()
+        .map(str::to_string)
+        .with_context(|| format!("The cluster in {} has no controller", dir.display()))
+}
+
+async fn connect(what: &str, address: &str) -> anyhow::Result<Channel> {
     let endpoint = Endpoint::from_shared(address.to_string())
-        .map_err(|e| anyhow::anyhow!("Invalid agent address {address:?}: {e}"))?
+        .map_err(|e| anyhow::anyhow!("Invalid {what} address {address:?}: {e}"))?
         .connect_timeout(std::time::Duration::from_secs(5));
     endpoint
         .connect()
         .await
-        .with_context(|| format!("Cannot reach the agent at {address}"))
+        .with_context(|| format!("Cannot reach the {what} at {address}"))
 }
 
 /// Turns a gRPC status into a readable error: the server's message and code.

@@ -1,0 +1,266 @@
+//! `ballast volume ...`: replicated volumes, through the controller.
+
+use ballast_proto::controller::{
+    CreateVolumeRequest, DeleteVolumeRequest, GetVolumeRequest, ListVolumesRequest,
+    PublishVolumeRequest, UnpublishVolumeRequest, Volume,
+    volume_service_client::VolumeServiceClient,
+};
+use clap::Subcommand;
+use tonic::transport::Channel;
+
+use crate::output::{self, Format};
+use crate::{parse_bytes, status_error};
+
+#[derive(Subcommand)]
+pub enum VolumeCommand {
+    /// Creates a volume with replicas on distinct nodes (idempotent for the
+    /// same name, size, replica count and type).
+    Create {
+        /// Volume name: letters, digits, '.', '_' and '-' (at most 128).
+        name: String,
+        /// Size with an optional suffix (1GiB, 512MiB); a multiple of 4096.
+        #[arg(long, value_parser = parse_bytes)]
+        size: u64,
+        /// Number of replicas, each on its own node.
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        /// Thin provisioning: replicas are sparse files.
+        #[arg(long)]
+        thin: bool,
+        /// A node that must hold one of the replicas.
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Lists volumes.
+    List,
+    /// Shows a volume with its replicas and rebuild progress.
+    Show {
+        /// Volume name.
+        name: String,
+    },
+    /// Deletes a volume and its replicas.
+    Delete {
+        /// Volume name.
+        name: String,
+    },
+    /// Publishes a volume on a node (starts its target); prints the NBD URI.
+    Publish {
+        /// Volume name.
+        name: String,
+        /// Node to serve it from.
+        #[arg(long)]
+        node: String,
+        /// Move it from the node it is published on (the old target is
+        /// fenced).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Unpublishes a volume (stops its target).
+    Unpublish {
+        /// Volume name.
+        name: String,
+    },
+}
+
+pub async fn run(cmd: VolumeCommand, channel: Channel, format: Format) -> anyhow::Result<()> {
+    let mut client = VolumeServiceClient::new(channel);
+    match cmd {
+        VolumeCommand::Create {
+            name,
+            size,
+            replicas,
+            thin,
+            node,
+        } => {
+            let volume = client
+                .create_volume(CreateVolumeRequest {
+                    name: name.clone(),
+                    size_bytes: size,
+                    replica_count: replicas,
+                    thin,
+                    preferred_node_id: node.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| status_error(&format!("Creating volume {name} failed"), s))?
+                .into_inner();
+            let nodes: Vec<&str> = volume.replicas.iter().map(|r| r.node_id.as_str()).collect();
+            let text = format!(
+                "Created volume {} ({}, {}) with replicas on {}",
+                volume.volume_id,
+                output::bytes(volume.size_bytes),
+                kind(&volume),
+                nodes.join(", ")
+            );
+            output::print_item(format, &volume, &text)
+        }
+        VolumeCommand::List => {
+            let volumes = client
+                .list_volumes(ListVolumesRequest {})
+                .await
+                .map_err(|s| status_error("Listing volumes failed", s))?
+                .into_inner()
+                .volumes;
+            output::print_list(
+                format,
+                &volumes,
+                &[
+                    "NAME",
+                    "SIZE",
+                    "TYPE",
+                    "REPLICAS",
+                    "STATUS",
+                    "EPOCH",
+                    "PUBLISHED ON",
+                ],
+                |v| {
+                    vec![
+                        v.volume_id.clone(),
+                        output::bytes(v.size_bytes),
+                        kind(v).to_string(),
+                        format!("{}/{}", in_sync(v), v.replica_count),
+                        v.status.clone(),
+                        v.epoch.to_string(),
+                        v.target_node_id.clone(),
+                    ]
+                },
+            )
+        }
+        VolumeCommand::Show { name } => {
+            let volume = client
+                .get_volume(GetVolumeRequest {
+                    volume_id: name.clone(),
+                })
+                .await
+                .map_err(|s| status_error(&format!("Showing volume {name} failed"), s))?
+                .into_inner();
+            match format {
+                Format::Json => output::print_item(format, &volume, ""),
+                Format::Table => {
+                    print_volume(&volume);
+                    Ok(())
+                }
+            }
+        }
+        VolumeCommand::Delete { name } => {
+            client
+                .delete_volume(DeleteVolumeRequest {
+                    volume_id: name.clone(),
+                })
+                .await
+                .map_err(|s| status_error(&format!("Deleting volume {name} failed"), s))?;
+            println!("Deleted volume {name}");
+            Ok(())
+        }
+        VolumeCommand::Publish { name, node, force } => {
+            let published = client
+                .publish_volume(PublishVolumeRequest {
+                    volume_id: name.clone(),
+                    node_id: node.clone(),
+                    force,
+                })
+                .await
+                .map_err(|s| {
+                    status_error(&format!("Publishing volume {name} on {node} failed"), s)
+                })?
+                .into_inner();
+            output::print_item(format, &published, &published.nbd_uri)
+        }
+        VolumeCommand::Unpublish { name } => {
+            client
+                .unpublish_volume(UnpublishVolumeRequest {
+                    volume_id: name.clone(),
+                })
+                .await
+                .map_err(|s| status_error(&format!("Unpublishing volume {name} failed"), s))?;
+            println!("Unpublished volume {name}");
+            Ok(())
+        }
+    }
+}
+
+fn kind(volume: &Volume) -> &'static str {
+    if volume.thin { "thin" } else { "thick" }
+}
+
+fn in_sync(volume: &Volume) -> usize {
+    volume
+        .replicas
+        .iter()
+        .filter(|r| r.state == "in-sync")
+        .count()
+}
+
+fn print_volume(volume: &Volume) {
+    println!("Volume:       {}", volume.volume_id);
+    println!(
+        "Size:         {} ({} bytes, {})",
+        output::bytes(volume.size_bytes),
+        volume.size_bytes,
+        kind(volume)
+    );
+    println!("Status:       {}", volume.status);
+    if !volume.status_detail.is_empty() {
+        println!("Detail:       {}", volume.status_detail);
+    }
+    println!("Epoch:        {}", volume.epoch);
+    if volume.target_node_id.is_empty() {
+        println!("Published:    no");
+    } else {
+        println!("Published on: {}", volume.target_node_id);
+        println!("NBD URI:      {}", volume.nbd_uri);
+    }
+    println!(
+        "Replicas:     {} in sync of {}",
+        in_sync(volume),
+        volume.replica_count
+    );
+    let mut table = comfy_table::Table::new();
+    table
+        .load_style(comfy_table::presets::NOTHING)
+        .set_header(vec!["  NODE", "STATE", "REBUILD"]);
+    for replica in &volume.replicas {
+        let rebuild = if replica.state == "rebuilding" {
+            progress(replica.rebuild_done_bytes, replica.rebuild_total_bytes)
+        } else {
+            String::new()
+        };
+        table.add_row(vec![
+            format!("  {}", replica.node_id),
+            replica.state.clone(),
+            rebuild,
+        ]);
+    }
+    println!("{table}");
+}
+
+/// A progress bar: `[########............] 40% (1.6 GiB of 4.0 GiB)`.
+fn progress(done: u64, total: u64) -> String {
+    if total == 0 {
+        return "starting".to_string();
+    }
+    const WIDTH: u64 = 20;
+    let done = done.min(total);
+    let percent = done.saturating_mul(100) / total;
+    let filled = usize::try_from(done.saturating_mul(WIDTH) / total).unwrap_or(0);
+    let empty = usize::try_from(WIDTH).unwrap_or(0).saturating_sub(filled);
+    format!(
+        "[{}{}] {percent}% ({} of {})",
+        "#".repeat(filled),
+        ".".repeat(empty),
+        output::bytes(done),
+        output::bytes(total)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_bars_are_bounded() {
+        assert_eq!(progress(0, 0), "starting");
+        assert!(progress(0, 100).starts_with("[....................] 0%"));
+        assert!(progress(50, 100).starts_with("[##########..........] 50%"));
+        assert!(progress(200, 100).starts_with("[####################] 100%"));
+    }
+}

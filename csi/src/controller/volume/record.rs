@@ -1,0 +1,367 @@
+//! The volume record: one JSON value per volume at `/ballast/volumes/<id>`,
+//! and the only ways to change it.
+//!
+//! The record holds everything safety depends on: the epoch, the target's
+//! node, and each replica's membership of the in-sync set. It is written
+//! only by [`create`] (the key must be absent), [`update`] (a
+//! compare-and-set on the revision the change was computed from, retried
+//! from a fresh read on conflict) and [`remove`] (also compare-and-set).
+//! No code may write a volume key any other way.
+//!
+//! Fields added later must be `#[serde(default)]` so records written by an
+//! older controller still load.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{self, ClusterStore, ClusterStoreExt, Expect, Versioned, keys};
+
+/// Most attempts of one compare-and-set before giving up with the
+/// conflict (each attempt re-reads the record).
+const MAX_CAS_ATTEMPTS: usize = 16;
+
+/// Life cycle of a volume record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeState {
+    /// The record exists and its replicas are being created. A record left
+    /// in this state by a crashed controller is rolled back by a
+    /// reconciler (or finished by a retried CreateVolume).
+    Creating,
+    /// Every replica was created; the volume may be published.
+    Ready,
+    /// The volume is being deleted; replicas on nodes that are down are
+    /// destroyed when they return, then the record goes.
+    Deleting,
+}
+
+impl VolumeState {
+    /// The state as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeState::Creating => "creating",
+            VolumeState::Ready => "ready",
+            VolumeState::Deleting => "deleting",
+        }
+    }
+}
+
+/// A replica's membership of the in-sync set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReplicaState {
+    /// Holds every acknowledged write; may serve reads and seed rebuilds.
+    InSync,
+    /// Dropped from the in-sync set; waits for its node to return (then it
+    /// is rebuilt) or to be replaced.
+    Faulted,
+    /// A target is rebuilding it; takes writes, serves no reads.
+    Rebuilding,
+}
+
+impl ReplicaState {
+    /// The state as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaState::InSync => "in-sync",
+            ReplicaState::Faulted => "faulted",
+            ReplicaState::Rebuilding => "rebuilding",
+        }
+    }
+}
+
+/// One replica of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    /// Node holding it.
+    pub node_id: String,
+    /// Its name on that node's agent (the volume id).
+    pub replica_name: String,
+    /// In-sync set membership.
+    pub state: ReplicaState,
+    /// When it left the in-sync set (Unix ms), 0 while in sync.
+    #[serde(default)]
+    pub faulted_since_unix_ms: i64,
+    /// True for a replacement replica: it holds no data yet and needs a
+    /// full copy, not a delta.
+    #[serde(default)]
+    pub full_rebuild: bool,
+}
+
+/// Where a volume is published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetRecord {
+    /// Node whose agent runs the target.
+    pub node_id: String,
+    /// The target's NBD unix socket; empty while it is being started.
+    #[serde(default)]
+    pub socket_path: String,
+    /// The target's NBD URI; empty while it is being started.
+    #[serde(default)]
+    pub nbd_uri: String,
+}
+
+/// A replica that is no longer part of the volume but still exists on a
+/// node that was down when it was replaced; destroyed when the node is up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredReplica {
+    /// Node holding it.
+    pub node_id: String,
+    /// Its name on that node.
+    pub replica_name: String,
+}
+
+/// A volume as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// The volume id, which is also its name and its replicas' name.
+    pub volume_id: String,
+    /// Size in bytes, a multiple of 4096.
+    pub size_bytes: u64,
+    /// Number of replicas, each on a distinct node.
+    pub replica_count: u32,
+    /// Sparse replicas.
+    pub thin: bool,
+    /// Raised by every publish; targets carry it on every request.
+    pub epoch: u64,
+    /// Life cycle state.
+    pub state: VolumeState,
+    /// The target, while published.
+    #[serde(default)]
+    pub target: Option<TargetRecord>,
+    /// The replicas, one per node.
+    pub replicas: Vec<ReplicaRecord>,
+    /// Replaced replicas still to destroy.
+    #[serde(default)]
+    pub retired: Vec<RetiredReplica>,
+    /// When the volume was created (Unix ms).
+    pub created_unix_ms: i64,
+}
+
+impl VolumeRecord {
+    /// The replica on `node_id`.
+    pub fn replica(&self, node_id: &str) -> Option<&ReplicaRecord> {
+        self.replicas.iter().find(|r| r.node_id == node_id)
+    }
+
+    /// The replica on `node_id`, for changing it.
+    pub fn replica_mut(&mut self, node_id: &str) -> Option<&mut ReplicaRecord> {
+        self.replicas.iter_mut().find(|r| r.node_id == node_id)
+    }
+
+    /// Number of in-sync replicas.
+    pub fn in_sync_count(&self) -> usize {
+        self.replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::InSync)
+            .count()
+    }
+
+    /// True if every replica is in sync and none is missing.
+    pub fn is_healthy(&self) -> bool {
+        self.in_sync_count() == self.replicas.len()
+            && self.replicas.len() >= usize::try_from(self.replica_count).unwrap_or(usize::MAX)
+    }
+
+    /// Nodes that hold or held a replica of the volume and still may have
+    /// its file: the replicas' nodes and the retired ones. A new replica
+    /// must go elsewhere (replica files are named by the volume id).
+    pub fn occupied_nodes(&self) -> Vec<String> {
+        self.replicas
+            .iter()
+            .map(|r| r.node_id.clone())
+            .chain(self.retired.iter().map(|r| r.node_id.clone()))
+            .collect()
+    }
+}
+
+/// What a change closure decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Write the changed record.
+    Write,
+    /// Leave the record as it is (already in the wanted state).
+    Keep,
+}
+
+/// Reads volume `volume_id`.
+///
+/// # Errors
+///
+/// The store's error.
+pub async fn read(
+    store: &Arc<dyn ClusterStore>,
+    volume_id: &str,
+) -> Result<Option<Versioned<VolumeRecord>>, store::Error> {
+    store.get_json(&keys::volume(volume_id)).await
+}
+
+/// Reads every volume, sorted by id.
+///
+/// # Errors
+///
+/// The store's error.
+pub async fn list(store: &Arc<dyn ClusterStore>) -> Result<Vec<VolumeRecord>, store::Error> {
+    Ok(store
+        .list_json::<VolumeRecord>(keys::VOLUMES)
+        .await?
+        .into_iter()
+        .map(|(_, versioned)| versioned.value)
+        .collect())
+}
+
+/// Writes a new record; the key must be absent.
+///
+/// # Errors
+///
+/// `store::Error::Conflict` if the volume exists.
+pub async fn create(
+    store: &Arc<dyn ClusterStore>,
+    record: &VolumeRecord,
+) -> Result<Versioned<VolumeRecord>, store::Error> {
+    let revision = store
+        .compare_and_put_json(&keys::volume(&record.volume_id), record, Expect::Absent)
+        .await?;
+    Ok(Versioned {
+        value: record.clone(),
+        revision,
+    })
+}
+
+/// Applies `change` to the current record and writes it with a
+/// compare-and-set; on conflict, re-reads and applies `change` again.
+/// Returns the record as written (or as read, when `change` kept it), or
+/// `None` if the volume does not exist.
+///
+/// `change` may run several times, each time on a fresh copy; it must
+/// decide only from the record it is given.
+///
+/// # Errors
+///
+/// The first error `change` returns (nothing is written), the store's
+/// error, or the last conflict after [`MAX_CAS_ATTEMPTS`] attempts.
+pub async fn update<E: From<store::Error>>(
+    store: &Arc<dyn ClusterStore>,
+    volume_id: &str,
+    mut change: impl FnMut(&mut VolumeRecord) -> Result<Change, E>,
+) -> Result<Option<Versioned<VolumeRecord>>, E> {
+    let key = keys::volume(volume_id);
+    let mut last_conflict = None;
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let Some(mut versioned) = store.get_json::<VolumeRecord>(&key).await? else {
+            return Ok(None);
+        };
+        match change(&mut versioned.value)? {
+            Change::Keep => return Ok(Some(versioned)),
+            Change::Write => {}
+        }
+        match store
+            .compare_and_put_json(&key, &versioned.value, Expect::Revision(versioned.revision))
+            .await
+        {
+            Ok(revision) => {
+                versioned.revision = revision;
+                return Ok(Some(versioned));
+            }
+            Err(conflict @ store::Error::Conflict { .. }) => last_conflict = Some(conflict),
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Err(last_conflict
+        .unwrap_or_else(|| store::Error::InvalidRequest("no compare-and-set attempt".into()))
+        .into())
+}
+
+/// Deletes the record if it is still at `revision`.
+///
+/// # Errors
+///
+/// `store::Error::Conflict` if it changed since.
+pub async fn remove(
+    store: &Arc<dyn ClusterStore>,
+    volume_id: &str,
+    revision: u64,
+) -> Result<(), store::Error> {
+    store
+        .compare_and_delete(&keys::volume(volume_id), Expect::Revision(revision))
+        .await
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EmbeddedStore;
+
+    fn record() -> VolumeRecord {
+        VolumeRecord {
+            volume_id: "v1".into(),
+            size_bytes: 4096,
+            replica_count: 1,
+            thin: true,
+            epoch: 0,
+            state: VolumeState::Ready,
+            target: None,
+            replicas: vec![ReplicaRecord {
+                node_id: "n1".into(),
+                replica_name: "v1".into(),
+                state: ReplicaState::InSync,
+                faulted_since_unix_ms: 0,
+                full_rebuild: false,
+            }],
+            retired: Vec::new(),
+            created_unix_ms: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn update_retries_from_a_fresh_read_after_a_conflict() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store: Arc<dyn ClusterStore> = Arc::new(
+            EmbeddedStore::open(dir.path().join("s.redb"))
+                .await
+                .expect("open"),
+        );
+        create(&store, &record()).await.expect("create");
+        let mut calls = 0;
+        let updated = update::<store::Error>(&store, "v1", |r| {
+            calls += 1;
+            if calls == 1 {
+                // Another writer changes the record between our read and
+                // our write: raise the epoch behind our back.
+                let store = store.clone();
+                let mut other = r.clone();
+                other.epoch = 7;
+                std::thread::spawn(move || {
+                    tokio::runtime::Runtime::new()
+                        .expect("runtime")
+                        .block_on(store.put_json(&keys::volume("v1"), &other))
+                })
+                .join()
+                .expect("thread")
+                .expect("put");
+            }
+            r.epoch += 1;
+            Ok(Change::Write)
+        })
+        .await
+        .expect("update")
+        .expect("exists");
+        assert_eq!(calls, 2, "the change ran again on the fresh record");
+        assert_eq!(
+            updated.value.epoch, 8,
+            "the other writer's epoch was not lost"
+        );
+    }
+
+    #[tokio::test]
+    async fn records_without_new_fields_still_load() {
+        let json = r#"{"volume_id":"v","size_bytes":4096,"replica_count":1,"thin":false,
+            "epoch":3,"state":"ready","replicas":[{"node_id":"n","replica_name":"v","state":"in-sync"}],
+            "created_unix_ms":0}"#;
+        let record: VolumeRecord = serde_json::from_str(json).expect("decode");
+        assert_eq!(record.epoch, 3);
+        assert!(record.target.is_none() && record.retired.is_empty());
+    }
+}

@@ -7,6 +7,8 @@
 //! `ballast-agent` with file-backed pools in such a directory; [`Child`]
 //! kills any helper process (nbdfuse, fio) on drop.
 
+pub mod cluster;
+
 use std::fs;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};

@@ -8,6 +8,8 @@
 //! - [`uring`] is the I/O engine: threads that own io_uring rings and execute
 //!   O_DIRECT reads, writes, syncs and fallocates for the rest of the agent.
 //! - [`block`] is the [`block::BlockDevice`] trait that exports serve.
+//! - [`replication`] is the replica protocol between targets and replicas on
+//!   other nodes, and the epoch fencing every replica applies.
 //! - [`nbd`] is the NBD server (fixed newstyle handshake, transmission phase).
 //! - [`api`] is the agent's gRPC API; [`agent`] wires everything together.
 //!
@@ -22,4 +24,5 @@ pub mod exports;
 pub mod nbd;
 pub mod pool;
 pub mod replica;
+pub mod replication;
 pub mod uring;

@@ -1,0 +1,521 @@
+//! Epoch fencing of one replica: [`FencedReplica`].
+//!
+//! # What it owns
+//!
+//! A [`FencedReplica`] wraps the replica's data path ([`ReplicaData`]), the
+//! replica's highest accepted epoch (loaded from its metadata), and an
+//! [`EpochStore`] that persists a new epoch durably (the agent's
+//! [`CatalogEpochStore`] calls [`ReplicaCatalog::set_epoch`] on the blocking
+//! pool). Every operation carries the caller's epoch and is *admitted* before
+//! it touches data:
+//!
+//! - `epoch < highest`: refused with [`Error::StaleEpoch`], reporting the
+//!   current epoch; nothing is read or written.
+//! - `epoch == highest`: admitted at once.
+//! - `epoch > highest`: the new epoch is persisted first (durably), then the
+//!   request is admitted and `highest` raised. If persisting fails the
+//!   request fails with [`Error::PersistEpoch`] and the old epoch stays.
+//!
+//! # Fencing invariant
+//!
+//! DESIGN.md, invariant 3: *a stale target can never write after a newer one
+//! has started.* Refusing lower epochs is not enough: a write admitted under
+//! epoch 1 may still be running on the device when epoch 2 arrives, and could
+//! land after the epoch-2 target has read or written the same bytes. So the
+//! epoch sits in an async reader-writer lock (tokio's, which is fair: FIFO):
+//!
+//! - Every admitted operation holds a *read* guard from its epoch check until
+//!   the device call has completed.
+//! - Raising the epoch takes the *write* guard, which waits for every
+//!   admitted operation (all under lower epochs) to complete; it persists the
+//!   new epoch, updates it, and downgrades to a read guard for the request
+//!   that raised it. Operations that arrive meanwhile queue behind the
+//!   writer, then see the new epoch, and lower ones are refused.
+//! - Concurrent raises serialise on the write guard; a raise to an epoch at
+//!   most the current one does nothing.
+//!
+//! Cancellation must not break this: dropping a caller's future must not
+//! release the guard while the kernel may still write. So every operation,
+//! including its admission and any epoch persist, runs in its own tokio task
+//! that owns the guard and runs to completion whatever happens to the caller.
+//!
+//! While the replica is open, the [`FencedReplica`] must be the only writer
+//! of its epoch: the agent raises epochs through
+//! [`FencedReplica::raise_epoch`], never behind its back in the catalog, or
+//! the in-memory epoch would lag the durable one.
+//!
+//! # What it must never do
+//!
+//! Touch data for a stale epoch; run I/O under an epoch that is not yet
+//! durable; let an I/O admitted under an old epoch overlap one admitted under
+//! a newer epoch.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio::sync::{OwnedRwLockReadGuard, RwLock};
+use tracing::{debug, info};
+
+use super::sparse;
+use super::{
+    Error, Extent, Location, RegionHash, ReplicaInfo, ReplicaIo, check_payload_len,
+    check_region_bytes, hash_chunk_bytes,
+};
+use crate::block::{BlockDevice, BlockError};
+use crate::buf::IoBuf;
+use crate::replica::data::ReplicaData;
+use crate::replica::{Replica, ReplicaCatalog};
+
+/// The error an [`EpochStore`] reports.
+pub type PersistError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Durable storage of a replica's highest accepted epoch.
+///
+/// The agent implements it over the replica catalog ([`CatalogEpochStore`]);
+/// tests implement it in memory.
+#[async_trait]
+pub trait EpochStore: Send + Sync + 'static {
+    /// Persists `epoch` as the replica's highest accepted epoch, durably
+    /// (fsynced) before returning `Ok`. Called only with an epoch higher than
+    /// any it was called with before, and never concurrently for one replica.
+    /// On error the previous epoch must still be in force on disk.
+    async fn persist(&self, epoch: u64) -> Result<(), PersistError>;
+}
+
+/// An [`EpochStore`] that writes the epoch into the replica's metadata file
+/// with [`ReplicaCatalog::set_epoch`], on the blocking pool.
+#[derive(Debug, Clone)]
+pub struct CatalogEpochStore {
+    catalog: Arc<Mutex<ReplicaCatalog>>,
+    replica: String,
+}
+
+impl CatalogEpochStore {
+    /// Persists epochs of the replica named `replica` in `catalog` (the
+    /// agent's catalog, behind its one mutex).
+    pub fn new(catalog: Arc<Mutex<ReplicaCatalog>>, replica: &str) -> Self {
+        Self {
+            catalog,
+            replica: replica.to_owned(),
+        }
+    }
+}
+
+#[async_trait]
+impl EpochStore for CatalogEpochStore {
+    async fn persist(&self, epoch: u64) -> Result<(), PersistError> {
+        let catalog = Arc::clone(&self.catalog);
+        let name = self.replica.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic while the lock was held leaves the catalog usable:
+            // every catalog change is on disk before it is in memory.
+            let mut catalog = catalog
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            catalog.set_epoch(&name, epoch).map(drop)
+        })
+        .await?
+        .map_err(PersistError::from)
+    }
+}
+
+/// One replica behind epoch fencing: see the module docs.
+///
+/// Cheap to share behind an `Arc`; every method may be called concurrently,
+/// from within a tokio runtime.
+pub struct FencedReplica {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    replica_id: String,
+    volume_id: String,
+    device: Arc<dyn BlockDevice>,
+    block_size: u64,
+    /// The data file, for allocation queries; `None` when the device is not
+    /// a file (tests), in which case everything counts as data.
+    data_path: Option<PathBuf>,
+    store: Arc<dyn EpochStore>,
+    /// The highest accepted epoch; read guards are held by admitted I/O.
+    epoch: Arc<RwLock<u64>>,
+    /// A copy of `epoch` readable without waiting.
+    current: AtomicU64,
+}
+
+impl FencedReplica {
+    /// Fences `data`, the data path of replica `replica_id` of volume
+    /// `volume_id`, whose highest accepted epoch is `epoch` (from its
+    /// metadata). New epochs are persisted through `store`.
+    pub fn new(
+        replica_id: &str,
+        volume_id: &str,
+        data: Arc<ReplicaData>,
+        epoch: u64,
+        store: Arc<dyn EpochStore>,
+    ) -> Self {
+        let block_size = data.block_size();
+        let data_path = Some(data.path().to_owned());
+        Self::with_device(
+            replica_id, volume_id, data, block_size, data_path, epoch, store,
+        )
+    }
+
+    /// Fences `data` for the catalog's `replica`, starting from the epoch in
+    /// its metadata.
+    pub fn for_replica(
+        replica: &Replica,
+        data: Arc<ReplicaData>,
+        store: Arc<dyn EpochStore>,
+    ) -> Self {
+        Self::new(
+            &replica.name,
+            &replica.meta.volume_id,
+            data,
+            replica.meta.epoch,
+            store,
+        )
+    }
+
+    /// Fences any block device; allocation queries read `data_path` when
+    /// given. Used by tests to put a controllable device behind the fence.
+    pub(crate) fn with_device(
+        replica_id: &str,
+        volume_id: &str,
+        device: Arc<dyn BlockDevice>,
+        block_size: u64,
+        data_path: Option<PathBuf>,
+        epoch: u64,
+        store: Arc<dyn EpochStore>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                replica_id: replica_id.to_owned(),
+                volume_id: volume_id.to_owned(),
+                device,
+                block_size,
+                data_path,
+                store,
+                epoch: Arc::new(RwLock::new(epoch)),
+                current: AtomicU64::new(epoch),
+            }),
+        }
+    }
+
+    /// The replica's name on this node.
+    pub fn replica_id(&self) -> &str {
+        &self.inner.replica_id
+    }
+
+    /// The highest accepted epoch, without waiting for a raise in progress
+    /// (which may be about to raise it).
+    pub fn current_epoch(&self) -> u64 {
+        self.inner.current.load(Ordering::Acquire)
+    }
+
+    /// Size of the replica in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.inner.device.size_bytes()
+    }
+
+    /// Admits `epoch` without doing I/O: persists it first if it is higher
+    /// than the highest accepted one (waiting for I/O under lower epochs to
+    /// complete). The agent calls it when a target is created.
+    ///
+    /// Errors: [`Error::StaleEpoch`], [`Error::PersistEpoch`].
+    pub async fn raise_epoch(&self, epoch: u64) -> Result<(), Error> {
+        self.run(epoch, |_| async { Ok(()) }).await
+    }
+
+    /// Runs `op` under an admission of `epoch`, in its own task, so that the
+    /// admission and the I/O run to completion even if the caller's future
+    /// is dropped (see the module docs).
+    async fn run<T, F, Fut>(&self, epoch: u64, op: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Inner>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, Error>> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        let task = async move {
+            let _admitted = inner.admit(epoch).await?;
+            op(inner).await
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => runtime.spawn(task).await.unwrap_or_else(|error| {
+                Err(Error::Device(io::Error::other(format!(
+                    "Replica I/O task failed: {error}"
+                ))))
+            }),
+            Err(_) => task.await,
+        }
+    }
+}
+
+impl Inner {
+    /// Checks `epoch` against the highest accepted one, raising it if lower;
+    /// the returned guard keeps any raise waiting until it is dropped.
+    async fn admit(&self, epoch: u64) -> Result<OwnedRwLockReadGuard<u64>, Error> {
+        let admitted = Arc::clone(&self.epoch).read_owned().await;
+        if epoch <= *admitted {
+            return self.check(epoch, admitted);
+        }
+        drop(admitted);
+        // Waits for every operation admitted under a lower epoch.
+        let mut raising = Arc::clone(&self.epoch).write_owned().await;
+        if epoch > *raising {
+            self.store
+                .persist(epoch)
+                .await
+                .map_err(|source| Error::PersistEpoch { epoch, source })?;
+            info!(
+                volume.id = %self.volume_id,
+                replica.id = %self.replica_id,
+                epoch,
+                previous = *raising,
+                "Replica epoch raised"
+            );
+            *raising = epoch;
+            self.current.store(epoch, Ordering::Release);
+        }
+        self.check(epoch, raising.downgrade())
+    }
+
+    fn check(
+        &self,
+        epoch: u64,
+        admitted: OwnedRwLockReadGuard<u64>,
+    ) -> Result<OwnedRwLockReadGuard<u64>, Error> {
+        if epoch < *admitted {
+            debug!(
+                volume.id = %self.volume_id,
+                replica.id = %self.replica_id,
+                epoch,
+                current = *admitted,
+                "Refusing a request with a stale epoch"
+            );
+            return Err(Error::StaleEpoch {
+                request: epoch,
+                current: *admitted,
+            });
+        }
+        Ok(admitted)
+    }
+
+    fn check_range(&self, offset: u64, length: u64) -> Result<(), Error> {
+        BlockError::check_range(offset, length, self.device.size_bytes()).map_err(Error::from)
+    }
+
+    /// Allocated extents in `offset..end` (at most `max_extents`) and the
+    /// offset up to which the list is complete.
+    async fn extents(
+        &self,
+        offset: u64,
+        end: u64,
+        max_extents: usize,
+    ) -> Result<(Vec<Extent>, u64), Error> {
+        let Some(path) = self.data_path.clone() else {
+            let all = (offset < end).then_some(Extent {
+                offset,
+                length: end - offset,
+            });
+            return Ok((all.into_iter().collect(), end));
+        };
+        tokio::task::spawn_blocking(move || sparse::data_extents(&path, offset, end, max_extents))
+            .await
+            .map_err(|error| Error::Device(io::Error::other(error)))?
+            .map_err(Error::Device)
+    }
+
+    /// Hashes `offset..end` in regions of `region_bytes`.
+    async fn hash_regions(
+        &self,
+        offset: u64,
+        end: u64,
+        region_bytes: u64,
+    ) -> Result<Vec<RegionHash>, Error> {
+        let (extents, _) = self.extents(offset, end, usize::MAX).await?;
+        let mut hashes = Vec::with_capacity((end - offset).div_ceil(region_bytes) as usize);
+        // At most two distinct lengths: whole regions and a shorter last one.
+        let mut zeroes: Option<(u64, u128)> = None;
+        let mut start = offset;
+        while start < end {
+            let length = region_bytes.min(end - start);
+            let hole = sparse::is_hole(&extents, start, length);
+            let hash = if hole {
+                match zeroes {
+                    Some((cached, hash)) if cached == length => hash,
+                    _ => {
+                        let hash = sparse::zeroes_hash(length);
+                        zeroes = Some((length, hash));
+                        hash
+                    }
+                }
+            } else {
+                let data = self.device.read(start, length as usize).await?;
+                sparse::hash(&data)
+            };
+            hashes.push(RegionHash {
+                offset: start,
+                length,
+                hash,
+                hole,
+            });
+            start += length;
+        }
+        Ok(hashes)
+    }
+}
+
+impl FencedReplica {
+    /// Lists allocated extents in `length` bytes at `offset`, at most
+    /// `max_extents`, and returns the offset up to which the list is
+    /// complete (the server pages long lists with it).
+    ///
+    /// Errors: as [`ReplicaIo::allocated_extents`].
+    pub(crate) async fn allocated_extents_page(
+        &self,
+        epoch: u64,
+        offset: u64,
+        length: u64,
+        max_extents: usize,
+    ) -> Result<(Vec<Extent>, u64), Error> {
+        self.run(epoch, move |inner| async move {
+            inner.check_range(offset, length)?;
+            inner.extents(offset, offset + length, max_extents).await
+        })
+        .await
+    }
+}
+
+impl std::fmt::Debug for FencedReplica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FencedReplica")
+            .field("replica_id", &self.inner.replica_id)
+            .field("volume_id", &self.inner.volume_id)
+            .field("epoch", &self.current_epoch())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl ReplicaIo for FencedReplica {
+    fn volume_id(&self) -> &str {
+        &self.inner.volume_id
+    }
+
+    fn location(&self) -> Location {
+        Location::Local
+    }
+
+    async fn info(&self, epoch: u64) -> Result<ReplicaInfo, Error> {
+        self.run(epoch, move |inner| async move {
+            Ok(ReplicaInfo {
+                size_bytes: inner.device.size_bytes(),
+                block_size: inner.block_size,
+                epoch: inner.current.load(Ordering::Acquire),
+            })
+        })
+        .await
+    }
+
+    async fn read(&self, epoch: u64, offset: u64, length: usize) -> Result<IoBuf, Error> {
+        check_payload_len(length)?;
+        self.run(epoch, move |inner| async move {
+            Ok(inner.device.read(offset, length).await?)
+        })
+        .await
+    }
+
+    async fn write(
+        &self,
+        epoch: u64,
+        offset: u64,
+        data: Arc<IoBuf>,
+        fua: bool,
+    ) -> Result<(), Error> {
+        check_payload_len(data.len())?;
+        // The engine needs an owned buffer; copy only if it is shared.
+        let data = Arc::try_unwrap(data).unwrap_or_else(|shared| IoBuf::from_slice(&shared));
+        self.run(epoch, move |inner| async move {
+            Ok(inner.device.write(offset, data, fua).await?)
+        })
+        .await
+    }
+
+    async fn flush(&self, epoch: u64) -> Result<(), Error> {
+        self.run(
+            epoch,
+            |inner| async move { Ok(inner.device.flush().await?) },
+        )
+        .await
+    }
+
+    async fn trim(&self, epoch: u64, offset: u64, length: u64) -> Result<(), Error> {
+        self.run(epoch, move |inner| async move {
+            Ok(inner.device.trim(offset, length).await?)
+        })
+        .await
+    }
+
+    async fn write_zeroes(
+        &self,
+        epoch: u64,
+        offset: u64,
+        length: u64,
+        punch_hole: bool,
+        fua: bool,
+    ) -> Result<(), Error> {
+        self.run(epoch, move |inner| async move {
+            Ok(inner
+                .device
+                .write_zeroes(offset, length, punch_hole, fua)
+                .await?)
+        })
+        .await
+    }
+
+    async fn region_hashes(
+        &self,
+        epoch: u64,
+        offset: u64,
+        length: u64,
+        region_bytes: u64,
+    ) -> Result<Vec<RegionHash>, Error> {
+        check_region_bytes(region_bytes)?;
+        let end = offset.saturating_add(length);
+        let chunk = hash_chunk_bytes(region_bytes);
+        let mut hashes = Vec::new();
+        let mut start = offset;
+        // One admission per chunk, so a long hash cannot hold off a newer
+        // epoch for long; at least one, so an empty range checks the epoch.
+        loop {
+            let stop = end.min(start.saturating_add(chunk));
+            let part = self
+                .run(epoch, move |inner| async move {
+                    inner.check_range(offset, length)?;
+                    inner.hash_regions(start, stop, region_bytes).await
+                })
+                .await?;
+            hashes.extend(part);
+            start = stop;
+            if start >= end {
+                return Ok(hashes);
+            }
+        }
+    }
+
+    async fn allocated_extents(
+        &self,
+        epoch: u64,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<Extent>, Error> {
+        let (extents, _) = self
+            .allocated_extents_page(epoch, offset, length, usize::MAX)
+            .await?;
+        Ok(extents)
+    }
+}

@@ -62,6 +62,11 @@ struct Args {
     /// Submission queue entries of each io_uring.
     #[arg(long, default_value_t = 256)]
     io_queue_depth: u32,
+
+    /// Address of the replica protocol listener (HOST:PORT), advertised to
+    /// the controller for other nodes' targets.
+    #[arg(long, env = "BALLAST_DATA_LISTEN")]
+    data_listen: Option<SocketAddr>,
 }
 
 fn parse_bytes(text: &str) -> Result<u64, String> {
@@ -111,6 +116,15 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(pool::error_chain(&e)))
         .context("Cannot start the agent")?;
     let agent = Arc::new(agent);
+    let replica_server = match args.data_listen {
+        Some(listen) => Some(
+            agent
+                .serve_replicas(listen)
+                .await
+                .context("Cannot start the replica protocol listener")?,
+        ),
+        None => None,
+    };
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -122,6 +136,9 @@ async fn main() -> anyhow::Result<()> {
     };
     info!(grpc = %args.grpc_listen, "Serving the agent API");
     let served = api::serve(agent.clone(), args.grpc_listen, shutdown).await;
+    if let Some(server) = replica_server {
+        server.stop().await;
+    }
     if let Err(e) = agent.shutdown().await {
         error!(error = %pool::error_chain(&e), "Clean shutdown failed");
     }

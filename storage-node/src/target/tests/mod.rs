@@ -210,10 +210,14 @@ fn assert_identical(a: &Node, b: &Node) {
     }
 }
 
-/// A [`ReplicaIo`] wrapper whose requests can be made to fail.
+/// A [`ReplicaIo`] wrapper whose requests can be made to fail, and whose
+/// next read can be held until the test releases it.
 struct Flaky {
     inner: Arc<dyn ReplicaIo>,
     fail: AtomicBool,
+    hold_read: AtomicBool,
+    held: tokio::sync::Notify,
+    release: tokio::sync::Semaphore,
 }
 
 impl Flaky {
@@ -221,6 +225,9 @@ impl Flaky {
         Arc::new(Flaky {
             inner,
             fail: AtomicBool::new(false),
+            hold_read: AtomicBool::new(false),
+            held: tokio::sync::Notify::new(),
+            release: tokio::sync::Semaphore::new(0),
         })
     }
 
@@ -256,6 +263,14 @@ impl ReplicaIo for Flaky {
         length: usize,
     ) -> Result<IoBuf, replication::Error> {
         self.check()?;
+        if self.hold_read.swap(false, Ordering::SeqCst) {
+            self.held.notify_one();
+            self.release
+                .acquire()
+                .await
+                .expect("release semaphore")
+                .forget();
+        }
         self.inner.read(epoch, offset, length).await
     }
 

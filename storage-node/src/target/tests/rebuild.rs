@@ -428,3 +428,51 @@ async fn a_write_failure_aborts_the_rebuild_but_not_the_write() {
     );
     assert!(!controller.0.in_sync.lock().expect("lock").contains("c"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_waits_for_the_copy_of_its_region() {
+    let size = 8 * MIB;
+    let (a, b, c) = nodes_with_base(size, 1).await;
+    b.serve().await;
+    c.serve().await;
+    let (controller, address) = start_controller(2, &["a", "b"]).await;
+    let source = Flaky::new(Arc::clone(&a.fenced) as Arc<dyn ReplicaIo>);
+    let target = start_target(
+        size,
+        vec![
+            a.spec(Arc::clone(&source) as Arc<dyn ReplicaIo>, true),
+            b.spec(b.client(), true),
+            c.spec(c.client(), false),
+        ],
+        &address,
+    )
+    .await;
+    // The copy of region 0 stops between its read of the source and its
+    // write to c.
+    source.hold_read.store(true, Ordering::SeqCst);
+    let held = source.held.notified();
+    target
+        .add_replica(c.spec(c.client(), false), true)
+        .expect("add replica");
+    bounded("the copy's read", held).await;
+    let write = {
+        let target = Arc::clone(&target);
+        tokio::spawn(async move { target.write(4096, pattern(9, 4096), false).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !write.is_finished(),
+        "a write to a region being copied completed during the copy"
+    );
+    source.release.add_permits(1);
+    bounded("write", write)
+        .await
+        .expect("task")
+        .expect("write after the copy");
+    eventually("in sync", || {
+        target.status().replicas[2].state == SyncState::InSync
+    })
+    .await;
+    assert_identical(&a, &c);
+    assert_eq!(controller.in_syncs().len(), 1);
+}

@@ -18,7 +18,7 @@
 //!   request) are bounded by a semaphore ([`ClientConfig::max_in_flight_bytes`]);
 //!   callers wait for budget before anything is sent.
 //! - The writer task batches queued frames into few system calls
-//!   ([`super::writer`]).
+//!   (the `writer` module).
 //!
 //! # Failures
 //!
@@ -199,18 +199,20 @@ impl ReplicaClient {
     /// Sends one request and waits for its response; `decode` turns an OK
     /// response into the result. Any protocol error tears the connection
     /// down.
-    #[allow(clippy::too_many_arguments)]
     async fn call<T>(
         &self,
-        op: Op,
-        flags: Flags,
-        epoch: u64,
-        offset: u64,
-        length: u64,
-        body: Body,
-        answer_bytes: usize,
+        call: Call,
         decode: impl FnOnce(u64, IoBuf) -> Result<T, protocol::Error>,
     ) -> Result<T, Error> {
+        let Call {
+            op,
+            flags,
+            epoch,
+            offset,
+            length,
+            body,
+            answer_bytes,
+        } = call;
         let cost = body
             .as_bytes()
             .len()
@@ -347,13 +349,10 @@ impl ReplicaIo for ReplicaClient {
 
     async fn info(&self, epoch: u64) -> Result<ReplicaInfo, Error> {
         self.call(
-            Op::Info,
-            Flags::NONE,
-            epoch,
-            0,
-            0,
-            Body::None,
-            protocol::INFO_BYTES,
+            Call {
+                answer_bytes: protocol::INFO_BYTES,
+                ..Call::new(Op::Info, epoch)
+            },
             |request_id, payload| protocol::decode_info(request_id, &payload),
         )
         .await
@@ -362,13 +361,12 @@ impl ReplicaIo for ReplicaClient {
     async fn read(&self, epoch: u64, offset: u64, length: usize) -> Result<IoBuf, Error> {
         check_payload_len(length)?;
         self.call(
-            Op::Read,
-            Flags::NONE,
-            epoch,
-            offset,
-            length as u64,
-            Body::None,
-            length,
+            Call {
+                offset,
+                length: length as u64,
+                answer_bytes: length,
+                ..Call::new(Op::Read, epoch)
+            },
             |request_id, payload| {
                 if payload.len() != length {
                     return Err(protocol::Error::Malformed {
@@ -392,41 +390,29 @@ impl ReplicaIo for ReplicaClient {
         check_payload_len(data.len())?;
         let length = data.len() as u64;
         self.call(
-            Op::Write,
-            Flags::NONE.with(Flags::FUA, fua),
-            epoch,
-            offset,
-            length,
-            Body::Data(data),
-            0,
+            Call {
+                flags: Flags::NONE.with(Flags::FUA, fua),
+                offset,
+                length,
+                body: Body::Data(data),
+                ..Call::new(Op::Write, epoch)
+            },
             expect_empty,
         )
         .await
     }
 
     async fn flush(&self, epoch: u64) -> Result<(), Error> {
-        self.call(
-            Op::Flush,
-            Flags::NONE,
-            epoch,
-            0,
-            0,
-            Body::None,
-            0,
-            expect_empty,
-        )
-        .await
+        self.call(Call::new(Op::Flush, epoch), expect_empty).await
     }
 
     async fn trim(&self, epoch: u64, offset: u64, length: u64) -> Result<(), Error> {
         self.call(
-            Op::Trim,
-            Flags::NONE,
-            epoch,
-            offset,
-            length,
-            Body::None,
-            0,
+            Call {
+                offset,
+                length,
+                ..Call::new(Op::Trim, epoch)
+            },
             expect_empty,
         )
         .await
@@ -444,13 +430,12 @@ impl ReplicaIo for ReplicaClient {
             .with(Flags::FUA, fua)
             .with(Flags::NO_HOLE, !punch_hole);
         self.call(
-            Op::WriteZeroes,
-            flags,
-            epoch,
-            offset,
-            length,
-            Body::None,
-            0,
+            Call {
+                flags,
+                offset,
+                length,
+                ..Call::new(Op::WriteZeroes, epoch)
+            },
             expect_empty,
         )
         .await
@@ -475,13 +460,13 @@ impl ReplicaIo for ReplicaClient {
             let answer = part_length.div_ceil(region_bytes) as usize * protocol::REGION_HASH_BYTES;
             let part = self
                 .call(
-                    Op::RegionHashes,
-                    Flags::NONE,
-                    epoch,
-                    start,
-                    part_length,
-                    Body::Small(protocol::encode_region_bytes(region_bytes)),
-                    answer,
+                    Call {
+                        offset: start,
+                        length: part_length,
+                        body: Body::Small(protocol::encode_region_bytes(region_bytes)),
+                        answer_bytes: answer,
+                        ..Call::new(Op::RegionHashes, epoch)
+                    },
                     |request_id, payload| {
                         protocol::decode_region_hashes(
                             request_id,
@@ -515,13 +500,13 @@ impl ReplicaIo for ReplicaClient {
         loop {
             let (page, complete_to) = self
                 .call(
-                    Op::AllocatedExtents,
-                    Flags::NONE,
-                    epoch,
-                    start,
-                    end - start,
-                    Body::None,
-                    8 + protocol::MAX_EXTENTS_PER_RESPONSE * protocol::EXTENT_BYTES,
+                    Call {
+                        offset: start,
+                        length: end - start,
+                        answer_bytes: 8 + protocol::MAX_EXTENTS_PER_RESPONSE
+                            * protocol::EXTENT_BYTES,
+                        ..Call::new(Op::AllocatedExtents, epoch)
+                    },
                     |request_id, payload| {
                         protocol::decode_extents(request_id, start, end, &payload)
                     },
@@ -544,6 +529,33 @@ fn expect_empty(request_id: u64, payload: IoBuf) -> Result<(), protocol::Error> 
         });
     }
     Ok(())
+}
+
+/// One request, before it is encoded.
+struct Call {
+    op: Op,
+    flags: Flags,
+    epoch: u64,
+    offset: u64,
+    length: u64,
+    body: Body,
+    /// Payload bytes expected back, for the in-flight budget.
+    answer_bytes: usize,
+}
+
+impl Call {
+    /// A request for `op` under `epoch` with every other field empty.
+    fn new(op: Op, epoch: u64) -> Call {
+        Call {
+            op,
+            flags: Flags::NONE,
+            epoch,
+            offset: 0,
+            length: 0,
+            body: Body::None,
+            answer_bytes: 0,
+        }
+    }
 }
 
 /// What a request sends after its header.

@@ -126,6 +126,13 @@ impl EpochStore for CatalogEpochStore {
 ///
 /// Cheap to share behind an `Arc`; every method may be called concurrently,
 /// from within a tokio runtime.
+///
+/// # Cancel safety
+///
+/// Every async method is cancel safe in the sense that matters for fencing:
+/// its admission, any epoch persist and its I/O run in their own task and
+/// complete even if the caller's future is dropped, holding off newer epochs
+/// until then. The caller only loses the result.
 pub struct FencedReplica {
     inner: Arc<Inner>,
 }
@@ -226,23 +233,15 @@ impl FencedReplica {
     ///
     /// Errors: [`Error::StaleEpoch`], [`Error::PersistEpoch`].
     pub async fn raise_epoch(&self, epoch: u64) -> Result<(), Error> {
-        self.run(epoch, |_| async { Ok(()) }).await
+        self.run(epoch, Command::Admit).await.map(drop)
     }
 
-    /// Runs `op` under an admission of `epoch`, in its own task, so that the
-    /// admission and the I/O run to completion even if the caller's future
-    /// is dropped (see the module docs).
-    async fn run<T, F, Fut>(&self, epoch: u64, op: F) -> Result<T, Error>
-    where
-        T: Send + 'static,
-        F: FnOnce(Arc<Inner>) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<T, Error>> + Send + 'static,
-    {
+    /// Executes `command` under an admission of `epoch` in its own task, so
+    /// that the admission and the I/O run to completion even if the caller's
+    /// future is dropped (see the module docs).
+    async fn run(&self, epoch: u64, command: Command) -> Result<Outcome, Error> {
         let inner = Arc::clone(&self.inner);
-        let task = async move {
-            let _admitted = inner.admit(epoch).await?;
-            op(inner).await
-        };
+        let task = async move { inner.admit_and_execute(epoch, command).await };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => runtime.spawn(task).await.unwrap_or_else(|error| {
                 Err(Error::Device(io::Error::other(format!(
@@ -252,6 +251,77 @@ impl FencedReplica {
             Err(_) => task.await,
         }
     }
+
+    /// Executes `command` under an admission of `epoch` in a new task and
+    /// hands the outcome to `then` from that task: what the server does, one
+    /// task per request. Must be called within a tokio runtime.
+    pub(crate) fn submit(
+        &self,
+        epoch: u64,
+        command: Command,
+        then: impl FnOnce(Result<Outcome, Error>) + Send + 'static,
+    ) {
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move { then(inner.admit_and_execute(epoch, command).await) });
+    }
+}
+
+/// One operation on the replica, executed under one admission.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Only admits the epoch.
+    Admit,
+    /// Reports size, block size and epoch.
+    Info,
+    /// Reads `length` bytes at `offset`.
+    Read { offset: u64, length: usize },
+    /// Writes `data` at `offset`.
+    Write { offset: u64, data: IoBuf, fua: bool },
+    /// Flushes.
+    Flush,
+    /// Discards a range.
+    Trim { offset: u64, length: u64 },
+    /// Zeroes a range.
+    WriteZeroes {
+        offset: u64,
+        length: u64,
+        punch_hole: bool,
+        fua: bool,
+    },
+    /// Hashes a range (at most [`hash_chunk_bytes`] of it) in regions.
+    RegionHashes {
+        offset: u64,
+        length: u64,
+        region_bytes: u64,
+    },
+    /// Lists up to `max_extents` allocated extents in a range.
+    AllocatedExtents {
+        offset: u64,
+        length: u64,
+        max_extents: usize,
+    },
+}
+
+/// What a [`Command`] produced.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Nothing to return.
+    Done,
+    /// INFO's answer.
+    Info(ReplicaInfo),
+    /// Bytes read.
+    Data(IoBuf),
+    /// Region hashes.
+    Hashes(Vec<RegionHash>),
+    /// Extents, and the offset up to which they are complete.
+    Extents(Vec<Extent>, u64),
+}
+
+/// The error for an outcome that does not match its command (a bug).
+fn mismatch(outcome: Outcome) -> Error {
+    Error::Device(io::Error::other(format!(
+        "Replica command produced an unexpected {outcome:?}"
+    )))
 }
 
 impl Inner {
@@ -367,26 +437,79 @@ impl Inner {
         }
         Ok(hashes)
     }
-}
 
-impl FencedReplica {
-    /// Lists allocated extents in `length` bytes at `offset`, at most
-    /// `max_extents`, and returns the offset up to which the list is
-    /// complete (the server pages long lists with it).
-    ///
-    /// Errors: as [`ReplicaIo::allocated_extents`].
-    pub(crate) async fn allocated_extents_page(
-        &self,
-        epoch: u64,
-        offset: u64,
-        length: u64,
-        max_extents: usize,
-    ) -> Result<(Vec<Extent>, u64), Error> {
-        self.run(epoch, move |inner| async move {
-            inner.check_range(offset, length)?;
-            inner.extents(offset, offset + length, max_extents).await
-        })
-        .await
+    async fn admit_and_execute(&self, epoch: u64, command: Command) -> Result<Outcome, Error> {
+        let _admitted = self.admit(epoch).await?;
+        self.execute(command).await
+    }
+
+    /// Executes an admitted command.
+    async fn execute(&self, command: Command) -> Result<Outcome, Error> {
+        let device = &self.device;
+        match command {
+            Command::Admit => Ok(Outcome::Done),
+            Command::Info => Ok(Outcome::Info(ReplicaInfo {
+                size_bytes: device.size_bytes(),
+                block_size: self.block_size,
+                epoch: self.current.load(Ordering::Acquire),
+            })),
+            Command::Read { offset, length } => {
+                check_payload_len(length)?;
+                Ok(Outcome::Data(device.read(offset, length).await?))
+            }
+            Command::Write { offset, data, fua } => {
+                check_payload_len(data.len())?;
+                device.write(offset, data, fua).await?;
+                Ok(Outcome::Done)
+            }
+            Command::Flush => {
+                device.flush().await?;
+                Ok(Outcome::Done)
+            }
+            Command::Trim { offset, length } => {
+                device.trim(offset, length).await?;
+                Ok(Outcome::Done)
+            }
+            Command::WriteZeroes {
+                offset,
+                length,
+                punch_hole,
+                fua,
+            } => {
+                device.write_zeroes(offset, length, punch_hole, fua).await?;
+                Ok(Outcome::Done)
+            }
+            Command::RegionHashes {
+                offset,
+                length,
+                region_bytes,
+            } => {
+                check_region_bytes(region_bytes)?;
+                self.check_range(offset, length)?;
+                if length > hash_chunk_bytes(region_bytes) {
+                    return Err(Error::InvalidRequest {
+                        reason: format!(
+                            "{length} bytes in regions of {region_bytes} exceed {} per request",
+                            hash_chunk_bytes(region_bytes)
+                        ),
+                    });
+                }
+                let hashes = self
+                    .hash_regions(offset, offset + length, region_bytes)
+                    .await?;
+                Ok(Outcome::Hashes(hashes))
+            }
+            Command::AllocatedExtents {
+                offset,
+                length,
+                max_extents,
+            } => {
+                self.check_range(offset, length)?;
+                let (extents, complete_to) =
+                    self.extents(offset, offset + length, max_extents).await?;
+                Ok(Outcome::Extents(extents, complete_to))
+            }
+        }
     }
 }
 
@@ -411,22 +534,18 @@ impl ReplicaIo for FencedReplica {
     }
 
     async fn info(&self, epoch: u64) -> Result<ReplicaInfo, Error> {
-        self.run(epoch, move |inner| async move {
-            Ok(ReplicaInfo {
-                size_bytes: inner.device.size_bytes(),
-                block_size: inner.block_size,
-                epoch: inner.current.load(Ordering::Acquire),
-            })
-        })
-        .await
+        match self.run(epoch, Command::Info).await? {
+            Outcome::Info(info) => Ok(info),
+            other => Err(mismatch(other)),
+        }
     }
 
     async fn read(&self, epoch: u64, offset: u64, length: usize) -> Result<IoBuf, Error> {
         check_payload_len(length)?;
-        self.run(epoch, move |inner| async move {
-            Ok(inner.device.read(offset, length).await?)
-        })
-        .await
+        match self.run(epoch, Command::Read { offset, length }).await? {
+            Outcome::Data(data) => Ok(data),
+            other => Err(mismatch(other)),
+        }
     }
 
     async fn write(
@@ -439,25 +558,19 @@ impl ReplicaIo for FencedReplica {
         check_payload_len(data.len())?;
         // The engine needs an owned buffer; copy only if it is shared.
         let data = Arc::try_unwrap(data).unwrap_or_else(|shared| IoBuf::from_slice(&shared));
-        self.run(epoch, move |inner| async move {
-            Ok(inner.device.write(offset, data, fua).await?)
-        })
-        .await
+        self.run(epoch, Command::Write { offset, data, fua })
+            .await
+            .map(drop)
     }
 
     async fn flush(&self, epoch: u64) -> Result<(), Error> {
-        self.run(
-            epoch,
-            |inner| async move { Ok(inner.device.flush().await?) },
-        )
-        .await
+        self.run(epoch, Command::Flush).await.map(drop)
     }
 
     async fn trim(&self, epoch: u64, offset: u64, length: u64) -> Result<(), Error> {
-        self.run(epoch, move |inner| async move {
-            Ok(inner.device.trim(offset, length).await?)
-        })
-        .await
+        self.run(epoch, Command::Trim { offset, length })
+            .await
+            .map(drop)
     }
 
     async fn write_zeroes(
@@ -468,13 +581,13 @@ impl ReplicaIo for FencedReplica {
         punch_hole: bool,
         fua: bool,
     ) -> Result<(), Error> {
-        self.run(epoch, move |inner| async move {
-            Ok(inner
-                .device
-                .write_zeroes(offset, length, punch_hole, fua)
-                .await?)
-        })
-        .await
+        let command = Command::WriteZeroes {
+            offset,
+            length,
+            punch_hole,
+            fua,
+        };
+        self.run(epoch, command).await.map(drop)
     }
 
     async fn region_hashes(
@@ -485,7 +598,10 @@ impl ReplicaIo for FencedReplica {
         region_bytes: u64,
     ) -> Result<Vec<RegionHash>, Error> {
         check_region_bytes(region_bytes)?;
-        let end = offset.saturating_add(length);
+        // Each chunk checks its own range; this spares hashing the chunks
+        // before a range that cannot succeed.
+        self.inner.check_range(offset, length)?;
+        let end = offset + length;
         let chunk = hash_chunk_bytes(region_bytes);
         let mut hashes = Vec::new();
         let mut start = offset;
@@ -493,13 +609,15 @@ impl ReplicaIo for FencedReplica {
         // epoch for long; at least one, so an empty range checks the epoch.
         loop {
             let stop = end.min(start.saturating_add(chunk));
-            let part = self
-                .run(epoch, move |inner| async move {
-                    inner.check_range(offset, length)?;
-                    inner.hash_regions(start, stop, region_bytes).await
-                })
-                .await?;
-            hashes.extend(part);
+            let command = Command::RegionHashes {
+                offset: start,
+                length: stop - start,
+                region_bytes,
+            };
+            match self.run(epoch, command).await? {
+                Outcome::Hashes(part) => hashes.extend(part),
+                other => return Err(mismatch(other)),
+            }
             start = stop;
             if start >= end {
                 return Ok(hashes);
@@ -513,9 +631,14 @@ impl ReplicaIo for FencedReplica {
         offset: u64,
         length: u64,
     ) -> Result<Vec<Extent>, Error> {
-        let (extents, _) = self
-            .allocated_extents_page(epoch, offset, length, usize::MAX)
-            .await?;
-        Ok(extents)
+        let command = Command::AllocatedExtents {
+            offset,
+            length,
+            max_extents: usize::MAX,
+        };
+        match self.run(epoch, command).await? {
+            Outcome::Extents(extents, _) => Ok(extents),
+            other => Err(mismatch(other)),
+        }
     }
 }

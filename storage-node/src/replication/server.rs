@@ -10,9 +10,10 @@
 //! order they complete:
 //!
 //! ```text
-//! socket ─► reader: header ─► [permits] ─► payload ─► spawn(execute) ─┐
-//!                                                                      ▼
-//! socket ◄─ writer: drain channel, batch into one buffer, flush when idle
+//! socket ─► reader: header ─► [permits] ─► payload ─► FencedReplica::submit
+//!                                                     (one task: admit, I/O,
+//!                                                      queue the response) ─┐
+//! socket ◄─ writer: drain the queue, batch into one buffer, flush when idle ◄┘
 //! ```
 //!
 //! # Bounds and back-pressure
@@ -47,6 +48,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use super::fence::{Command, Outcome};
 use super::protocol::{
     self, Flags, Op, RequestHeader, ResponseHeader, Status, read_payload, read_request_header,
 };
@@ -152,8 +154,8 @@ impl ReplicaServer {
     /// executing (within [`ServerConfig::stop_grace`]), and closes them.
     ///
     /// # Cancel safety
-    /// Cancel safe: if the future is dropped, the server stops in the
-    /// background.
+    /// Cancel safe: if the future is dropped, the server still stops: in the
+    /// background once the future was polled, else at once as on drop.
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
         if let Some(accept) = self.accept.take() {
@@ -377,9 +379,18 @@ async fn read_requests(
             let _ = responses.send(Response::from_error(header.request_id, &error));
             continue;
         };
+        let command = match command(&header, payload) {
+            Ok(command) => command,
+            Err(error) => {
+                let _ = responses.send(Response::from_error(header.request_id, &error));
+                continue;
+            }
+        };
         let responses = responses.clone();
-        tokio::spawn(async move {
-            let response = execute(&replica, &header, payload).await;
+        let executing = Arc::clone(&replica);
+        // One task per request, which answers as soon as the I/O is done.
+        replica.submit(header.epoch, command, move |outcome| {
+            let response = respond(&executing, &header, outcome);
             let _ = responses.send(response);
             drop((request_permit, bytes_permit));
         });
@@ -443,84 +454,90 @@ fn check_shape(header: &RequestHeader, payload: &IoBuf) -> Result<(), String> {
     Ok(())
 }
 
-/// Executes one well-formed request and builds its response.
-async fn execute(replica: &FencedReplica, header: &RequestHeader, payload: IoBuf) -> Response {
-    let id = header.request_id;
-    let (epoch, offset, length) = (header.epoch, header.offset, header.length);
+/// The command a well-formed request asks for.
+fn command(header: &RequestHeader, payload: IoBuf) -> Result<Command, Error> {
+    let (offset, length) = (header.offset, header.length);
     let fua = header.flags.contains(Flags::FUA);
-    let result = match header.op {
-        Op::Read => replica
-            .read(epoch, offset, length as usize)
-            .await
-            .map(Payload::Data),
-        Op::Write => replica
-            .write(epoch, offset, Arc::new(payload), fua)
-            .await
-            .map(|()| Payload::None),
-        Op::Flush => replica.flush(epoch).await.map(|()| Payload::None),
-        Op::Trim => replica
-            .trim(epoch, offset, length)
-            .await
-            .map(|()| Payload::None),
-        Op::WriteZeroes => {
-            let punch_hole = !header.flags.contains(Flags::NO_HOLE);
-            replica
-                .write_zeroes(epoch, offset, length, punch_hole, fua)
-                .await
-                .map(|()| Payload::None)
+    Ok(match header.op {
+        // Bounded by `check_shape`.
+        Op::Read => Command::Read {
+            offset,
+            length: length as usize,
+        },
+        Op::Write => Command::Write {
+            offset,
+            data: payload,
+            fua,
+        },
+        Op::Flush => Command::Flush,
+        Op::Trim => Command::Trim { offset, length },
+        Op::WriteZeroes => Command::WriteZeroes {
+            offset,
+            length,
+            punch_hole: !header.flags.contains(Flags::NO_HOLE),
+            fua,
+        },
+        Op::RegionHashes => {
+            let region_bytes =
+                protocol::decode_region_bytes(header.request_id, &payload).map_err(|e| {
+                    Error::InvalidRequest {
+                        reason: e.to_string(),
+                    }
+                })?;
+            // Bounds the response; the replica bounds the bytes hashed.
+            if region_bytes == 0 || length.div_ceil(region_bytes) > MAX_REGIONS_PER_REQUEST {
+                return Err(Error::InvalidRequest {
+                    reason: format!(
+                        "{length} bytes in regions of {region_bytes} bytes exceed \
+                         {MAX_REGIONS_PER_REQUEST} regions"
+                    ),
+                });
+            }
+            Command::RegionHashes {
+                offset,
+                length,
+                region_bytes,
+            }
         }
-        Op::RegionHashes => region_hashes(replica, header, &payload).await,
-        Op::AllocatedExtents => replica
-            .allocated_extents_page(epoch, offset, length, MAX_EXTENTS_PER_RESPONSE)
-            .await
-            .map(|(extents, complete_to)| {
-                Payload::Bytes(protocol::encode_extents(&extents, complete_to))
-            }),
-        Op::Info => replica
-            .info(epoch)
-            .await
-            .map(|info| Payload::Bytes(protocol::encode_info(&info).to_vec())),
-    };
-    match result {
-        Ok(payload) => Response::new(Status::Ok, id, 0, payload),
+        Op::AllocatedExtents => Command::AllocatedExtents {
+            offset,
+            length,
+            max_extents: MAX_EXTENTS_PER_RESPONSE,
+        },
+        Op::Info => Command::Info,
+    })
+}
+
+/// The response to a request that was executed.
+fn respond(
+    replica: &FencedReplica,
+    header: &RequestHeader,
+    outcome: Result<Outcome, Error>,
+) -> Response {
+    let id = header.request_id;
+    let payload = match outcome {
+        Ok(Outcome::Done) => Payload::None,
+        Ok(Outcome::Data(data)) => Payload::Data(data),
+        Ok(Outcome::Info(info)) => Payload::Bytes(protocol::encode_info(&info).to_vec()),
+        Ok(Outcome::Hashes(hashes)) => Payload::Bytes(protocol::encode_region_hashes(&hashes)),
+        Ok(Outcome::Extents(extents, complete_to)) => {
+            Payload::Bytes(protocol::encode_extents(&extents, complete_to))
+        }
         Err(error) => {
             if !matches!(error, Error::StaleEpoch { .. }) {
                 debug!(
                     volume.id = %replica.volume_id(),
                     replica.id = %replica.replica_id(),
-                    epoch,
+                    epoch = header.epoch,
                     op = %header.op,
                     error = %error_chain(&error),
                     "Replica request failed"
                 );
             }
-            Response::from_error(id, &error)
+            return Response::from_error(id, &error);
         }
-    }
-}
-
-async fn region_hashes(
-    replica: &FencedReplica,
-    header: &RequestHeader,
-    payload: &IoBuf,
-) -> Result<Payload, Error> {
-    let region_bytes = protocol::decode_region_bytes(header.request_id, payload).map_err(|e| {
-        Error::InvalidRequest {
-            reason: e.to_string(),
-        }
-    })?;
-    if region_bytes == 0 || header.length.div_ceil(region_bytes) > MAX_REGIONS_PER_REQUEST {
-        return Err(Error::InvalidRequest {
-            reason: format!(
-                "{} bytes in regions of {region_bytes} exceed {MAX_REGIONS_PER_REQUEST} regions",
-                header.length
-            ),
-        });
-    }
-    let hashes = replica
-        .region_hashes(header.epoch, header.offset, header.length, region_bytes)
-        .await?;
-    Ok(Payload::Bytes(protocol::encode_region_hashes(&hashes)))
+    };
+    Response::new(Status::Ok, id, 0, payload)
 }
 
 /// Formats an error with its sources, for responses and logs.

@@ -2,7 +2,8 @@
 //!
 //! Frames queue in a channel; the writer takes every frame that is queued,
 //! copies small ones into one buffer and sends it with one `write` call, and
-//! flushes as soon as the queue is empty, so a busy connection sends many
+//! flushes as soon as the queue is empty (after letting ready tasks run once,
+//! so that they can add to the batch), so a busy connection sends many
 //! frames per system call and an idle one adds no latency. Large payloads
 //! (over [`INLINE_BYTES`]) are written from their own buffers, never copied.
 
@@ -57,7 +58,13 @@ where
             }
             next = if batch.len() >= BATCH_BYTES {
                 None
+            } else if let Ok(frame) = outbox.try_recv() {
+                Some(frame)
             } else {
+                // Lets the tasks that are ready run first: under load they
+                // queue more frames for this batch; when idle this returns
+                // at once.
+                tokio::task::yield_now().await;
                 outbox.try_recv().ok()
             };
         }

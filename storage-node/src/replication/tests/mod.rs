@@ -8,6 +8,7 @@
 //! - `faults`: corrupted and oversized frames, garbage, a killed server, a
 //!   silent server.
 
+mod bench;
 mod faults;
 mod fence;
 mod tcp;

@@ -16,6 +16,8 @@ use tracing::{info, warn};
 use crate::exports::{self, ExportInfo, Exports};
 use crate::pool::{self, Pool, PoolCapacity, PoolConfig, PoolManager};
 use crate::replica::{self, CreateReplica, Replica, ReplicaCatalog};
+use crate::replication::{self, ReplicaServer};
+use crate::target::{LocalReplicas, Targets, TargetsConfig};
 use crate::uring::{self, IoEngine};
 
 /// Errors of agent operations. Each maps to one gRPC code in `api`.
@@ -82,6 +84,9 @@ pub struct Agent {
     pools: Arc<PoolManager>,
     catalog: Arc<Mutex<ReplicaCatalog>>,
     exports: tokio::sync::Mutex<Exports>,
+    /// Fenced replicas, shared by the replica server and local targets.
+    local: Arc<LocalReplicas>,
+    targets: Targets,
 }
 
 impl Agent {
@@ -113,10 +118,15 @@ impl Agent {
             replicas = catalog.list().len(),
             "Agent ready"
         );
+        let catalog = Arc::new(Mutex::new(catalog));
+        let local = Arc::new(LocalReplicas::new(catalog.clone(), engine.clone()));
+        let targets = Targets::new(TargetsConfig::new(&config.state_dir), local.clone());
         Ok(Self {
             pools,
-            catalog: Arc::new(Mutex::new(catalog)),
+            catalog,
             exports: tokio::sync::Mutex::new(Exports::new(engine)),
+            local,
+            targets,
         })
     }
 
@@ -165,6 +175,9 @@ impl Agent {
             .await?;
         exports.resize(name, replica.meta.size_bytes)?;
         drop(exports);
+        if let Err(e) = self.local.resize(name, replica.meta.size_bytes) {
+            warn!(replica.id = %name, error = %pool::error_chain(&e), "Cannot serve the new size to targets");
+        }
         self.replica_status(name).await
     }
 
@@ -177,6 +190,7 @@ impl Agent {
                 name: name.to_string(),
             });
         }
+        self.local.evict(name);
         let owned = name.to_string();
         let result = self
             .with_catalog(move |catalog| match catalog.destroy(&owned) {
@@ -243,9 +257,29 @@ impl Agent {
     /// devices of file pools). Replicas and pools are found again by the
     /// next start.
     pub async fn shutdown(&self) -> Result<(), Error> {
+        self.targets.stop_all().await;
         self.exports.lock().await.stop_all().await;
         let pools = self.pools.clone();
         blocking(move || Ok(pools.close_all()?)).await
+    }
+
+    /// The volume targets running on this node.
+    pub fn targets(&self) -> &Targets {
+        &self.targets
+    }
+
+    /// Starts the replica protocol server on `listen`, serving this node's
+    /// replicas (by volume id) to remote targets, and records its address
+    /// so local targets reach the node's own replicas in-process.
+    ///
+    /// Errors: [`replication::Error::Bind`].
+    pub async fn serve_replicas(
+        &self,
+        listen: SocketAddr,
+    ) -> Result<ReplicaServer, replication::Error> {
+        let server = ReplicaServer::start(listen, self.local.clone()).await?;
+        self.local.set_data_address(server.local_addr());
+        Ok(server)
     }
 
     async fn replica_status(&self, name: &str) -> Result<ReplicaStatus, Error> {

@@ -10,6 +10,8 @@
 //! - [`block`] is the [`block::BlockDevice`] trait that exports serve.
 //! - [`replication`] is the replica protocol between targets and replicas on
 //!   other nodes, and the epoch fencing every replica applies.
+//! - [`target`] is the per-volume I/O front end of a published volume:
+//!   replication fan-out, failover through the controller, rebuild.
 //! - [`nbd`] is the NBD server (fixed newstyle handshake, transmission phase).
 //! - [`api`] is the agent's gRPC API; [`agent`] wires everything together.
 //! - [`registration`] registers the node with the controller and sends
@@ -28,4 +30,5 @@ pub mod pool;
 pub mod registration;
 pub mod replica;
 pub mod replication;
+pub mod target;
 pub mod uring;

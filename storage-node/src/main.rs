@@ -161,6 +161,15 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(pool::error_chain(&e)))
         .context("Cannot start the agent")?;
     let agent = Arc::new(agent);
+    let replica_server = match args.data_listen {
+        Some(listen) => Some(
+            agent
+                .serve_replicas(listen)
+                .await
+                .context("Cannot start the replica protocol listener")?,
+        ),
+        None => None,
+    };
     let registration = match &args.controller {
         Some(controller) => Some(tokio::spawn(registration::run(
             agent.clone(),
@@ -183,6 +192,9 @@ async fn main() -> anyhow::Result<()> {
     let served = api::serve(agent.clone(), args.grpc_listen, shutdown).await;
     if let Some(registration) = registration {
         registration.abort();
+    }
+    if let Some(server) = replica_server {
+        server.stop().await;
     }
     if let Err(e) = agent.shutdown().await {
         error!(error = %pool::error_chain(&e), "Clean shutdown failed");

@@ -9,6 +9,7 @@
 mod export;
 mod pool;
 mod replica;
+mod target;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use ballast_proto::agent::export_service_server::ExportServiceServer;
 use ballast_proto::agent::pool_service_server::PoolServiceServer;
 use ballast_proto::agent::replica_service_server::ReplicaServiceServer;
+use ballast_proto::agent::target_service_server::TargetServiceServer;
 use tonic::Status;
 
 use crate::agent::{self, Agent};
@@ -34,7 +36,10 @@ pub async fn serve(
         .add_service(ReplicaServiceServer::new(replica::ReplicaApi::new(
             agent.clone(),
         )))
-        .add_service(ExportServiceServer::new(export::ExportApi::new(agent)))
+        .add_service(ExportServiceServer::new(export::ExportApi::new(
+            agent.clone(),
+        )))
+        .add_service(TargetServiceServer::new(target::TargetApi::new(agent)))
         .serve_with_shutdown(listen, shutdown)
         .await
 }

@@ -77,6 +77,12 @@ pub enum Error {
         /// The directory.
         dir: PathBuf,
     },
+    /// The cluster has no node of that id.
+    #[error("The cluster has no node {node_id}")]
+    NodeNotFound {
+        /// The node id asked for.
+        node_id: String,
+    },
     /// The cluster's processes still run.
     #[error(
         "The cluster in {dir} is already running; run `ballast cluster down --dir {dir}` first"
@@ -428,6 +434,39 @@ async fn start(
         info.save()?;
     }
     wait_nodes_up(info, spec.ready_timeout).await
+}
+
+/// Starts the agent of `node_id` again with the command line it was first
+/// started with (same node id, pool, state and ports), after it was killed
+/// or stopped, and records the new process in `cluster.json`. The agent
+/// re-imports its pool and replicas and registers with the controller.
+///
+/// # Errors
+///
+/// [`Error::NodeNotFound`], [`Error::AlreadyRunning`] if that agent still
+/// runs, [`Error::Spawn`], and errors reading or writing the cluster file.
+pub fn restart_node(dir: &Path, node_id: &str) -> Result<NodeInfo, Error> {
+    let dir = absolute(dir)?;
+    let mut info = ClusterInfo::load(&dir)?;
+    let node = info
+        .nodes
+        .iter_mut()
+        .find(|n| n.node_id == node_id)
+        .ok_or_else(|| Error::NodeNotFound {
+            node_id: node_id.to_string(),
+        })?;
+    if node.process.is_running() {
+        return Err(Error::AlreadyRunning { dir });
+    }
+    let Some((program, args)) = node.process.command.split_first() else {
+        return Err(Error::NodeNotFound {
+            node_id: node_id.to_string(),
+        });
+    };
+    node.process = process::spawn_daemon(Path::new(program), args, &node.process.log)?;
+    let restarted = node.clone();
+    info.save()?;
+    Ok(restarted)
 }
 
 /// Stops the cluster in `dir` and cleans up its mounts and loop devices.

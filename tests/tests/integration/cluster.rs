@@ -89,7 +89,6 @@ fn cluster_up_places_replicas_on_every_node_and_delete_removes_them() -> Result<
 }
 
 #[test]
-#[ignore = "needs the target (wip-target): StartTarget is not implemented by the agent yet"]
 fn published_volume_serves_io_to_qemu_io() -> Result<()> {
     let cluster = Cluster::up("cluster-publish", 3, "embedded", &[])?;
     cluster.cli_ok(&[

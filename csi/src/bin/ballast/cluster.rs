@@ -54,6 +54,15 @@ pub enum ClusterCommand {
         #[arg(long, env = "BALLAST_CLUSTER")]
         dir: PathBuf,
     },
+    /// Starts a stopped or killed agent of the cluster again (same node id,
+    /// pool and ports); it re-imports its replicas and registers.
+    RestartNode {
+        /// The node id (node-K).
+        node: String,
+        /// The cluster directory.
+        #[arg(long, env = "BALLAST_CLUSTER")]
+        dir: PathBuf,
+    },
     /// Stops every process of the cluster and removes its mounts and loop
     /// devices. Safe to run twice.
     Down {
@@ -147,6 +156,12 @@ pub async fn run(cmd: ClusterCommand, format: Format) -> anyhow::Result<()> {
                     ]
                 },
             )
+        }
+        ClusterCommand::RestartNode { node, dir } => {
+            let restarted = cluster::restart_node(&dir, &node)
+                .with_context(|| format!("Cannot restart {node} in {}", dir.display()))?;
+            println!("Restarted {node} (pid {})", restarted.process.pid);
+            Ok(())
         }
         ClusterCommand::Down { dir } => {
             cluster::down(&dir)

@@ -12,3 +12,4 @@ mod filesystem;
 mod harness;
 mod nbd_clients;
 mod pools;
+mod replication;

@@ -1,7 +1,9 @@
 //! The Ballast control plane.
 //!
-//! Today this crate holds the operator CLI (`src/bin/ballast`) and the
-//! cluster store ([`store`]) the controller keeps its state in; the CSI
-//! controller, node plugin and placement join it as they are built.
+//! Today this crate holds the operator CLI (`src/bin/ballast`), the
+//! cluster store ([`store`]) the controller keeps its state in, and the node
+//! plugin's attach, mount and stage logic ([`node`]); the CSI services and
+//! placement join it as they are built.
 
+pub mod node;
 pub mod store;

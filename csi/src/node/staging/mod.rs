@@ -34,6 +34,9 @@ use tracing::{info, instrument, warn};
 use super::attach::{self, Attacher, NbdUri};
 use super::mount::{self, FsType, Mounter, Signature, TargetKind, VolumeStats};
 
+#[cfg(test)]
+mod tests;
+
 /// How many stacked mounts unmount and unpublish peel off a path at most.
 const MAX_STACKED_MOUNTS: usize = 8;
 
@@ -472,14 +475,24 @@ pub async fn unstage(
             });
         }
     }
-    unmount_all(mounter, staging_path).await?;
     if let Some(dev) = &device {
-        if device_in_use(mounter, dev).await? {
+        // Any other mount of the device (a publish bind) must go first;
+        // refuse before touching the staging mount.
+        let rdev = mounter.device_number(dev).await?;
+        let others: Vec<_> = mounter
+            .mounts()
+            .await?
+            .into_iter()
+            .filter(|m| m.mount_point != staging_path)
+            .collect();
+        let name = dev.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if attach::device_in_use(name, rdev, &others) {
             return Err(Error::StillPublished {
                 volume_id: volume.to_string(),
             });
         }
     }
+    unmount_all(mounter, staging_path).await?;
     attacher.detach(volume).await?;
     info!("unstaged");
     Ok(())

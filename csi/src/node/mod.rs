@@ -24,6 +24,9 @@ mod command;
 pub mod mount;
 pub mod staging;
 
+#[cfg(test)]
+mod tests;
+
 pub use command::Error as CommandError;
 
 /// The `publish_context` key under which ControllerPublishVolume returns

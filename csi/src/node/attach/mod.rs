@@ -45,6 +45,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 pub use kernel_nbd::KernelNbd;
 pub use nbdfuse::NbdfuseLoop;
+#[cfg(test)]
+pub(crate) use nbdfuse::process_alive as nbdfuse_process_alive;
 
 use super::command;
 use super::mount::MountEntry;

@@ -5,8 +5,8 @@
 //!   kernel's nbd driver), rediscovered from the system after a restart.
 //! - [`mount`]: filesystem detection and creation, mounts, bind mounts,
 //!   online growth and capacity, read from the kernel's mount table.
-//! - [`staging`]: NodeStage/Unstage/Publish/Unpublish/Expand/GetVolumeStats
-//!   as plain async functions over the two traits above, with the CSI
+//! - [`staging`]: NodeStage, NodeUnstage, NodePublish, NodeUnpublish,
+//!   NodeExpand and NodeGetVolumeStats as plain async functions over the two traits above, with the CSI
 //!   idempotency and error rules.
 //!
 //! The gRPC `Node` service is a thin layer on [`staging`].

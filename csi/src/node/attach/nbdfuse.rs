@@ -476,10 +476,7 @@ fn is_our_nbdfuse(pid: i32, file: &Path) -> bool {
     };
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let is_nbdfuse = args.first().is_some_and(|a| a.ends_with(b"nbdfuse"));
-    is_nbdfuse
-        && args
-            .iter()
-            .any(|a| *a == file.as_os_str().as_encoded_bytes())
+    is_nbdfuse && args.contains(&file.as_os_str().as_encoded_bytes())
 }
 
 /// The last lines of nbdfuse's log, for error messages.

@@ -127,6 +127,10 @@ pub enum Error {
         /// The path.
         path: PathBuf,
     },
+    /// A read-only raw block publish: the kernel does not enforce a
+    /// read-only mount on a device node, so it cannot be honoured yet.
+    #[error("Read-only publishing of raw block volumes is not supported")]
+    ReadOnlyBlock,
     /// No volume is staged or published at the given path.
     #[error("Volume {volume_id} is not staged or published at {path}")]
     VolumeNotFound {
@@ -162,7 +166,8 @@ impl From<Error> for tonic::Status {
             | Error::FsTypeMismatch { .. }
             | Error::ForeignSignature { .. }
             | Error::InUseElsewhere { .. }
-            | Error::StillPublished { .. } => tonic::Status::failed_precondition(msg),
+            | Error::StillPublished { .. }
+            | Error::ReadOnlyBlock => tonic::Status::failed_precondition(msg),
             Error::VolumeNotFound { .. } => tonic::Status::not_found(msg),
             Error::StillMounted { .. } => tonic::Status::internal(msg),
             Error::Attach(e) => e.into(),
@@ -319,13 +324,13 @@ pub async fn stage(
     let uri: NbdUri = req.uri.parse()?;
 
     let existing = attacher.find(&req.volume_id).await?;
-    if let Some(uri_now) = existing.as_ref().and_then(|a| a.uri.as_deref()) {
-        if uri_now != uri.as_str() {
-            return Err(Error::StagedIncompatible {
-                path: req.staging_path.clone(),
-                reason: format!("the volume is attached from {uri_now}"),
-            });
-        }
+    if let Some(uri_now) = existing.as_ref().and_then(|a| a.uri.as_deref())
+        && uri_now != uri.as_str()
+    {
+        return Err(Error::StagedIncompatible {
+            path: req.staging_path.clone(),
+            reason: format!("the volume is attached from {uri_now}"),
+        });
     }
     let existing_device = existing.and_then(|a| a.device);
 
@@ -356,12 +361,12 @@ pub async fn stage(
             info!(path = %req.staging_path.display(), "already staged");
             return Ok(());
         }
-        if let Some(dev) = &existing_device {
-            if device_in_use(mounter, dev).await? {
-                return Err(Error::InUseElsewhere {
-                    volume_id: req.volume_id.clone(),
-                });
-            }
+        if let Some(dev) = &existing_device
+            && device_in_use(mounter, dev).await?
+        {
+            return Err(Error::InUseElsewhere {
+                volume_id: req.volume_id.clone(),
+            });
         }
     }
 
@@ -467,13 +472,13 @@ pub async fn unstage(
     volume_id(volume)?;
     absolute("staging_target_path", staging_path)?;
     let device = attached_device(attacher, volume).await?;
-    if let (Some(dev), Some(entry)) = (&device, mounter.mounted_at(staging_path).await?) {
-        if mounter.device_number(dev).await? != entry.dev() {
-            return Err(Error::StagedIncompatible {
-                path: staging_path.to_path_buf(),
-                reason: format!("{} is mounted there, not {}", entry.source, dev.display()),
-            });
-        }
+    if let (Some(dev), Some(entry)) = (&device, mounter.mounted_at(staging_path).await?)
+        && mounter.device_number(dev).await? != entry.dev()
+    {
+        return Err(Error::StagedIncompatible {
+            path: staging_path.to_path_buf(),
+            reason: format!("{} is mounted there, not {}", entry.source, dev.display()),
+        });
     }
     if let Some(dev) = &device {
         // Any other mount of the device (a publish bind) must go first;
@@ -524,6 +529,10 @@ pub async fn publish(
     let rdev = mounter.device_number(&device).await?;
 
     let (source, kind) = match req.capability.access {
+        // A read-only bind of a device node still opens for writing: the
+        // ro flag of a mount does not apply to device files. Refuse rather
+        // than publish writable.
+        Access::Block if read_only => return Err(Error::ReadOnlyBlock),
         Access::Block => (device.clone(), TargetKind::File),
         Access::Mount { .. } => {
             let staged = mounter

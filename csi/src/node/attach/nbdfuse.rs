@@ -185,7 +185,7 @@ impl NbdfuseLoop {
                 });
             }
             let served = p.pidfile.exists()
-                && read_mounts()?.iter().any(|m| m.mount_point == p.mountpoint)
+                && read_mounts().is_ok_and(|m| m.iter().any(|m| m.mount_point == p.mountpoint))
                 && p.file.is_file();
             if served {
                 break Ok(());

@@ -6,10 +6,12 @@
 //! - [`store`]: the cluster store the controller keeps its state in.
 //! - [`cluster`]: starts and stops a whole cluster on one machine (the
 //!   `ballast cluster` commands, and the integration tests).
+//! - [`node`]: the node plugin's attach (nbdfuse + loop, kernel nbd), mount
+//!   and stage/publish logic; the CSI Node service is built on it.
 //!
-//! The operator CLI lives in `src/bin/ballast`; the CSI node plugin joins
-//! this crate later.
+//! The operator CLI lives in `src/bin/ballast`.
 
 pub mod cluster;
 pub mod controller;
+pub mod node;
 pub mod store;

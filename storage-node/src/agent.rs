@@ -260,6 +260,7 @@ impl Agent {
     pub async fn shutdown(&self) -> Result<(), Error> {
         self.targets.stop_all().await;
         self.exports.lock().await.stop_all().await;
+        self.local.close_all();
         let pools = self.pools.clone();
         blocking(move || Ok(pools.close_all()?)).await
     }

@@ -1,5 +1,6 @@
-//! The agent: pools, the replica catalog, the I/O engine and the exports,
-//! and the operations the gRPC API offers on them.
+//! The agent: pools, the replica catalog, the I/O engine, the exports, the
+//! fenced replicas that the replica server and local targets share, and the
+//! volume targets, with the operations the gRPC API offers on them.
 //!
 //! Every operation that touches disks (mkfs, mount, fallocate, metadata
 //! fsync) runs on tokio's blocking pool so the runtime's threads stay free
@@ -259,6 +260,7 @@ impl Agent {
     pub async fn shutdown(&self) -> Result<(), Error> {
         self.targets.stop_all().await;
         self.exports.lock().await.stop_all().await;
+        self.local.close_all();
         let pools = self.pools.clone();
         blocking(move || Ok(pools.close_all()?)).await
     }

@@ -103,6 +103,10 @@ pub(crate) struct State {
     /// Generation of the latest rebuild; a rebuild task whose generation is
     /// no longer current has been aborted.
     pub(crate) rebuild: u64,
+    /// True while a rebuild is still finding the regions that differ
+    /// (hashes, extents): until then `log` is incomplete, and an abort
+    /// must discard it.
+    pub(crate) scanning: bool,
 }
 
 /// One replica of a target.
@@ -134,6 +138,7 @@ impl Member {
                 drop: None,
                 log: None,
                 rebuild: 0,
+                scanning: false,
             }),
             control: tokio::sync::Mutex::new(()),
             healthy: AtomicBool::new(true),
@@ -407,7 +412,7 @@ impl Core {
         }
         state.sync = SyncState::Faulted;
         state.rebuild += 1;
-        if unknown {
+        if unknown || std::mem::take(&mut state.scanning) {
             state.log = None;
         } else if let Some(log) = &state.log {
             self.generations.mark_unflushed(log);
@@ -499,6 +504,7 @@ impl Core {
         state.log = Some(Arc::clone(&log));
         state.sync = SyncState::Rebuilding;
         state.rebuild += 1;
+        state.scanning = kind != RebuildKind::DirtyLog;
         let generation = state.rebuild;
         drop(state);
         member.progress.done.store(0, Ordering::Relaxed);

@@ -146,6 +146,15 @@ async fn rebuild(
             mark_allocated(core, &source, &*source_io, &*replica_io, pending).await?;
         }
     }
+    {
+        // The map now holds every region that differs: from here on it is
+        // a complete log, even if the rebuild is aborted.
+        let mut state = member.lock();
+        if state.sync != SyncState::Rebuilding || state.rebuild != generation {
+            return Err(Abort::new("Rebuild superseded"));
+        }
+        state.scanning = false;
+    }
     let total: u64 = pending
         .marked()
         .into_iter()

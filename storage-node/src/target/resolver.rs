@@ -126,6 +126,15 @@ impl LocalReplicas {
             .retain(|_, open| open.replica_name != replica_name);
     }
 
+    /// Forgets every open replica, closing their files once no target or
+    /// request holds them (agent shutdown, before the pools unmount).
+    pub fn close_all(&self) {
+        self.open
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
     /// Serves `size_bytes` for the replica named `replica_name` if it is
     /// open (it was grown).
     ///

@@ -59,6 +59,7 @@ async fn fio_verifies_through_nbd_while_a_replica_dies() {
             "--verify_fatal=1",
             "--do_verify=1",
             "--randrepeat=0",
+            "--verify_state_save=0",
         ]
         .into_iter()
         .map(String::from)

@@ -8,9 +8,14 @@
 //!   (invariant 3), the last in-sync replica.
 //! - `rebuild`: delta (dirty log, hashes), full, concurrent writes, joining
 //!   only after the commit (invariant 4).
+//! - `agent`: a real agent (file pool, as root): replica server, StartTarget,
+//!   StopTarget, the local replica shared with the replica server.
+//! - `bench`: full-rebuild throughput (ignored; run by hand).
 //! - `clients`: fio with verification through the real NBD server on a
 //!   3-replica target, with a replica killed mid-run.
 
+mod agent;
+mod bench;
 mod clients;
 mod io;
 mod rebuild;

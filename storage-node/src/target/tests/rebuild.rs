@@ -476,3 +476,41 @@ async fn a_write_waits_for_the_copy_of_its_region() {
     assert_identical(&a, &c);
     assert_eq!(controller.in_syncs().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_aborted_before_its_scan_keeps_no_log() {
+    let size = 8 * MIB;
+    let (a, b, c) = nodes_with_base(size, 2).await;
+    b.serve().await;
+    c.serve().await;
+    let (_controller, address) = start_controller(2, &["a", "b"]).await;
+    let flaky = Flaky::new(c.client());
+    let spec = |io: Arc<Flaky>| ReplicaSpec {
+        io: io as Arc<dyn ReplicaIo>,
+        ..c.spec(c.client(), false)
+    };
+    let target = start_target(
+        size,
+        vec![
+            a.spec(Arc::clone(&a.fenced) as Arc<dyn ReplicaIo>, true),
+            b.spec(b.client(), true),
+            spec(Arc::clone(&flaky)),
+        ],
+        &address,
+    )
+    .await;
+    // Hashing c fails: the rebuild stops before it knows what differs.
+    flaky.fail.store(true, Ordering::SeqCst);
+    target
+        .add_replica(spec(Arc::clone(&flaky)), false)
+        .expect("add replica");
+    eventually("faulted again", || {
+        let c = &target.status().replicas[2];
+        c.state == SyncState::Faulted && c.rebuild_total_bytes == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let c = &target.status().replicas[2];
+    assert_eq!(c.state, SyncState::Faulted);
+    assert_eq!(c.dirty_regions, None, "an incomplete log was kept");
+}

@@ -22,7 +22,7 @@
 //! A volume id is its name (a CSI volume name); each replica is a file
 //! named by the volume id on its node. A name can be used again once the
 //! old volume's record is gone, which waits for every replica to be
-//! destroyed (see docs/adr/volume-id-is-the-name.md).
+//! destroyed (see docs/adr/0006-volume-id-is-the-name.md).
 //!
 //! # Epochs and the in-sync set
 //!

@@ -21,11 +21,13 @@
 //!      extents of its own, and those alone are trimmed.
 //! 4. Each copy covers up to [`COPY_CHUNK_BYTES`] of consecutive regions
 //!    to copy, [`COPIES_IN_FLIGHT`] at once. A copy takes the regions'
-//!    *exclusive* locks (application writes to them wait), clears them from
-//!    the map, lists the source's and the replica's allocated extents in
-//!    the chunk, copies the source's extents and trims what only the
-//!    replica has, then releases the locks. So a copy never overwrites a
-//!    newer write, and only allocated bytes move.
+//!    *exclusive* locks (application writes to them wait), lists the
+//!    source's and the replica's allocated extents in the chunk, copies the
+//!    source's extents and trims what only the replica has, clears the
+//!    regions from the map, then releases the locks. So a copy never
+//!    overwrites a newer write, only allocated bytes move, and a copy that
+//!    fails or is cancelled (another chunk failed first) leaves its regions
+//!    in the log for the next attempt.
 //! 5. When no region is left, the replica is flushed, turns `Joining`, and
 //!    the controller is asked (`ReplicaInSync`, retried until it answers);
 //!    only after its commit does the member become `InSync`.
@@ -380,9 +382,6 @@ async fn copy_chunk(
             return Err(Abort::new("Rebuild superseded"));
         }
     }
-    for region in first..first + count {
-        pending.clear_region(region);
-    }
     let start = first * REGION_BYTES;
     let length = region_span_bytes(first, count, core.size_bytes);
     let epoch = core.epoch;
@@ -418,13 +417,16 @@ async fn copy_chunk(
     };
     match copy.await {
         Ok(()) => {
+            // Cleared only now, still under the exclusive locks: a copy that
+            // fails, or is cancelled because another chunk failed and the
+            // rebuild stopped waiting for it, leaves its regions in the log.
+            for region in first..first + count {
+                pending.clear_region(region);
+            }
             member.progress.done.fetch_add(length, Ordering::Relaxed);
             Ok(())
         }
         Err((side, error)) => {
-            for region in first..first + count {
-                pending.mark_region(region);
-            }
             warn!(
                 volume.id = %core.volume_id,
                 node.id = %member.node_id,

@@ -220,6 +220,10 @@ fn assert_identical(a: &Node, b: &Node) {
 struct Flaky {
     inner: Arc<dyn ReplicaIo>,
     fail: AtomicBool,
+    /// Writes at offsets from this one on fail (`u64::MAX`: none).
+    fail_writes_from: AtomicU64,
+    /// Writes at offsets below this one never complete (0: none).
+    hold_writes_below: AtomicU64,
     hold_read: AtomicBool,
     held: tokio::sync::Notify,
     release: tokio::sync::Semaphore,
@@ -230,6 +234,8 @@ impl Flaky {
         Arc::new(Flaky {
             inner,
             fail: AtomicBool::new(false),
+            fail_writes_from: AtomicU64::new(u64::MAX),
+            hold_writes_below: AtomicU64::new(0),
             hold_read: AtomicBool::new(false),
             held: tokio::sync::Notify::new(),
             release: tokio::sync::Semaphore::new(0),
@@ -287,6 +293,14 @@ impl ReplicaIo for Flaky {
         fua: bool,
     ) -> Result<(), replication::Error> {
         self.check()?;
+        if offset >= self.fail_writes_from.load(Ordering::SeqCst) {
+            return Err(replication::Error::Device(stdio::Error::other(
+                "injected write failure",
+            )));
+        }
+        if offset < self.hold_writes_below.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         self.inner.write(epoch, offset, data, fua).await
     }
 

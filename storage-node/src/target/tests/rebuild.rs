@@ -101,6 +101,45 @@ async fn a_delta_rebuild_copies_only_the_dirty_regions() {
     assert_identical(&cluster.a, &cluster.c);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_cancelled_by_a_failing_chunk_keeps_its_regions_in_the_log() {
+    // 8 MiB of base data: a full rebuild copies two 4 MiB chunks at once.
+    let size = 8 * MIB;
+    let (a, b, c) = nodes_with_base(size, 8).await;
+    b.serve().await;
+    c.serve().await;
+    let (_controller, address) = start_controller(2, &["a", "b"]).await;
+    let flaky = Flaky::new(c.client());
+    let target = start_target(
+        size,
+        vec![
+            a.spec(Arc::clone(&a.fenced) as Arc<dyn ReplicaIo>, true),
+            b.spec(b.client(), true),
+            c.spec(Arc::clone(&flaky) as Arc<dyn ReplicaIo>, false),
+        ],
+        &address,
+    )
+    .await;
+    // The first chunk's copy write hangs; the second chunk's fails, which
+    // ends the rebuild and cancels the first copy mid-way.
+    flaky.hold_writes_below.store(4 * MIB, Ordering::SeqCst);
+    flaky.fail_writes_from.store(4 * MIB, Ordering::SeqCst);
+    let spec = ReplicaSpec {
+        io: Arc::clone(&flaky) as Arc<dyn ReplicaIo>,
+        ..c.spec(c.client(), false)
+    };
+    target.add_replica(spec, true).expect("add replica");
+    eventually("the rebuild to fail", || {
+        target.status().replicas[2].state == SyncState::Faulted
+    })
+    .await;
+    assert_eq!(
+        target.status().replicas[2].dirty_regions,
+        Some(8),
+        "the cancelled copy's regions must stay in the log"
+    );
+}
+
 /// Three replica files with the same base data (the first `base` MiB).
 async fn nodes_with_base(size: u64, base: u64) -> (Node, Node, Node) {
     let (a, b, c) = (

@@ -28,6 +28,11 @@
 //!   [`Error::Disconnected`].
 //! - A socket error, a closed connection, or a malformed or corrupt response
 //!   (CRC mismatch) tears the connection down the same way.
+//! - Every connection carries a new session number, higher than any
+//!   earlier connection of this process ([`protocol`], sessions): once a
+//!   request of the new connection is admitted by the replica, requests
+//!   still queued on a torn-down connection are refused (STALE_SESSION)
+//!   instead of executing late.
 //! - The next request after a failure reconnects, within
 //!   [`ClientConfig::connect_timeout`]; a failed connect is
 //!   [`Error::Connect`]. There is no retry of requests: whether a failed
@@ -84,6 +89,13 @@ impl Default for ClientConfig {
         }
     }
 }
+
+/// The next connection session of this process. Sessions only need to grow
+/// per (epoch, replica), and one epoch belongs to one target in one
+/// process, so one counter for every client of the process keeps them
+/// growing even when a target replaces a client with a new one. Starts at
+/// 1: session 0 stays below every connection.
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
 /// Bytes a request counts against the budget at least, so that many small
 /// requests are bounded too.
@@ -192,8 +204,15 @@ impl ReplicaClient {
             }
         });
         shared.adopt(&[reader.abort_handle(), writer.abort_handle()]);
-        debug!(volume.id = %self.volume_id, %addr, "Connected to replica");
-        Ok(Arc::new(Connection { shared, outbox }))
+        // Taken after the connection is up, so a connection opened later
+        // always carries a higher session than this one.
+        let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+        debug!(volume.id = %self.volume_id, %addr, session, "Connected to replica");
+        Ok(Arc::new(Connection {
+            shared,
+            outbox,
+            session,
+        }))
     }
 
     /// Sends one request and waits for its response; `decode` turns an OK
@@ -231,6 +250,7 @@ impl ReplicaClient {
             flags,
             request_id,
             epoch,
+            session: connection.session,
             offset,
             length,
             payload_len: payload.len() as u32,
@@ -267,7 +287,8 @@ impl ReplicaClient {
         drop(registered);
         let (header, payload) = reply;
         if header.status != Status::Ok {
-            return Err(self.status_error(&header, payload, epoch, offset, length));
+            let session = connection.session;
+            return Err(self.status_error(&header, payload, epoch, session, offset, length));
         }
         decode(request_id, payload).map_err(|error| {
             let error = Arc::new(error);
@@ -292,6 +313,7 @@ impl ReplicaClient {
         header: &ResponseHeader,
         payload: IoBuf,
         epoch: u64,
+        session: u64,
         offset: u64,
         length: u64,
     ) -> Error {
@@ -299,6 +321,10 @@ impl ReplicaClient {
         match header.status {
             Status::StaleEpoch => Error::StaleEpoch {
                 request: epoch,
+                current: header.detail,
+            },
+            Status::StaleSession => Error::StaleSession {
+                request: session,
                 current: header.detail,
             },
             Status::NotFound => Error::VolumeNotFound {
@@ -599,6 +625,8 @@ type Reply = (ResponseHeader, IoBuf);
 struct Connection {
     shared: Arc<Shared>,
     outbox: mpsc::UnboundedSender<Outgoing>,
+    /// The session every request on this connection carries.
+    session: u64,
 }
 
 impl Connection {

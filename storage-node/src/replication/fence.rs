@@ -34,6 +34,25 @@
 //! - Concurrent raises serialise on the write guard; a raise to an epoch at
 //!   most the current one does nothing.
 //!
+//! # Sessions
+//!
+//! The same ordering holds *within* an epoch between the connections of a
+//! remote target ([`super::protocol`], sessions). Requests from the server
+//! carry their connection's session; the lock holds the newest (epoch,
+//! session) admitted, compared in that order:
+//!
+//! - a lower session under the current epoch is refused with
+//!   [`Error::StaleSession`], nothing executed;
+//! - a higher session takes the write guard like an epoch raise (waiting
+//!   for every admitted operation, all of older sessions or epochs), then
+//!   records the session (in memory only: after a restart no connection of
+//!   before can send anything) and downgrades;
+//! - raising the epoch resets the session to the raising request's.
+//!
+//! In-process callers (the [`ReplicaIo`] methods of [`FencedReplica`]) have
+//! no session and are only checked by epoch: their requests are never
+//! abandoned while queued (a local request is waited for, not timed out).
+//!
 //! Cancellation must not break this: dropping a caller's future must not
 //! release the guard while the kernel may still write. So every operation,
 //! including its admission and any epoch persist, runs in its own tokio task
@@ -46,9 +65,9 @@
 //!
 //! # What it must never do
 //!
-//! Touch data for a stale epoch; run I/O under an epoch that is not yet
-//! durable; let an I/O admitted under an old epoch overlap one admitted under
-//! a newer epoch.
+//! Touch data for a stale epoch or session; run I/O under an epoch that is
+//! not yet durable; let an I/O admitted under an old epoch (or session)
+//! overlap one admitted under a newer one.
 
 use std::io;
 use std::path::PathBuf;
@@ -146,8 +165,9 @@ struct Inner {
     /// a file (tests), in which case everything counts as data.
     data_path: Option<PathBuf>,
     store: Arc<dyn EpochStore>,
-    /// The highest accepted epoch; read guards are held by admitted I/O.
-    epoch: Arc<RwLock<u64>>,
+    /// The highest accepted epoch and the newest session admitted under
+    /// it; read guards are held by admitted I/O.
+    epoch: Arc<RwLock<Admitted>>,
     /// A copy of `epoch` readable without waiting.
     current: AtomicU64,
 }
@@ -205,7 +225,7 @@ impl FencedReplica {
                 block_size,
                 data_path,
                 store,
-                epoch: Arc::new(RwLock::new(epoch)),
+                epoch: Arc::new(RwLock::new(Admitted { epoch, session: 0 })),
                 current: AtomicU64::new(epoch),
             }),
         }
@@ -241,7 +261,7 @@ impl FencedReplica {
     /// future is dropped (see the module docs).
     async fn run(&self, epoch: u64, command: Command) -> Result<Outcome, Error> {
         let inner = Arc::clone(&self.inner);
-        let task = async move { inner.admit_and_execute(epoch, command).await };
+        let task = async move { inner.admit_and_execute(epoch, None, command).await };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => runtime.spawn(task).await.unwrap_or_else(|error| {
                 Err(Error::Device(io::Error::other(format!(
@@ -252,17 +272,37 @@ impl FencedReplica {
         }
     }
 
-    /// Executes `command` under an admission of `epoch` in a new task and
-    /// hands the outcome to `then` from that task: what the server does, one
-    /// task per request. Must be called within a tokio runtime.
+    /// Executes `command` under an admission of `epoch` and `session` (a
+    /// remote connection's, see the module docs) in a new task and hands
+    /// the outcome to `then` from that task: what the server does, one task
+    /// per request. Must be called within a tokio runtime.
     pub(crate) fn submit(
         &self,
         epoch: u64,
+        session: u64,
         command: Command,
         then: impl FnOnce(Result<Outcome, Error>) + Send + 'static,
     ) {
         let inner = Arc::clone(&self.inner);
-        tokio::spawn(async move { then(inner.admit_and_execute(epoch, command).await) });
+        tokio::spawn(
+            async move { then(inner.admit_and_execute(epoch, Some(session), command).await) },
+        );
+    }
+}
+
+/// The newest admission: the highest accepted epoch and the newest
+/// session admitted under it (0 when only in-process callers were).
+#[derive(Debug, Clone, Copy)]
+struct Admitted {
+    epoch: u64,
+    session: u64,
+}
+
+impl Admitted {
+    /// True when a request of `epoch` and `session` must raise this
+    /// admission (and so wait for every operation admitted before).
+    fn is_older_than(&self, epoch: u64, session: Option<u64>) -> bool {
+        epoch > self.epoch || (epoch == self.epoch && session.is_some_and(|s| s > self.session))
     }
 }
 
@@ -325,50 +365,84 @@ fn mismatch(outcome: Outcome) -> Error {
 }
 
 impl Inner {
-    /// Checks `epoch` against the highest accepted one, raising it if lower;
-    /// the returned guard keeps any raise waiting until it is dropped.
-    async fn admit(&self, epoch: u64) -> Result<OwnedRwLockReadGuard<u64>, Error> {
+    /// Checks `epoch` (and `session`, for a remote request) against the
+    /// newest admission, raising it if older; the returned guard keeps any
+    /// raise waiting until it is dropped.
+    async fn admit(
+        &self,
+        epoch: u64,
+        session: Option<u64>,
+    ) -> Result<OwnedRwLockReadGuard<Admitted>, Error> {
         let admitted = Arc::clone(&self.epoch).read_owned().await;
-        if epoch <= *admitted {
-            return self.check(epoch, admitted);
+        if !admitted.is_older_than(epoch, session) {
+            return self.check(epoch, session, admitted);
         }
         drop(admitted);
-        // Waits for every operation admitted under a lower epoch.
+        // Waits for every operation admitted under a lower epoch or an
+        // older session.
         let mut raising = Arc::clone(&self.epoch).write_owned().await;
-        if epoch > *raising {
-            self.store
-                .persist(epoch)
-                .await
-                .map_err(|source| Error::PersistEpoch { epoch, source })?;
-            info!(
-                volume.id = %self.volume_id,
-                replica.id = %self.replica_id,
-                epoch,
-                previous = *raising,
-                "Replica epoch raised"
-            );
-            *raising = epoch;
-            self.current.store(epoch, Ordering::Release);
+        if raising.is_older_than(epoch, session) {
+            if epoch > raising.epoch {
+                self.store
+                    .persist(epoch)
+                    .await
+                    .map_err(|source| Error::PersistEpoch { epoch, source })?;
+                info!(
+                    volume.id = %self.volume_id,
+                    replica.id = %self.replica_id,
+                    epoch,
+                    previous = raising.epoch,
+                    "Replica epoch raised"
+                );
+                raising.epoch = epoch;
+                self.current.store(epoch, Ordering::Release);
+            } else {
+                debug!(
+                    volume.id = %self.volume_id,
+                    replica.id = %self.replica_id,
+                    epoch,
+                    session,
+                    previous = raising.session,
+                    "Replica session raised"
+                );
+            }
+            raising.session = session.unwrap_or(0);
         }
-        self.check(epoch, raising.downgrade())
+        self.check(epoch, session, raising.downgrade())
     }
 
     fn check(
         &self,
         epoch: u64,
-        admitted: OwnedRwLockReadGuard<u64>,
-    ) -> Result<OwnedRwLockReadGuard<u64>, Error> {
-        if epoch < *admitted {
+        session: Option<u64>,
+        admitted: OwnedRwLockReadGuard<Admitted>,
+    ) -> Result<OwnedRwLockReadGuard<Admitted>, Error> {
+        if epoch < admitted.epoch {
             debug!(
                 volume.id = %self.volume_id,
                 replica.id = %self.replica_id,
                 epoch,
-                current = *admitted,
+                current = admitted.epoch,
                 "Refusing a request with a stale epoch"
             );
             return Err(Error::StaleEpoch {
                 request: epoch,
-                current: *admitted,
+                current: admitted.epoch,
+            });
+        }
+        if let Some(session) = session.filter(|&s| epoch == admitted.epoch && s < admitted.session)
+        {
+            debug!(
+                volume.id = %self.volume_id,
+                replica.id = %self.replica_id,
+                epoch,
+                session,
+                current = admitted.session,
+                "Refusing a request of a stale session"
+            );
+            return Err(Error::StaleSession {
+                request: session,
+                current: admitted.session,
             });
         }
         Ok(admitted)
@@ -438,8 +512,13 @@ impl Inner {
         Ok(hashes)
     }
 
-    async fn admit_and_execute(&self, epoch: u64, command: Command) -> Result<Outcome, Error> {
-        let _admitted = self.admit(epoch).await?;
+    async fn admit_and_execute(
+        &self,
+        epoch: u64,
+        session: Option<u64>,
+        command: Command,
+    ) -> Result<Outcome, Error> {
+        let _admitted = self.admit(epoch, session).await?;
         self.execute(command).await
     }
 

@@ -31,6 +31,12 @@
 //! - A new, higher epoch is durable (through [`EpochStore`]) before any I/O
 //!   runs under it, and only after every I/O admitted under a lower epoch has
 //!   completed (see [`fence`]).
+//! - Within an epoch, a request of a remote client's newer connection
+//!   (session) runs only after every request admitted under older sessions
+//!   has completed, and requests of older sessions are refused from then
+//!   on ([`Error::StaleSession`]): a connection the client tore down can
+//!   never write after its replacement (see [`protocol`] and
+//!   `docs/adr/0007-replica-protocol-sessions.md`).
 //! - Bytes that fail their CRC32C on the wire are never written and never
 //!   returned to a caller; the connection that carried them is closed.
 //! - Malformed input closes that one connection; nothing in this module
@@ -160,6 +166,18 @@ pub enum Error {
         /// The replica's highest accepted epoch.
         current: u64,
     },
+    /// The request's session is older than the newest the replica admitted
+    /// under the same epoch: it was sent on a connection its client has
+    /// since replaced, and was not executed. Only a request left over from
+    /// a torn-down connection sees this, so its outcome counts as a failure
+    /// of the replica, like the timeout that tore the connection down.
+    #[error("Session {request} is stale: the replica has admitted session {current}")]
+    StaleSession {
+        /// The refused session.
+        request: u64,
+        /// The replica's newest admitted session under the request's epoch.
+        current: u64,
+    },
     /// The node has no replica of this volume.
     #[error("No replica of volume {volume_id} on this node")]
     VolumeNotFound {
@@ -263,6 +281,7 @@ impl Error {
         // No `_` arm: a new variant must choose its status.
         match self {
             Error::StaleEpoch { current, .. } => (Status::StaleEpoch, *current),
+            Error::StaleSession { current, .. } => (Status::StaleSession, *current),
             Error::VolumeNotFound { .. } => (Status::NotFound, 0),
             Error::OutOfRange { size_bytes, .. } => (Status::OutOfRange, *size_bytes),
             Error::NoSpace => (Status::NoSpace, 0),
@@ -293,7 +312,7 @@ impl Error {
             | Error::OutOfRange { .. }
             | Error::InvalidRequest { .. }
             | Error::Bind { .. } => false,
-            Error::NoSpace => true,
+            Error::NoSpace | Error::StaleSession { .. } => true,
             Error::Remote { status, .. } => *status != Status::BadRequest,
             Error::VolumeNotFound { .. }
             | Error::Unavailable { .. }
@@ -345,6 +364,7 @@ impl From<Error> for BlockError {
             Error::Device(e) => BlockError::Io(e),
             Error::Timeout { .. } => BlockError::Io(io::Error::new(io::ErrorKind::TimedOut, error)),
             Error::PersistEpoch { .. }
+            | Error::StaleSession { .. }
             | Error::InvalidRequest { .. }
             | Error::Remote { .. }
             | Error::Disconnected { .. }

@@ -11,25 +11,40 @@
 //! (the byte order of every platform Ballast runs on, so nothing is
 //! swapped). Lengths and offsets are in bytes.
 //!
-//! ## Request frame (56 bytes + volume id + payload)
+//! ## Request frame (64 bytes + volume id + payload)
 //!
 //! | offset | size | field | meaning |
 //! |---:|---:|---|---|
 //! | 0 | 4 | magic | `"BLRQ"` (`42 4C 52 51`) |
-//! | 4 | 1 | version | [`VERSION`] (1) |
+//! | 4 | 1 | version | [`VERSION`] (2) |
 //! | 5 | 1 | op | [`Op`] |
 //! | 6 | 2 | flags | bit 0 [`Flags::FUA`], bit 1 [`Flags::NO_HOLE`]; other bits zero |
 //! | 8 | 8 | request id | chosen by the client, echoed in the response |
 //! | 16 | 8 | epoch | the target's epoch (fencing) |
-//! | 24 | 8 | offset | first byte of the range |
-//! | 32 | 8 | length | length of the range (see the ops) |
-//! | 40 | 4 | payload length | bytes of payload after the volume id, at most [`MAX_PAYLOAD_BYTES`] |
-//! | 44 | 4 | payload CRC | CRC32C of the payload (0 when empty) |
-//! | 48 | 1 | volume id length | 1 to [`MAX_VOLUME_ID_BYTES`] |
-//! | 49 | 3 | reserved | zero |
-//! | 52 | 4 | header CRC | CRC32C of bytes 0..52 followed by the volume id |
-//! | 56 | n | volume id | UTF-8 |
-//! | 56+n | p | payload | |
+//! | 24 | 8 | session | the client's connection session (see below) |
+//! | 32 | 8 | offset | first byte of the range |
+//! | 40 | 8 | length | length of the range (see the ops) |
+//! | 48 | 4 | payload length | bytes of payload after the volume id, at most [`MAX_PAYLOAD_BYTES`] |
+//! | 52 | 4 | payload CRC | CRC32C of the payload (0 when empty) |
+//! | 56 | 1 | volume id length | 1 to [`MAX_VOLUME_ID_BYTES`] |
+//! | 57 | 3 | reserved | zero |
+//! | 60 | 4 | header CRC | CRC32C of bytes 0..60 followed by the volume id |
+//! | 64 | n | volume id | UTF-8 |
+//! | 64+n | p | payload | |
+//!
+//! ## Sessions
+//!
+//! A client takes a new session number, higher than any it (or any other
+//! client in its process) used before, for every connection it opens, and
+//! sends it in every request of that connection. A replica admits a
+//! request only if its (epoch, session) is not older than the newest it
+//! admitted: a lower session under the current epoch is refused with
+//! STALE_SESSION, and a higher one first waits for every request admitted
+//! under older sessions to complete (see [`super::fence`]). So requests of
+//! a connection the client gave up on (a timeout tore it down while they
+//! sat in the replica's socket buffer, e.g. its node was paused) can never
+//! execute after a request of a newer connection. Version 1 had no session
+//! and is refused.
 //!
 //! ## Response frame (36 bytes + payload)
 //!
@@ -40,7 +55,7 @@
 //! | 5 | 1 | status | [`Status`] |
 //! | 6 | 2 | reserved | zero |
 //! | 8 | 8 | request id | of the request answered (0 if it could not be trusted) |
-//! | 16 | 8 | detail | STALE_EPOCH: the replica's epoch; OUT_OF_RANGE: its size in bytes; else 0 |
+//! | 16 | 8 | detail | STALE_EPOCH: the replica's epoch; STALE_SESSION: its newest session; OUT_OF_RANGE: its size in bytes; else 0 |
 //! | 24 | 4 | payload length | at most [`MAX_PAYLOAD_BYTES`] |
 //! | 28 | 4 | payload CRC | CRC32C of the payload |
 //! | 32 | 4 | header CRC | CRC32C of bytes 0..32 |
@@ -100,8 +115,9 @@ pub use super::{
     MAX_EXTENTS_PER_RESPONSE, MAX_PAYLOAD_BYTES, MAX_REGIONS_PER_REQUEST, MAX_VOLUME_ID_BYTES,
 };
 
-/// Protocol version this code speaks.
-pub const VERSION: u8 = 1;
+/// Protocol version this code speaks (2: sessions in the request header).
+/// Frames of any other version are refused with BAD_REQUEST.
+pub const VERSION: u8 = 2;
 
 /// Magic of request frames: `"BLRQ"`.
 pub const REQUEST_MAGIC: [u8; 4] = *b"BLRQ";
@@ -110,7 +126,7 @@ pub const REQUEST_MAGIC: [u8; 4] = *b"BLRQ";
 pub const RESPONSE_MAGIC: [u8; 4] = *b"BLRS";
 
 /// Bytes of the fixed request header, before the volume id.
-pub const REQUEST_HEADER_LEN: usize = 56;
+pub const REQUEST_HEADER_LEN: usize = 64;
 
 /// Bytes of the response header.
 pub const RESPONSE_HEADER_LEN: usize = 36;
@@ -381,6 +397,10 @@ pub enum Status {
     Checksum = 7,
     /// The replica is not accepting I/O (stopping).
     Unavailable = 8,
+    /// The request's session is older than the newest the replica admitted
+    /// under its epoch (in `detail`): it comes from a connection the client
+    /// gave up on, and was not executed.
+    StaleSession = 9,
 }
 
 impl Status {
@@ -396,6 +416,7 @@ impl Status {
             6 => Status::BadRequest,
             7 => Status::Checksum,
             8 => Status::Unavailable,
+            9 => Status::StaleSession,
             _ => return None,
         })
     }
@@ -413,6 +434,7 @@ impl fmt::Display for Status {
             Status::BadRequest => "BAD_REQUEST",
             Status::Checksum => "CHECKSUM",
             Status::Unavailable => "UNAVAILABLE",
+            Status::StaleSession => "STALE_SESSION",
         };
         f.write_str(name)
     }
@@ -429,6 +451,8 @@ pub struct RequestHeader {
     pub request_id: u64,
     /// The target's epoch.
     pub epoch: u64,
+    /// The client's connection session (see the module docs).
+    pub session: u64,
     /// First byte of the range.
     pub offset: u64,
     /// Length of the range in bytes.
@@ -478,15 +502,16 @@ impl RequestHeader {
         bytes[6..8].copy_from_slice(&self.flags.0.to_le_bytes());
         bytes[8..16].copy_from_slice(&self.request_id.to_le_bytes());
         bytes[16..24].copy_from_slice(&self.epoch.to_le_bytes());
-        bytes[24..32].copy_from_slice(&self.offset.to_le_bytes());
-        bytes[32..40].copy_from_slice(&self.length.to_le_bytes());
-        bytes[40..44].copy_from_slice(&self.payload_len.to_le_bytes());
-        bytes[44..48].copy_from_slice(&self.payload_crc.to_le_bytes());
-        bytes[48] = id.len() as u8;
+        bytes[24..32].copy_from_slice(&self.session.to_le_bytes());
+        bytes[32..40].copy_from_slice(&self.offset.to_le_bytes());
+        bytes[40..48].copy_from_slice(&self.length.to_le_bytes());
+        bytes[48..52].copy_from_slice(&self.payload_len.to_le_bytes());
+        bytes[52..56].copy_from_slice(&self.payload_crc.to_le_bytes());
+        bytes[56] = id.len() as u8;
         let len = REQUEST_HEADER_LEN + id.len();
         bytes[REQUEST_HEADER_LEN..len].copy_from_slice(id);
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[..52]), id);
-        bytes[52..56].copy_from_slice(&crc.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[..60]), id);
+        bytes[60..64].copy_from_slice(&crc.to_le_bytes());
         EncodedRequest { bytes, len }
     }
 }
@@ -511,26 +536,26 @@ pub async fn read_request_header<R: AsyncRead + Unpin>(
     if fixed[4] != VERSION {
         return Err(Error::BadVersion(fixed[4]));
     }
-    let id_len = fixed[48];
+    let id_len = fixed[56];
     if id_len == 0 || usize::from(id_len) > MAX_VOLUME_ID_BYTES {
         return Err(Error::VolumeIdLength(id_len));
     }
     let mut id = vec![0u8; usize::from(id_len)];
     reader.read_exact(&mut id).await?;
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&fixed[..52]), &id);
-    if crc != u32::from_le_bytes(array(&fixed, 52)) {
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&fixed[..60]), &id);
+    if crc != u32::from_le_bytes(array(&fixed, 60)) {
         return Err(Error::HeaderChecksum);
     }
     // The header is intact from here on: its fields can be trusted.
     let request_id = u64::from_le_bytes(array(&fixed, 8));
-    let payload_len = u32::from_le_bytes(array(&fixed, 40));
+    let payload_len = u32::from_le_bytes(array(&fixed, 48));
     if payload_len as usize > MAX_PAYLOAD_BYTES {
         return Err(Error::PayloadTooLarge {
             request_id,
             len: payload_len,
         });
     }
-    if fixed[49..52] != [0; 3] {
+    if fixed[57..60] != [0; 3] {
         return Err(Error::Reserved { request_id });
     }
     let op = Op::from_code(fixed[5]).ok_or(Error::UnknownOp {
@@ -551,10 +576,11 @@ pub async fn read_request_header<R: AsyncRead + Unpin>(
         flags,
         request_id,
         epoch: u64::from_le_bytes(array(&fixed, 16)),
-        offset: u64::from_le_bytes(array(&fixed, 24)),
-        length: u64::from_le_bytes(array(&fixed, 32)),
+        session: u64::from_le_bytes(array(&fixed, 24)),
+        offset: u64::from_le_bytes(array(&fixed, 32)),
+        length: u64::from_le_bytes(array(&fixed, 40)),
         payload_len,
-        payload_crc: u32::from_le_bytes(array(&fixed, 44)),
+        payload_crc: u32::from_le_bytes(array(&fixed, 52)),
     };
     Ok(Some((header, volume_id)))
 }

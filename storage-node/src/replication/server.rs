@@ -389,7 +389,7 @@ async fn read_requests(
         let responses = responses.clone();
         let executing = Arc::clone(&replica);
         // One task per request, which answers as soon as the I/O is done.
-        replica.submit(header.epoch, command, move |outcome| {
+        replica.submit(header.epoch, header.session, command, move |outcome| {
             let response = respond(&executing, &header, outcome);
             let _ = responses.send(response);
             drop((request_permit, bytes_permit));
@@ -524,7 +524,7 @@ fn respond(
             Payload::Bytes(protocol::encode_extents(&extents, complete_to))
         }
         Err(error) => {
-            if !matches!(error, Error::StaleEpoch { .. }) {
+            if !matches!(error, Error::StaleEpoch { .. } | Error::StaleSession { .. }) {
                 debug!(
                     volume.id = %replica.volume_id(),
                     replica.id = %replica.replica_id(),

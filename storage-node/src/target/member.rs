@@ -107,6 +107,14 @@ pub(crate) struct State {
     /// (hashes, extents): until then `log` is incomplete, and an abort
     /// must discard it.
     pub(crate) scanning: bool,
+    /// True once the replica is known to have accepted the target's epoch
+    /// (it answered the claim at start, or a rebuild's scan under this
+    /// target's epoch): from then on no older target can write to it, so
+    /// a dirty-region log started later describes every change it missed.
+    /// While false, an older target (paused or partitioned) may still be
+    /// writing to it in regions this target never writes, and only a
+    /// comparison of the whole volume finds those (invariant 4).
+    pub(crate) claimed: bool,
 }
 
 /// One replica of a target.
@@ -139,6 +147,7 @@ impl Member {
                 log: None,
                 rebuild: 0,
                 scanning: false,
+                claimed: false,
             }),
             control: tokio::sync::Mutex::new(()),
             healthy: AtomicBool::new(true),
@@ -288,7 +297,9 @@ impl Core {
                     );
                     return Wait::LastInSync;
                 }
-                state.log = (!unknown).then(|| self.new_log());
+                // A log is only valid for a replica that holds this
+                // target's epoch: see `State::claimed`.
+                state.log = (!unknown && state.claimed).then(|| self.new_log());
                 Member::mark(&state, range);
                 state.sync = SyncState::Dropping;
                 let (outcome, waiter) = watch::channel(DropOutcome::Pending);
@@ -488,7 +499,7 @@ impl Core {
                 });
             }
             SyncState::Faulted if full => RebuildKind::Full,
-            SyncState::Faulted if state.log.is_some() => RebuildKind::DirtyLog,
+            SyncState::Faulted if state.log.is_some() && state.claimed => RebuildKind::DirtyLog,
             SyncState::Faulted => RebuildKind::Hashes,
         };
         // A fresh connection (and the address the controller knows now).

@@ -30,7 +30,10 @@
 //! in-sync replica is never dropped: the write fails with EIO instead. From
 //! the drop on, the replica's *dirty-region log* ([`regions::RegionMap`],
 //! 1 MiB regions) records every region written without it, starting with
-//! the regions whose writes may not have been flushed on it yet.
+//! the regions whose writes may not have been flushed on it yet. A replica
+//! that has not accepted this target's epoch (it did not answer the claim
+//! at start) gets no log: an older target may still write to it, and only
+//! a comparison of hashes finds those writes (see [`rebuild`]).
 //! FLUSH goes to the same replicas with the same rules.
 //!
 //! # Fencing (invariant 3)
@@ -481,6 +484,10 @@ impl Core {
                 Err(_) => Some(format!("no answer within {timeout:?}")),
             };
             member.set_healthy(problem.is_none());
+            if problem.is_none() {
+                // It persisted this epoch: older targets are fenced off it.
+                member.lock().claimed = true;
+            }
             if let Some(problem) = problem {
                 warn!(
                     volume.id = %self.volume_id,

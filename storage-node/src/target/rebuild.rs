@@ -9,11 +9,11 @@
 //!    replicas before that, so each later write reaches the replica, and
 //!    every earlier one is on the source before anything is compared.
 //! 3. The regions to copy (a [`RegionMap`], 1 MiB regions) are:
-//!    - [`RebuildKind::DirtyLog`] (a returning replica the target dropped):
-//!      the dirty-region log kept since the drop;
-//!    - [`RebuildKind::Hashes`] (a returning replica without a log, e.g.
-//!      after the target restarted): regions whose `region_hashes` differ
-//!      between an in-sync source and the replica;
+//!    - [`RebuildKind::DirtyLog`] (a returning replica the target dropped
+//!      after it had claimed it): the dirty-region log kept since the drop;
+//!    - [`RebuildKind::Hashes`] (a returning replica without a valid log):
+//!      regions whose `region_hashes` differ between an in-sync source and
+//!      the replica, over the whole volume;
 //!    - [`RebuildKind::Full`] (a new replica): regions allocated on the
 //!      source or on the replica (`allocated_extents`). A new replica is
 //!      sparse, so it reads as zeroes and holds nothing the source lacks;
@@ -31,6 +31,26 @@
 //! 5. When no region is left, the replica is flushed, turns `Joining`, and
 //!    the controller is asked (`ReplicaInSync`, retried until it answers);
 //!    only after its commit does the member become `InSync`.
+//!
+//! # When a dirty-region log may be trusted
+//!
+//! A log records what *this* target wrote without the replica. It is only
+//! complete if nobody else wrote to the replica since the drop, and an
+//! older target can: until a replica has accepted this target's epoch, a
+//! paused or partitioned older target (epoch lower than ours) may still
+//! write to it, e.g. to its own local replica, in regions this target
+//! never writes. So a log is valid only for a replica that had persisted
+//! this target's epoch before the log started: it answered the target's
+//! claim (INFO at the target's epoch) at start, or a rebuild's scan under
+//! this epoch completed (`claimed` in the member's state). A replica that
+//! did not answer the claim is dropped without a log, and its rebuild
+//! compares hashes over the whole volume; the scan's first request raises
+//! the replica to this epoch, which waits for every request of an older
+//! epoch still executing there, so the hashes see every stale write. The
+//! replica's epoch is not asked for when the rebuild starts: the
+//! rebuild's own writes (or an earlier aborted attempt) may already have
+//! raised it, hiding stale writes that landed before. A restarted target
+//! has no log at all and compares hashes too, for the same reason.
 //!
 //! A failed write or copy to the replica aborts the rebuild (back to
 //! `Faulted`, with the regions still to copy kept as its log); a failed
@@ -156,6 +176,10 @@ async fn rebuild(
             return Err(Abort::new("Rebuild superseded"));
         }
         state.scanning = false;
+        // The scan's requests were admitted under this target's epoch (a
+        // dirty-log rebuild needs `claimed` already): no older target can
+        // write to the replica any more.
+        state.claimed = true;
     }
     let total: u64 = pending
         .marked()

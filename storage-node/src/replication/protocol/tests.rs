@@ -8,6 +8,7 @@ fn header() -> RequestHeader {
         flags: Flags::FUA,
         request_id: 7,
         epoch: 3,
+        session: 11,
         offset: 4096,
         length: 5,
         payload_len: 5,
@@ -31,6 +32,10 @@ async fn request_header_round_trips() {
     assert_eq!(decoded, header());
     assert_eq!(volume, "vol-1");
     assert!(matches!(decode(&[]).await, Ok(None)));
+    // Version 1 (no session) is refused, not misread.
+    let mut old = encoded.as_bytes().to_vec();
+    old[4] = 1;
+    assert!(matches!(decode(&old).await, Err(Error::BadVersion(1))));
     assert!(matches!(
         decode(&encoded.as_bytes()[..20]).await,
         Err(Error::Closed)
@@ -79,8 +84,8 @@ async fn bounds_and_flags_are_checked_after_the_crc() {
     let mut unknown = header().encode("v");
     unknown.as_mut_bytes()[5] = 99;
     let bytes = unknown.as_mut_bytes();
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[..52]), b"v");
-    bytes[52..56].copy_from_slice(&crc.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[..60]), b"v");
+    bytes[60..64].copy_from_slice(&crc.to_le_bytes());
     assert!(matches!(
         decode(bytes).await,
         Err(Error::UnknownOp { op: 99, .. })

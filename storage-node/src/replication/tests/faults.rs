@@ -18,6 +18,7 @@ fn write_frame(request_id: u64, offset: u64, data: &[u8], volume_id: &str) -> Ve
         flags: Flags::FUA,
         request_id,
         epoch: 1,
+        session: 1,
         offset,
         length: data.len() as u64,
         payload_len: data.len() as u32,
@@ -119,6 +120,7 @@ async fn an_oversized_frame_closes_only_its_connection() {
         flags: Flags::NONE,
         request_id: 21,
         epoch: 1,
+        session: 1,
         offset: 0,
         length: 64 << 20,
         payload_len: 64 << 20,
@@ -147,6 +149,7 @@ async fn an_oversized_frame_closes_only_its_connection() {
             flags: Flags::NONE,
             request_id: 22,
             epoch: 1,
+            session: 1,
             offset: 0,
             length,
             payload_len: payload.len() as u32,
@@ -181,7 +184,7 @@ async fn garbage_closes_the_connection_and_the_server_lives_on() {
         b"GET / HTTP/1.1\r\nHost: replica.example\r\nUser-Agent: test\r\nAccept: */*\r\n\r\n"
             .to_vec(),
         pattern(77, 300).to_vec(),
-        vec![0; 56],
+        vec![0; crate::replication::protocol::REQUEST_HEADER_LEN],
     ] {
         let mut stream = TcpStream::connect(server.local_addr())
             .await

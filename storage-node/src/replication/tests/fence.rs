@@ -144,7 +144,7 @@ async fn concurrent_raises_serialise_and_persist_each_epoch_once() {
 }
 
 /// A gated device behind a fence, with the event log both share.
-fn gated(
+pub(super) fn gated(
     replica: &TestReplica,
 ) -> (
     Arc<GatedDevice>,

@@ -11,6 +11,7 @@
 mod bench;
 mod faults;
 mod fence;
+mod session;
 mod tcp;
 
 use std::collections::HashMap;

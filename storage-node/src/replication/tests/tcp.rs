@@ -118,6 +118,7 @@ fn request(op: Op, request_id: u64, epoch: u64, offset: u64, length: u64) -> Req
         flags: Flags::NONE,
         request_id,
         epoch,
+        session: 1,
         offset,
         length,
         payload_len: 0,

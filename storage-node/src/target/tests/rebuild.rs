@@ -553,3 +553,74 @@ async fn a_rebuild_aborted_before_its_scan_keeps_no_log() {
     assert_eq!(c.state, SyncState::Faulted);
     assert_eq!(c.dirty_regions, None, "an incomplete log was kept");
 }
+
+/// Invariant 4 against a stale target: the target (epoch 2) never claimed
+/// c (c did not answer at start), so c still accepts epoch 1, and an older
+/// target writes region 3 there, which this target never writes. A rebuild
+/// by dirty-region log would miss it; the rebuild must compare hashes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_the_target_never_claimed_is_rebuilt_by_hashes() {
+    let size = 8 * MIB;
+    let (a, b, c) = nodes_with_base(size, 4).await;
+    b.serve().await;
+    c.serve().await;
+    let (controller, address) = start_controller(2, &["a", "b", "c"]).await;
+    // c is unreachable while the target starts (a paused node).
+    let unreachable = Flaky::new(c.client());
+    unreachable.fail.store(true, Ordering::SeqCst);
+    let target = start_target(
+        size,
+        vec![
+            a.spec(Arc::clone(&a.fenced) as Arc<dyn ReplicaIo>, true),
+            b.spec(b.client(), true),
+            ReplicaSpec {
+                io: unreachable as Arc<dyn ReplicaIo>,
+                ..c.spec(c.client(), true)
+            },
+        ],
+        &address,
+    )
+    .await;
+    let cluster = Cluster {
+        a,
+        b,
+        c,
+        controller,
+        target,
+        size,
+    };
+    cluster.wait_state("c", SyncState::Faulted).await;
+    assert_eq!(cluster.c.fenced.current_epoch(), 1, "c was claimed");
+    // The new target writes region 1 only: its log (if it kept one) holds
+    // region 1 and not region 3.
+    bounded(
+        "write",
+        cluster.target.write(MIB, pattern(71, MIB as usize), false),
+    )
+    .await
+    .expect("write while c is out");
+    bounded("flush", cluster.target.flush())
+        .await
+        .expect("flush");
+    // The old target (epoch 1) resumes and writes its local replica c.
+    cluster.c.put(1, 3 * MIB, pattern(72, MIB as usize)).await;
+    assert_eq!(
+        cluster.state("c").dirty_regions,
+        None,
+        "a dirty-region log was kept for a replica an older target can write"
+    );
+
+    cluster
+        .target
+        .add_replica(cluster.c.spec(cluster.c.client(), false), false)
+        .expect("add replica");
+    cluster.wait_state("c", SyncState::InSync).await;
+    assert_eq!(cluster.c.fenced.current_epoch(), 2);
+    assert_identical(&cluster.a, &cluster.c);
+    assert_identical(&cluster.a, &cluster.b);
+    assert_eq!(
+        cluster.state("c").rebuild_copied_bytes,
+        2 * MIB,
+        "the regions written by either target are copied, no others"
+    );
+}

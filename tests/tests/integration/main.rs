@@ -11,5 +11,6 @@ mod crash;
 mod filesystem;
 mod harness;
 mod nbd_clients;
+mod netcut;
 mod pools;
 mod replication;

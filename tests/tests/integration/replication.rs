@@ -14,10 +14,9 @@ use anyhow::{Context, Result, bail, ensure};
 use ballast_proto::agent::target_service_client::TargetServiceClient;
 use ballast_proto::agent::{GetTargetRequest, StartTargetRequest, TargetReplica};
 use nix::sys::signal::Signal;
-use serde_json::Value;
 
 use crate::harness::cluster::{Cluster, T};
-use crate::harness::{Child, run, run_ok, wait_for};
+use crate::harness::{Child, fio, run, run_ok, wait_for};
 
 /// Volume size used by these tests.
 const VOLUME: &str = "256MiB";
@@ -94,59 +93,6 @@ fn assert_replicas_identical(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
-/// fio with verification over the NBD export: random writes of 4–64 KiB,
-/// then every block read back and checked. Rate-limited so that faults
-/// injected after it starts land in the middle of the write phase.
-fn start_fio(cluster: &Cluster, uri: &str, log: &str) -> Result<Child> {
-    Child::spawn(
-        "fio",
-        Command::new("fio")
-            .args([
-                "--name=faults",
-                "--thread",
-                "--ioengine=nbd",
-                "--rw=randwrite",
-            ])
-            .args([
-                "--bsrange=4k-64k",
-                "--iodepth=16",
-                "--size=96M",
-                "--rate=12m",
-            ])
-            .args([
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--verify_state_save=0",
-            ])
-            .args(["--output-format=json"])
-            .arg(format!("--uri={uri}")),
-        &cluster.dir.join(log),
-    )
-}
-
-/// Waits for fio to finish and checks that it saw no error at all.
-fn assert_fio_clean(cluster: &Cluster, fio: &mut Child, log: &str) -> Result<()> {
-    let status = fio.wait_timeout(Duration::from_secs(240))?;
-    let text = fs::read_to_string(cluster.dir.join(log))?;
-    ensure!(status.success(), "fio failed ({status}): {text}");
-    let report: Value = serde_json::from_str(&text[text.find('{').unwrap_or(0)..])
-        .with_context(|| format!("fio JSON: {text}"))?;
-    let job = &report["jobs"][0];
-    ensure!(job["error"] == 0, "fio job error: {job}");
-    ensure!(
-        job["write"]["io_bytes"].as_u64() == Some(96 << 20),
-        "fio must write its whole region: {}",
-        job["write"]
-    );
-    ensure!(
-        job["read"]["io_bytes"].as_u64() >= Some(96 << 20),
-        "fio must verify what it wrote: {}",
-        job["read"]
-    );
-    Ok(())
-}
-
 fn node_process(cluster: &Cluster, node: &str) -> Result<ballast_csi::cluster::ProcessInfo> {
     let info = cluster.info()?;
     Ok(info
@@ -161,7 +107,7 @@ fn node_process(cluster: &Cluster, node: &str) -> Result<ballast_csi::cluster::P
 #[test]
 fn sigkilled_replica_agent_loses_no_write_and_rebuilds() -> Result<()> {
     let (cluster, uri) = published_volume("repl-kill", "node-1")?;
-    let mut fio = start_fio(&cluster, &uri, "fio-kill.log")?;
+    let mut fio = fio::start(&cluster.dir, &uri, "fio-kill.log")?;
     std::thread::sleep(Duration::from_secs(2));
     node_process(&cluster, "node-3")?.signal(Signal::SIGKILL)?;
 
@@ -175,7 +121,7 @@ fn sigkilled_replica_agent_loses_no_write_and_rebuilds() -> Result<()> {
                 .filter(|s| s.iter().any(|(n, st)| n == "node-3" && st != "in-sync"))
         },
     )?;
-    assert_fio_clean(&cluster, &mut fio, "fio-kill.log")?;
+    fio::assert_clean(&cluster.dir, &mut fio, "fio-kill.log")?;
 
     cluster.cli_ok(&["cluster", "restart-node", "node-3"])?;
     wait_in_sync(&cluster, Duration::from_secs(180))?;
@@ -185,14 +131,14 @@ fn sigkilled_replica_agent_loses_no_write_and_rebuilds() -> Result<()> {
 #[test]
 fn sigstopped_replica_agent_stalls_io_only_for_the_timeout() -> Result<()> {
     let (cluster, uri) = published_volume("repl-stop", "node-1")?;
-    let mut fio = start_fio(&cluster, &uri, "fio-stop.log")?;
+    let mut fio = fio::start(&cluster.dir, &uri, "fio-stop.log")?;
     std::thread::sleep(Duration::from_secs(2));
     let hung = node_process(&cluster, "node-2")?;
     hung.signal(Signal::SIGSTOP)?;
     let resumed = (|| -> Result<()> {
         // A hung node: I/O resumes after the replica timeout, and fio sees
         // no error at all.
-        assert_fio_clean(&cluster, &mut fio, "fio-stop.log")?;
+        fio::assert_clean(&cluster.dir, &mut fio, "fio-stop.log")?;
         let states = replica_states(&cluster)?;
         ensure!(
             states.iter().any(|(n, s)| n == "node-2" && s != "in-sync"),

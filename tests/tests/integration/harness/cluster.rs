@@ -30,7 +30,7 @@ impl Cluster {
     pub fn up(name: &str, nodes: usize, store: &str, extra: &[&str]) -> Result<Self> {
         sweep_orphans();
         let dir = TestDir::new(name);
-        std::fs::write(dir.join(OWNER_FILE), std::process::id().to_string())?;
+        mark_owner(&dir)?;
         let path = dir.join("cluster");
         let cluster = Self { dir, path };
         let nodes = nodes.to_string();
@@ -192,10 +192,18 @@ impl Drop for Cluster {
 /// File in a test directory naming the test process that owns its cluster.
 const OWNER_FILE: &str = "owner.pid";
 
+/// Records this test process as the owner of `dir`, for [`sweep_orphans`].
+pub fn mark_owner(dir: &TestDir) -> Result<()> {
+    std::fs::write(dir.join(OWNER_FILE), std::process::id().to_string())?;
+    Ok(())
+}
+
 /// Stops clusters whose test process is gone without running its Drop
 /// (killed on a timeout): the cluster's daemons run in their own sessions
-/// and would otherwise outlive it. Clusters of live tests are left alone.
-fn sweep_orphans() {
+/// and would otherwise outlive it. Then removes the test directories of
+/// dead owners (their mounts and loop devices too). Clusters of live tests
+/// are left alone.
+pub fn sweep_orphans() {
     let Ok(entries) = std::fs::read_dir("/var/tmp/ballast-tests") else {
         return;
     };

@@ -6,8 +6,15 @@
 //! and removes it, even when the test failed half-way. An [`Agent`] runs
 //! `ballast-agent` with file-backed pools in such a directory; [`Child`]
 //! kills any helper process (nbdfuse, fio) on drop.
+//!
+//! Submodules: [`cluster`] (a local cluster through `ballast cluster up`),
+//! [`network`] and [`netcluster`] (a cluster in network namespaces, for
+//! partitions), [`fio`] (the verified workload of the fault suites).
 
 pub mod cluster;
+pub mod fio;
+pub mod netcluster;
+pub mod network;
 
 use std::fs;
 use std::io::Write as _;

@@ -20,7 +20,8 @@
 //!   instead of interrupting the thread.
 //! - The driver reaps every CQE, continues short transfers, and wakes the
 //!   request's task; the request takes its result from its slot. No channel,
-//!   no allocation, no lock and no atomic operation per request.
+//!   no allocation and no lock per request (a waker clone is the only
+//!   atomic operation).
 //!
 //! Requests that find no local ring (any other thread: the agent's runtime,
 //! the replication server, `spawn_blocking` threads) or a full one go to the
@@ -348,6 +349,11 @@ impl Ring {
                 return Poll::Pending;
             }
             let reaped = state.pass(0);
+            // The kernel runs a bounded batch of deferred completion work
+            // per `io_uring_enter` and does not signal the eventfd for what
+            // it left over, so a pass that reaped anything is followed by
+            // another. (Left-over work that posts no CQE at all, e.g. a
+            // request the kernel re-issues, is picked up by the next signal.)
             state.again = reaped > 0;
             let mut wakers = std::mem::take(&mut state.wakers);
             drop(state);

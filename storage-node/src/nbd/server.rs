@@ -28,11 +28,18 @@ use tracing::{Instrument, debug, error, warn};
 use super::export::{Export, ExportTable};
 use super::handshake::{self, Negotiated};
 use super::transmission::{self, Limits, stop_requested};
+use crate::uring::LocalRing;
 
 /// Size in bytes of each connection's read buffer. Big enough to take in
 /// a burst of pipelined request headers (and small write payloads) with one
 /// system call; larger payloads bypass it.
 const READ_BUFFER: usize = 64 << 10;
+
+/// Entries of each connection's own io_uring ([`LocalRing`]): one per
+/// request in flight at the default [`Limits::max_requests`]; requests
+/// beyond it (read-modify-writes issue several operations) go to the I/O
+/// engine's ring threads.
+const LOCAL_RING_ENTRIES: u32 = 128;
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop
 /// does not spin.
@@ -391,15 +398,19 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, shutdown: watch::R
     }
 }
 
-/// Runs one connection on the calling thread, in a runtime of its own.
+/// Runs one connection on the calling thread, in a runtime of its own, with
+/// an io_uring of its own.
 ///
 /// Each connection has a thread: its reader, request tasks and reply writer
 /// then share one thread and wake each other without crossing to another
-/// one, and only the I/O engine's ring threads are in between. On a busy
-/// machine this halves the context switches per request compared with
-/// running every connection on the agent's multi-threaded runtime (see
-/// docs/benchmarks.md). NBD clients open few connections (Linux's nbd
-/// driver one per queue), so a thread each is cheap.
+/// one. On a busy machine this halves the context switches per request
+/// compared with running every connection on the agent's multi-threaded
+/// runtime (see docs/benchmarks.md). The thread also owns a [`LocalRing`],
+/// so the replica I/O of its requests is submitted and reaped on it too,
+/// without the hop to an I/O engine thread and back
+/// (docs/adr/0007-per-connection-io-rings.md). NBD clients open few
+/// connections (Linux's nbd driver one per queue), so a thread each is
+/// cheap.
 fn connection_thread(
     stream: StdStream,
     peer: &str,
@@ -418,6 +429,17 @@ fn connection_thread(
                 "Cannot start the runtime of an NBD connection"
             );
             return;
+        }
+    };
+    let local_ring = {
+        let _context = runtime.enter();
+        match LocalRing::install(LOCAL_RING_ENTRIES) {
+            Ok(ring) => Some(ring),
+            Err(e) => {
+                // The I/O engine's threads serve the connection instead.
+                warn_once_without_local_ring(&e);
+                None
+            }
         }
     };
     runtime.block_on(
@@ -441,6 +463,21 @@ fn connection_thread(
         }
         .instrument(span),
     );
+    // Tasks first (a request future left over gives its operation up to
+    // the ring), then the ring, which waits for operations in flight.
+    drop(runtime);
+    drop(local_ring);
+}
+
+/// Logs, once per process, that connections run without their own ring.
+fn warn_once_without_local_ring(error: &crate::uring::LocalRingError) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        warn!(
+            error = error as &dyn std::error::Error,
+            "NBD connections use the I/O engine's threads (no per-connection io_uring)"
+        );
+    }
 }
 
 /// A connection between runtimes: accepted on the server's, served on its

@@ -13,6 +13,12 @@
 //! or returns memory the kernel may still read or write**, even when the task
 //! that issued the request has been cancelled.
 //!
+//! A thread may also own a ring of its own ([`LocalRing`], module `local`):
+//! requests polled on such a thread are submitted and reaped there, with no
+//! hop to a ring thread (NBD connection threads do this; see
+//! `docs/adr/0007-per-connection-io-rings.md`). Callers cannot tell the two
+//! paths apart; the memory-safety invariant is the same.
+//!
 //! # What it must never do
 //!
 //! - Block a tokio worker thread on I/O: callers only push to an inbox and
@@ -26,10 +32,14 @@
 //!
 //! # Extending it
 //!
-//! A new operation needs a `ring::Request` variant, an SQE builder in
-//! `Request::sqe`, completion handling in `RingThread::complete`, its opcode
-//! in [`REQUIRED_OPCODES`], and an async method on [`IoEngine`].
+//! A new operation needs an `op::Op` variant, its SQE in `Op::sqe`, its
+//! completion accounting in `Op::advance`, its opcode in
+//! [`REQUIRED_OPCODES`], and an async method on [`IoEngine`] that goes
+//! through `buf_op` or `unit_op` (which pick the local ring or a ring
+//! thread).
 
+mod local;
+mod op;
 mod ring;
 
 use std::fs::File;
@@ -43,7 +53,9 @@ use io_uring::{IoUring, Probe, opcode};
 use tokio::sync::oneshot;
 
 use crate::buf::IoBuf;
-use ring::{Inbox, Request, RingThread, Shared};
+pub use local::{Error as LocalRingError, LocalRing};
+use op::Op;
+use ring::{Inbox, Reply, Request, RingThread, Shared};
 
 /// Opcodes the engine submits, with the names used in error messages.
 ///
@@ -191,27 +203,22 @@ impl IoEngine {
     /// empty.
     ///
     /// # Cancel safety
-    /// Dropping the future does not cancel the read: the ring thread keeps the
-    /// buffer until the kernel is done with it and then frees it.
+    /// Dropping the future does not cancel the read: the ring (thread or
+    /// local) keeps the buffer until the kernel is done with it and then
+    /// frees it.
     pub async fn read(
         &self,
         file: &Arc<File>,
         offset: u64,
         buf: IoBuf,
     ) -> (IoBuf, io::Result<usize>) {
-        let (tx, rx) = oneshot::channel();
-        let request = Request::Read {
+        let op = Op::Read {
             file: Arc::clone(file),
             offset,
             buf,
             done: 0,
-            tx,
         };
-        if let Err(request) = self.worker().submit(request) {
-            return (request.into_buf(), Err(stopped()));
-        }
-        rx.await
-            .unwrap_or_else(|_| (IoBuf::zeroed(0), Err(thread_lost())))
+        self.buf_op(op).await
     }
 
     /// Writes all `buf.len()` bytes of `buf` at byte `offset` of `file`.
@@ -228,7 +235,8 @@ impl IoEngine {
     ///
     /// # Cancel safety
     /// Dropping the future does not cancel the write: it may still reach the
-    /// file. The ring thread keeps the buffer until the kernel is done with it.
+    /// file. The ring (thread or local) keeps the buffer until the kernel is
+    /// done with it.
     pub async fn write(
         &self,
         file: &Arc<File>,
@@ -236,20 +244,14 @@ impl IoEngine {
         buf: IoBuf,
         dsync: bool,
     ) -> (IoBuf, io::Result<usize>) {
-        let (tx, rx) = oneshot::channel();
-        let request = Request::Write {
+        let op = Op::Write {
             file: Arc::clone(file),
             offset,
             buf,
             done: 0,
             dsync,
-            tx,
         };
-        if let Err(request) = self.worker().submit(request) {
-            return (request.into_buf(), Err(stopped()));
-        }
-        rx.await
-            .unwrap_or_else(|_| (IoBuf::zeroed(0), Err(thread_lost())))
+        self.buf_op(op).await
     }
 
     /// Flushes `file` to stable storage: `fdatasync` semantics with
@@ -261,13 +263,11 @@ impl IoEngine {
     /// # Cancel safety
     /// Dropping the future does not cancel the sync.
     pub async fn fsync(&self, file: &Arc<File>, datasync: bool) -> io::Result<()> {
-        let (tx, rx) = oneshot::channel();
-        let request = Request::Fsync {
+        let op = Op::Fsync {
             file: Arc::clone(file),
             datasync,
-            tx,
         };
-        self.unit_request(request, rx).await
+        self.unit_op(op).await
     }
 
     /// Calls `fallocate(file, mode, offset, len)` (offsets and lengths in
@@ -285,22 +285,55 @@ impl IoEngine {
         offset: u64,
         len: u64,
     ) -> io::Result<()> {
-        let (tx, rx) = oneshot::channel();
-        let request = Request::Fallocate {
+        let op = Op::Fallocate {
             file: Arc::clone(file),
             mode,
             offset,
             len,
-            tx,
         };
-        self.unit_request(request, rx).await
+        self.unit_op(op).await
     }
 
-    async fn unit_request(
-        &self,
-        request: Request,
-        rx: oneshot::Receiver<io::Result<()>>,
-    ) -> io::Result<()> {
+    /// Runs a read or write on the calling thread's [`LocalRing`] if it has
+    /// one with room, else on a ring thread.
+    async fn buf_op(&self, op: Op) -> (IoBuf, io::Result<usize>) {
+        let op = match local::start(op) {
+            Ok(ticket) => {
+                return match ticket.await {
+                    Ok((op, result)) => (op.into_buf(), result),
+                    Err(local::Lost) => (IoBuf::zeroed(0), Err(thread_lost())),
+                };
+            }
+            Err(op) => op,
+        };
+        let (tx, rx) = oneshot::channel();
+        let request = Request {
+            op,
+            reply: Reply::Buf(tx),
+        };
+        if let Err(request) = self.worker().submit(request) {
+            return (request.into_buf(), Err(stopped()));
+        }
+        rx.await
+            .unwrap_or_else(|_| (IoBuf::zeroed(0), Err(thread_lost())))
+    }
+
+    /// As [`buf_op`](Self::buf_op), for operations without a buffer.
+    async fn unit_op(&self, op: Op) -> io::Result<()> {
+        let op = match local::start(op) {
+            Ok(ticket) => {
+                return match ticket.await {
+                    Ok((_, result)) => result.map(drop),
+                    Err(local::Lost) => Err(thread_lost()),
+                };
+            }
+            Err(op) => op,
+        };
+        let (tx, rx) = oneshot::channel();
+        let request = Request {
+            op,
+            reply: Reply::Unit(tx),
+        };
         if self.worker().submit(request).is_err() {
             return Err(stopped());
         }

@@ -16,7 +16,6 @@
 //! so the CQ cannot overflow.
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -24,22 +23,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use io_uring::{IoUring, opcode, squeue, types};
 use tokio::sync::oneshot;
 
+use super::op::{Op, Step};
 use crate::buf::IoBuf;
 
 /// `user_data` of the eventfd read; every other value is an index into the
 /// in-flight table.
 const WAKE_TOKEN: u64 = u64::MAX;
 
-/// Largest transfer submitted in one SQE, in bytes (the SQE length is a u32;
-/// 1 GiB keeps continuations aligned for `O_DIRECT`).
-const MAX_TRANSFER: usize = 1 << 30;
-
-/// Times an operation is resubmitted after `EAGAIN` or `EINTR` without making
-/// progress before the error is returned to the caller.
-const MAX_RETRIES: u32 = 64;
-
-type BufReply = oneshot::Sender<(IoBuf, io::Result<usize>)>;
-type UnitReply = oneshot::Sender<io::Result<()>>;
+pub(super) type BufReply = oneshot::Sender<(IoBuf, io::Result<usize>)>;
+pub(super) type UnitReply = oneshot::Sender<io::Result<()>>;
 
 /// State shared between submitters and one ring thread.
 pub(super) struct Shared {
@@ -59,178 +51,35 @@ pub(super) struct Inbox {
     pub(super) closed: bool,
 }
 
-/// One I/O operation and the channel its result goes back through.
-///
-/// `done` counts bytes already transferred, so a short read or write is
-/// continued from where it stopped.
-pub(super) enum Request {
-    Read {
-        file: Arc<File>,
-        offset: u64,
-        buf: IoBuf,
-        done: usize,
-        tx: BufReply,
-    },
-    Write {
-        file: Arc<File>,
-        offset: u64,
-        buf: IoBuf,
-        done: usize,
-        dsync: bool,
-        tx: BufReply,
-    },
-    Fsync {
-        file: Arc<File>,
-        datasync: bool,
-        tx: UnitReply,
-    },
-    Fallocate {
-        file: Arc<File>,
-        mode: i32,
-        offset: u64,
-        len: u64,
-        tx: UnitReply,
-    },
+/// One operation and the channel its result goes back through.
+pub(super) struct Request {
+    pub(super) op: Op,
+    pub(super) reply: Reply,
 }
 
-/// What to do with a request after a completion.
-pub(super) enum Step {
-    /// Submit the rest of the request again.
-    Continue,
-    /// Reply with this result (bytes transferred for reads and writes).
-    Finish(io::Result<usize>),
+/// Where a request's result goes.
+pub(super) enum Reply {
+    /// Reads and writes: the buffer and the bytes transferred.
+    Buf(BufReply),
+    /// Syncs and fallocates: success or the error.
+    Unit(UnitReply),
 }
 
 impl Request {
     /// Gives back the buffer of a request that was never submitted.
     pub(super) fn into_buf(self) -> IoBuf {
-        match self {
-            Request::Read { buf, .. } | Request::Write { buf, .. } => buf,
-            Request::Fsync { .. } | Request::Fallocate { .. } => IoBuf::zeroed(0),
-        }
-    }
-
-    /// The part of a read or write not yet done: (file offset, position in
-    /// the buffer, length), all in bytes. None for other requests.
-    pub(super) fn remaining(&self) -> Option<(u64, usize, usize)> {
-        match self {
-            Request::Read {
-                offset, buf, done, ..
-            }
-            | Request::Write {
-                offset, buf, done, ..
-            } => {
-                let len = (buf.len() - *done).min(MAX_TRANSFER);
-                Some((*offset + *done as u64, *done, len))
-            }
-            Request::Fsync { .. } | Request::Fallocate { .. } => None,
-        }
-    }
-
-    /// Builds the SQE for the part of the request not yet done.
-    ///
-    /// The SQE points into `self`'s buffer; see the SAFETY comments where it
-    /// is pushed.
-    pub(super) fn sqe(&mut self, user_data: u64) -> squeue::Entry {
-        let (offset, position, len) = self.remaining().unwrap_or_default();
-        let entry = match self {
-            Request::Read { file, buf, .. } => {
-                let ptr = buf.as_mut_ptr().wrapping_add(position);
-                opcode::Read::new(types::Fd(file.as_raw_fd()), ptr, len as u32)
-                    .offset(offset)
-                    .build()
-            }
-            Request::Write {
-                file, buf, dsync, ..
-            } => {
-                let ptr = buf.as_ptr().wrapping_add(position);
-                let rw_flags = if *dsync { libc::RWF_DSYNC } else { 0 };
-                opcode::Write::new(types::Fd(file.as_raw_fd()), ptr, len as u32)
-                    .offset(offset)
-                    .rw_flags(rw_flags)
-                    .build()
-            }
-            Request::Fsync { file, datasync, .. } => {
-                let flags = if *datasync {
-                    types::FsyncFlags::DATASYNC
-                } else {
-                    types::FsyncFlags::empty()
-                };
-                opcode::Fsync::new(types::Fd(file.as_raw_fd()))
-                    .flags(flags)
-                    .build()
-            }
-            Request::Fallocate {
-                file,
-                mode,
-                offset,
-                len,
-                ..
-            } => opcode::Fallocate::new(types::Fd(file.as_raw_fd()), *len)
-                .offset(*offset)
-                .mode(*mode)
-                .build(),
-        };
-        entry.user_data(user_data)
-    }
-
-    /// Accounts for a completion with result `res` (bytes or `-errno`).
-    pub(super) fn advance(&mut self, res: i32, retries: &mut u32) -> Step {
-        if res < 0 {
-            let errno = -res;
-            // Regular files rarely answer EAGAIN through io_uring (the kernel
-            // retries in its worker pool), but some block layers do under
-            // memory pressure; retrying a bounded number of times turns a
-            // transient condition into a success rather than an I/O error.
-            if (errno == libc::EAGAIN || errno == libc::EINTR) && *retries < MAX_RETRIES {
-                *retries += 1;
-                return Step::Continue;
-            }
-            return Step::Finish(Err(io::Error::from_raw_os_error(errno)));
-        }
-        let transferred = res as usize;
-        match self {
-            Request::Read { buf, done, .. } => {
-                if transferred == 0 {
-                    // End of file: the caller sees the short count.
-                    return Step::Finish(Ok(*done));
-                }
-                *done = (*done + transferred).min(buf.len());
-                *retries = 0;
-                if *done < buf.len() {
-                    Step::Continue
-                } else {
-                    Step::Finish(Ok(*done))
-                }
-            }
-            Request::Write { buf, done, .. } => {
-                if transferred == 0 && !buf.is_empty() {
-                    return Step::Finish(Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "Write made no progress",
-                    )));
-                }
-                *done = (*done + transferred).min(buf.len());
-                *retries = 0;
-                if *done < buf.len() {
-                    Step::Continue
-                } else {
-                    Step::Finish(Ok(*done))
-                }
-            }
-            Request::Fsync { .. } | Request::Fallocate { .. } => Step::Finish(Ok(0)),
-        }
+        self.op.into_buf()
     }
 
     /// Sends the result to the caller, handing the buffer back.
     fn finish(self, result: io::Result<usize>) {
         // A send fails only when the caller dropped its future; the buffer
         // and file are then dropped here, after the kernel is done with them.
-        match self {
-            Request::Read { buf, tx, .. } | Request::Write { buf, tx, .. } => {
-                let _ = tx.send((buf, result));
+        match self.reply {
+            Reply::Buf(tx) => {
+                let _ = tx.send((self.op.into_buf(), result));
             }
-            Request::Fsync { tx, .. } | Request::Fallocate { tx, .. } => {
+            Reply::Unit(tx) => {
                 let _ = tx.send(result.map(|_| ()));
             }
         }
@@ -350,7 +199,7 @@ impl RingThread {
                 self.resubmit.pop();
                 continue;
             };
-            let entry = in_flight.request.sqe(index as u64);
+            let entry = in_flight.request.op.sqe(index as u64);
             if !self.push(&entry) {
                 return;
             }
@@ -360,7 +209,7 @@ impl RingThread {
             let Some(mut request) = self.pending.pop_front() else {
                 break;
             };
-            let entry = request.sqe(index as u64);
+            let entry = request.op.sqe(index as u64);
             // The slot must hold the request before the SQE can reach the
             // kernel; moving `request` moves the `IoBuf` handle, not the
             // heap memory the SQE points at.
@@ -454,7 +303,7 @@ impl RingThread {
             tracing::error!(user_data, "io_uring completion for an unknown request");
             return;
         };
-        match in_flight.request.advance(res, &mut in_flight.retries) {
+        match in_flight.request.op.advance(res, &mut in_flight.retries) {
             Step::Continue => self.resubmit.push(index),
             Step::Finish(result) => {
                 if let Some(in_flight) = self.slots[index].take() {

@@ -408,7 +408,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, shutdown: watch::R
 /// runtime (see docs/benchmarks.md). The thread also owns a [`LocalRing`],
 /// so the replica I/O of its requests is submitted and reaped on it too,
 /// without the hop to an I/O engine thread and back
-/// (docs/adr/0007-per-connection-io-rings.md). NBD clients open few
+/// (docs/adr/0008-per-connection-io-rings.md). NBD clients open few
 /// connections (Linux's nbd driver one per queue), so a thread each is
 /// cheap.
 fn connection_thread(

@@ -16,7 +16,7 @@
 //! A thread may also own a ring of its own ([`LocalRing`], module `local`):
 //! requests polled on such a thread are submitted and reaped there, with no
 //! hop to a ring thread (NBD connection threads do this; see
-//! `docs/adr/0007-per-connection-io-rings.md`). Callers cannot tell the two
+//! `docs/adr/0008-per-connection-io-rings.md`). Callers cannot tell the two
 //! paths apart; the memory-safety invariant is the same.
 //!
 //! # What it must never do

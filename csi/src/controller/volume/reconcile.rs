@@ -185,7 +185,9 @@ impl ReplicaRepair {
     }
 
     /// Replaces faulted replicas whose node has been silent for longer
-    /// than `--node-down-after`.
+    /// than `--node-down-after`. A replica recorded as rebuilding counts as
+    /// faulted here: it was handed to the target while its node still
+    /// counted as up, and a rebuild to a node that is gone has failed.
     async fn replace_lost(&self, volume_id: &str) -> Result<(), Error> {
         let store = &self.context().store;
         let Some(volume) = record::read(store, volume_id).await? else {
@@ -197,7 +199,7 @@ impl ReplicaRepair {
         let lost: Vec<ReplicaRecord> = volume
             .replicas
             .iter()
-            .filter(|r| r.state == ReplicaState::Faulted)
+            .filter(|r| r.state != ReplicaState::InSync)
             .filter(|r| {
                 nodes.state(&r.node_id) == NodeState::Down
                     && nodes.silent_for(&r.node_id) >= down_after
@@ -237,7 +239,7 @@ impl ReplicaRepair {
                 let Some(entry) = r.replica_mut(&old.node_id) else {
                     return Ok::<_, Error>(Change::Keep);
                 };
-                if entry.state != ReplicaState::Faulted
+                if entry.state == ReplicaState::InSync
                     || entry.faulted_since_unix_ms != old.faulted_since_unix_ms
                 {
                     return Ok(Change::Keep);

@@ -657,6 +657,57 @@ async fn a_replica_on_a_node_down_too_long_is_replaced_elsewhere() {
 }
 
 #[tokio::test]
+async fn a_replica_left_rebuilding_on_a_node_that_died_is_replaced() {
+    // The repair reconciler handed the replica to the target just before
+    // its node died (the node still counted as up): the record says
+    // rebuilding, the target's rebuild failed at once. The replica must
+    // still be replaced once the node is down for --node-down-after.
+    let fixture =
+        Fixture::with_timing(4, Duration::from_millis(300), Duration::from_millis(800)).await;
+    let volumes = Volumes::new(fixture.context.clone());
+    let mut req = request("v", GIB, 3);
+    req.preferred_node = Some("node-1".into());
+    let created = volumes.create(&req).await.expect("create");
+    let lost = created
+        .replicas
+        .iter()
+        .map(|r| r.node_id.clone())
+        .find(|n| n != "node-1")
+        .expect("another replica node");
+    let epoch = volumes
+        .publish("v", "node-1", false)
+        .await
+        .expect("publish")
+        .epoch;
+    volumes
+        .drop_replica("v", epoch, &lost, "node lost")
+        .await
+        .expect("drop");
+    record::update::<Error>(&fixture.context.store, "v", |r| {
+        if let Some(entry) = r.replica_mut(&lost) {
+            entry.state = ReplicaState::Rebuilding;
+        }
+        Ok(record::Change::Write)
+    })
+    .await
+    .expect("record the rebuild");
+    mark_faulted_at_target(&fixture, "node-1", "v", &lost);
+    fixture.set_alive(&lost, false);
+    fixture.wait_node(&lost, NodeState::Down).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    ReplicaRepair::new(fixture.context.clone())
+        .reconcile()
+        .await
+        .expect("pass");
+    let record = stored(&fixture, "v").await.expect("record");
+    assert!(
+        record.replica(&lost).is_none(),
+        "a replica stuck rebuilding on a dead node must be replaced: {record:?}"
+    );
+    assert_eq!(record.retired.len(), 1);
+}
+
+#[tokio::test]
 async fn an_interrupted_create_is_rolled_back_by_a_reconciler() {
     let fixture = Fixture::new(2).await;
     let volumes = Volumes::new(fixture.context.clone());

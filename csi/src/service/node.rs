@@ -326,3 +326,109 @@ impl csi::node_server::Node for Node {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ballast_proto::csi::node_server::Node as _;
+    use ballast_proto::csi::volume_capability::access_mode::Mode;
+    use ballast_proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};
+    use tonic::Code;
+
+    use super::*;
+    use crate::node::staging::tests::Fake;
+
+    const URI: &str = "nbd+unix:///vol-1?socket=/run/t/vol-1.sock";
+
+    fn service(fake: &Fake) -> Node {
+        Node::new(
+            NodeConfig {
+                node_id: "node-7".into(),
+                max_volumes: 16,
+            },
+            Arc::new(fake.clone()),
+            Arc::new(fake.clone()),
+        )
+    }
+
+    fn stage_request(fs_type: &str, context_fs: Option<&str>) -> csi::NodeStageVolumeRequest {
+        csi::NodeStageVolumeRequest {
+            volume_id: "vol-1".into(),
+            publish_context: HashMap::from([(
+                PUBLISH_CONTEXT_NBD_URI.to_string(),
+                URI.to_string(),
+            )]),
+            staging_target_path: "/staging/vol-1".into(),
+            volume_capability: Some(csi::VolumeCapability {
+                access_mode: Some(AccessMode {
+                    mode: Mode::SingleNodeWriter.into(),
+                }),
+                access_type: Some(AccessType::Mount(MountVolume {
+                    fs_type: fs_type.into(),
+                    ..Default::default()
+                })),
+            }),
+            volume_context: context_fs
+                .map(|fs| HashMap::from([(CONTEXT_FS_TYPE.to_string(), fs.to_string())]))
+                .unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn stage_takes_the_storage_class_fs_type_from_the_volume_context() {
+        let fake = Fake::default();
+        let node = service(&fake);
+        node.node_stage_volume(Request::new(stage_request("", Some("xfs"))))
+            .await
+            .expect("stage");
+        let formatted: Vec<FsType> = fake.world().mkfs.iter().map(|(_, fs)| *fs).collect();
+        assert_eq!(formatted, [FsType::Xfs]);
+        let bad = node
+            .node_stage_volume(Request::new(stage_request("", Some("ntfs"))))
+            .await;
+        assert_eq!(bad.err().map(|s| s.code()), Some(Code::InvalidArgument));
+    }
+
+    #[tokio::test]
+    async fn a_concurrent_operation_on_the_volume_is_aborted() {
+        let fake = Fake::default();
+        let node = service(&fake);
+        let held = node.guard("vol-1").expect("guard");
+        let busy = node
+            .node_stage_volume(Request::new(stage_request("ext4", None)))
+            .await;
+        assert_eq!(busy.err().map(|s| s.code()), Some(Code::Aborted));
+        assert!(fake.world().mkfs.is_empty(), "nothing was done");
+        drop(held);
+        node.node_stage_volume(Request::new(stage_request("ext4", None)))
+            .await
+            .expect("stage once the other operation ended");
+        let missing = node
+            .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+                volume_id: String::new(),
+                staging_target_path: "/staging/vol-1".into(),
+            }))
+            .await;
+        assert_eq!(missing.err().map(|s| s.code()), Some(Code::InvalidArgument));
+    }
+
+    #[tokio::test]
+    async fn info_names_the_node_and_its_topology() {
+        let node = service(&Fake::default());
+        let info = node
+            .node_get_info(Request::new(csi::NodeGetInfoRequest {}))
+            .await
+            .expect("info")
+            .into_inner();
+        assert_eq!(info.node_id, "node-7");
+        assert_eq!(info.max_volumes_per_node, 16);
+        let segments = info
+            .accessible_topology
+            .map(|t| t.segments)
+            .unwrap_or_default();
+        assert_eq!(
+            segments.get(TOPOLOGY_NODE_KEY).map(String::as_str),
+            Some("node-7")
+        );
+    }
+}

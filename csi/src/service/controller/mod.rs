@@ -347,18 +347,8 @@ impl Controller {
         // CSI spec, ControllerUnpublishVolume: a volume or node the plugin
         // does not know, or a volume not published on that node, is
         // already unpublished: 0 OK.
-        let record = match self.volumes.get(&req.volume_id).await {
-            Ok(record) => record,
-            Err(volume::Error::VolumeNotFound { .. }) => return Ok(()),
-            Err(err) => return Err(err.into()),
-        };
-        let Some(target) = record.target else {
-            return Ok(());
-        };
-        if !req.node_id.is_empty() && target.node_id != req.node_id {
-            return Ok(());
-        }
-        match self.volumes.unpublish(&req.volume_id).await {
+        let node = Some(req.node_id.as_str()).filter(|n| !n.is_empty());
+        match self.volumes.unpublish_from(&req.volume_id, node).await {
             Ok(()) | Err(volume::Error::VolumeNotFound { .. }) => Ok(()),
             Err(err) => Err(err.into()),
         }

@@ -239,12 +239,15 @@ async fn publish_unpublish_and_their_errors() {
         node_id: node.into(),
         ..Default::default()
     };
-    for (volume, node) in [
-        ("pvc-3", "node-2"),
-        ("pvc-3", "node-1"),
-        ("pvc-3", "node-1"),
-        ("nope", "node-1"),
-    ] {
+    c.controller_unpublish_volume(Request::new(unpublish("pvc-3", "node-2")))
+        .await
+        .expect("unpublish from a node it is not published on");
+    assert_eq!(
+        fixture.agent("node-1").state().targets.len(),
+        1,
+        "the target on node-1 is left alone"
+    );
+    for (volume, node) in [("pvc-3", "node-1"), ("pvc-3", "node-1"), ("nope", "node-1")] {
         c.controller_unpublish_volume(Request::new(unpublish(volume, node)))
             .await
             .unwrap_or_else(|e| panic!("unpublish {volume} from {node}: {e}"));

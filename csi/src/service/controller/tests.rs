@@ -384,3 +384,57 @@ async fn validate_confirms_single_node_modes_only() {
         Some(Code::NotFound)
     );
 }
+
+#[tokio::test]
+async fn a_concurrent_operation_on_the_volume_is_aborted() {
+    let fixture = Fixture::new(1).await;
+    let c = service(&fixture);
+    let held = fixture.context.guards.try_acquire("pvc-6");
+    assert!(held.is_some());
+    assert_eq!(
+        create(&c, create_request("pvc-6", 4096, 1)).await.err(),
+        Some(Code::Aborted)
+    );
+    assert!(fixture.agent("node-1").replica_names().is_empty());
+    drop(held);
+    create(&c, create_request("pvc-6", 4096, 1))
+        .await
+        .expect("create once the other operation ended");
+}
+
+#[tokio::test]
+async fn the_condition_is_abnormal_while_replicas_are_out_of_sync() {
+    use crate::controller::volume::record::{self, Change, ReplicaState};
+    let fixture = Fixture::new(3).await;
+    let c = service(&fixture);
+    create(&c, create_request("pvc-7", 4096, 3))
+        .await
+        .expect("create");
+    let condition = |c: Controller| async move {
+        c.controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
+            volume_id: "pvc-7".into(),
+        }))
+        .await
+        .ok()
+        .and_then(|r| r.into_inner().status)
+        .and_then(|s| s.volume_condition)
+    };
+    assert_eq!(condition(c.clone()).await.map(|c| c.abnormal), Some(false));
+    record::update(&fixture.context.store, "pvc-7", |r| {
+        if let Some(replica) = r.replicas.first_mut() {
+            replica.state = ReplicaState::Faulted;
+        }
+        Ok::<_, crate::store::Error>(Change::Write)
+    })
+    .await
+    .expect("fault a replica");
+    let abnormal = condition(c.clone()).await.unwrap_or_default();
+    assert!(abnormal.abnormal, "{abnormal:?}");
+    assert!(abnormal.message.contains("2 of 3"), "{abnormal:?}");
+    let missing = c
+        .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
+            volume_id: "nope".into(),
+        }))
+        .await;
+    assert_eq!(missing.err().map(|s| s.code()), Some(Code::NotFound));
+}

@@ -1,13 +1,15 @@
 //! The CSI Identity service (CSI spec, "Identity Service RPC").
 //!
 //! Served by the controller and by every node plugin. The controller's
-//! instance announces CONTROLLER_SERVICE and VOLUME_ACCESSIBILITY_CONSTRAINTS;
-//! a node plugin's announces only the latter (CSI spec,
-//! "GetPluginCapabilities": a plugin reports what the running process
-//! serves).
+//! instance announces CONTROLLER_SERVICE, VOLUME_ACCESSIBILITY_CONSTRAINTS
+//! and OFFLINE volume expansion; a node plugin's only
+//! VOLUME_ACCESSIBILITY_CONSTRAINTS (CSI spec, "GetPluginCapabilities": a
+//! plugin reports what the running process serves).
 
 use ballast_proto::csi;
-use ballast_proto::csi::plugin_capability::{Service, Type, service};
+use ballast_proto::csi::plugin_capability::{
+    Service, Type, VolumeExpansion, service, volume_expansion,
+};
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
@@ -36,14 +38,24 @@ impl Identity {
             kinds.push(service::Type::ControllerService);
         }
         kinds.push(service::Type::VolumeAccessibilityConstraints);
-        kinds
+        let mut capabilities: Vec<csi::PluginCapability> = kinds
             .into_iter()
             .map(|kind| csi::PluginCapability {
                 r#type: Some(Type::Service(Service {
                     r#type: kind.into(),
                 })),
             })
-            .collect()
+            .collect();
+        if self.controller {
+            // Targets serve the size they started with: volumes grow
+            // between an unpublish and the next publish.
+            capabilities.push(csi::PluginCapability {
+                r#type: Some(Type::VolumeExpansion(VolumeExpansion {
+                    r#type: volume_expansion::Type::Offline.into(),
+                })),
+            });
+        }
+        capabilities
     }
 }
 
@@ -100,7 +112,7 @@ mod tests {
             .as_ref()
             .map(|i| (i.name.as_str(), i.vendor_version.as_str()));
         assert_eq!(info.ok(), Some((DRIVER_NAME, env!("CARGO_PKG_VERSION"))));
-        assert_eq!(Identity::controller().capabilities().len(), 2);
+        assert_eq!(Identity::controller().capabilities().len(), 3);
         assert_eq!(Identity::node().capabilities().len(), 1);
     }
 }

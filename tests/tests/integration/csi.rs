@@ -135,7 +135,7 @@ async fn identity_and_create_volume_rules() -> Result<()> {
         .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
         .await?
         .into_inner();
-    assert_eq!(caps.capabilities.len(), 2, "{caps:?}");
+    assert_eq!(caps.capabilities.len(), 3, "{caps:?}");
     let probe = identity.probe(csi::ProbeRequest {}).await?.into_inner();
     assert_eq!(probe.ready, Some(true));
 
@@ -283,6 +283,32 @@ async fn unpublish_and_unstage(plugin: &mut NodePlugin, volume_id: &str, dir: &P
     Ok(())
 }
 
+/// True when this process may use ext4's online resize (CAP_SYS_RESOURCE,
+/// bit 24 of the effective set).
+fn has_cap_sys_resource() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 24) != 0)
+}
+
+/// The source (device) of the mount last made at `path`.
+fn mount_source(path: &Path) -> Option<String> {
+    let path = path.canonicalize().ok()?;
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut found = None;
+    for line in table.lines() {
+        let (left, right) = line.split_once(" - ")?;
+        if left.split(' ').nth(4).map(Path::new) == Some(path.as_path()) {
+            found = right.split(' ').nth(1).map(str::to_string);
+        }
+    }
+    found
+}
+
 /// The filesystem type mounted last at `path`, from the mount table.
 fn fs_type_at(path: &Path) -> Option<String> {
     let path = path.canonicalize().ok()?;
@@ -400,6 +426,21 @@ async fn a_volume_follows_its_pod_to_another_node() -> Result<()> {
             ..Default::default()
         })
         .await?;
+    // Offline expansion while no node has it published.
+    let expanded = controller
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: "pvc-flow".into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 128 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(mount_cap("")),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(expanded.capacity_bytes, 128 * MIB);
+    assert!(expanded.node_expansion_required);
     let context2 = controller
         .controller_publish_volume(publish("node-2"))
         .await?
@@ -413,6 +454,53 @@ async fn a_volume_follows_its_pod_to_another_node() -> Result<()> {
         read == payload,
         "the file written on node-1 is intact on node-2"
     );
+
+    let device = mount_source(&target2).context("the device mounted at the target")?;
+    let size = crate::harness::run_ok(
+        Command::new("blockdev").arg("--getsize64").arg(&device),
+        Duration::from_secs(30),
+    )?;
+    assert_eq!(
+        size.trim(),
+        (128 * MIB).to_string(),
+        "the device on node-2 has the new size"
+    );
+    let grown = node2
+        .client
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: "pvc-flow".into(),
+            volume_path: target2.display().to_string(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 128 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await;
+    if has_cap_sys_resource() {
+        assert_eq!(grown?.into_inner().capacity_bytes, 128 * MIB);
+        let stats = node2
+            .client
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: "pvc-flow".into(),
+                volume_path: target2.display().to_string(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        assert!(
+            stats.usage.first().is_some_and(|u| u.total > 100 * MIB),
+            "the filesystem grew online: {stats:?}"
+        );
+    } else {
+        // ext4's online resize ioctl needs CAP_SYS_RESOURCE, which
+        // containers often drop: the error must say so.
+        let err = grown.err().context("ext4 grew without CAP_SYS_RESOURCE")?;
+        assert!(err.message().contains("resize2fs"), "{err:?}");
+        eprintln!("NOT TESTED: NodeExpandVolume of ext4 needs CAP_SYS_RESOURCE ({err:?})");
+    }
+    let read = std::fs::read(target2.join("data.bin"))?;
+    assert!(read == payload, "the file survived the growth");
 
     let got = controller
         .controller_get_volume(csi::ControllerGetVolumeRequest {

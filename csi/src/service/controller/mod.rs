@@ -17,9 +17,9 @@
 //!
 //! # Not yet served
 //!
-//! Snapshots (CREATE_DELETE_SNAPSHOT, LIST_SNAPSHOTS), ControllerExpandVolume
-//! and ControllerModifyVolume answer `UNIMPLEMENTED` and are not announced
-//! in ControllerGetCapabilities; a `volume_content_source` is
+//! Snapshots (CREATE_DELETE_SNAPSHOT, LIST_SNAPSHOTS) and
+//! ControllerModifyVolume answer `UNIMPLEMENTED` and are not announced in
+//! ControllerGetCapabilities; ControllerExpandVolume is offline only; a `volume_content_source` is
 //! `INVALID_ARGUMENT` (CSI spec, CreateVolume errors: "Source incompatible
 //! or not supported").
 
@@ -590,6 +590,7 @@ impl csi::controller_server::Controller for Controller {
             RpcType::VolumeCondition,
             RpcType::GetVolume,
             RpcType::SingleNodeMultiWriter,
+            RpcType::ExpandVolume,
         ]
         .into_iter()
         .map(capability)
@@ -631,12 +632,47 @@ impl csi::controller_server::Controller for Controller {
         Err(Error::Unimplemented("GetSnapshot").into())
     }
 
-    #[instrument(err, skip_all)]
+    /// CSI spec, ControllerExpandVolume: offline only (a published volume
+    /// is `FAILED_PRECONDITION`, "Volume in use"); a volume already at
+    /// least that large succeeds unchanged; above `limit_bytes` is
+    /// `OUT_OF_RANGE`. A mounted filesystem then needs NodeExpandVolume.
+    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
     async fn controller_expand_volume(
         &self,
-        _request: Request<csi::ControllerExpandVolumeRequest>,
+        request: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
-        Err(Error::Unimplemented("ControllerExpandVolume").into())
+        let req = request.get_ref();
+        required("volume_id", &req.volume_id)?;
+        let range = req
+            .capacity_range
+            .as_ref()
+            .ok_or_else(|| invalid("capacity_range is required"))?;
+        if range.required_bytes <= 0 {
+            return Err(invalid("capacity_range.required_bytes is required").into());
+        }
+        let size = size_for(Some(range))?;
+        let grown = self
+            .volumes
+            .expand(&req.volume_id, size)
+            .await
+            .map_err(Error::from)?;
+        if range.limit_bytes > 0 && i64_bytes(grown) > range.limit_bytes {
+            return Err(Error::OutOfRange(format!(
+                "the volume is already {grown} bytes, above limit_bytes {}",
+                range.limit_bytes
+            ))
+            .into());
+        }
+        let node_expansion_required = !matches!(
+            req.volume_capability
+                .as_ref()
+                .and_then(|c| c.access_type.as_ref()),
+            Some(AccessType::Block(_))
+        );
+        Ok(Response::new(csi::ControllerExpandVolumeResponse {
+            capacity_bytes: i64_bytes(grown),
+            node_expansion_required,
+        }))
     }
 
     #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]

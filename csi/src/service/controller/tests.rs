@@ -438,3 +438,72 @@ async fn the_condition_is_abnormal_while_replicas_are_out_of_sync() {
         .await;
     assert_eq!(missing.err().map(|s| s.code()), Some(Code::NotFound));
 }
+
+#[tokio::test]
+async fn expansion_is_offline_idempotent_and_grows_every_replica() {
+    let fixture = Fixture::new(2).await;
+    let c = service(&fixture);
+    create(&c, create_request("pvc-8", 4096, 2))
+        .await
+        .expect("create");
+    let expand = |required: i64, limit: i64| {
+        c.controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+            volume_id: "pvc-8".into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: required,
+                limit_bytes: limit,
+            }),
+            volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
+            ..Default::default()
+        }))
+    };
+    let grown = expand(10_000, 0).await.expect("expand").into_inner();
+    assert_eq!(grown.capacity_bytes, 12_288);
+    assert!(grown.node_expansion_required, "a filesystem must grow too");
+    for agent in &fixture.agents {
+        assert_eq!(
+            agent.state().replicas["pvc-8"].size_bytes,
+            12_288,
+            "{}",
+            agent.node_id
+        );
+    }
+    let again = expand(8192, 0)
+        .await
+        .expect("smaller is a no-op")
+        .into_inner();
+    assert_eq!(again.capacity_bytes, 12_288);
+    assert_eq!(
+        expand(8192, 8192).await.err().map(|s| s.code()),
+        Some(Code::OutOfRange)
+    );
+    assert_eq!(
+        expand(0, 0).await.err().map(|s| s.code()),
+        Some(Code::InvalidArgument)
+    );
+
+    c.controller_publish_volume(Request::new(csi::ControllerPublishVolumeRequest {
+        volume_id: "pvc-8".into(),
+        node_id: "node-1".into(),
+        volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
+        ..Default::default()
+    }))
+    .await
+    .expect("publish");
+    assert_eq!(
+        expand(1 << 20, 0).await.err().map(|s| s.code()),
+        Some(Code::FailedPrecondition),
+        "offline only"
+    );
+    let unknown = c
+        .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+            volume_id: "nope".into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 4096,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        }))
+        .await;
+    assert_eq!(unknown.err().map(|s| s.code()), Some(Code::NotFound));
+}

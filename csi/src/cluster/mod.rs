@@ -215,6 +215,10 @@ pub struct EtcdInfo {
 pub struct ControllerInfo {
     /// Management API (`http://127.0.0.1:P`).
     pub address: String,
+    /// The CSI Identity and Controller services (`unix:///DIR/csi.sock`);
+    /// empty in clusters started before the controller served CSI.
+    #[serde(default)]
+    pub csi_endpoint: String,
     /// The process.
     pub process: ProcessInfo,
 }
@@ -376,18 +380,22 @@ async fn start(
         .and_then(port_of)
         .map_or_else(free_port, Ok)?;
     let listen = format!("127.0.0.1:{controller_port}");
+    let csi_endpoint = format!("unix://{}", dir.join("csi.sock").display());
     let mut args = vec![
         "controller".to_string(),
         "--listen".to_string(),
         listen.clone(),
         "--store".to_string(),
         info.store.clone(),
+        "--endpoint".to_string(),
+        csi_endpoint.clone(),
     ];
     args.extend(spec.controller_args.iter().cloned());
     let controller =
         process::spawn_daemon(&binaries.controller, &args, &dir.join("controller.log"))?;
     info.controller = Some(ControllerInfo {
         address: format!("http://{listen}"),
+        csi_endpoint,
         process: controller,
     });
     info.save()?;

@@ -125,9 +125,19 @@ impl ReplicaService for FakeService {
 
     async fn grow_replica(
         &self,
-        _request: Request<pb::GrowReplicaRequest>,
+        request: Request<pb::GrowReplicaRequest>,
     ) -> Result<Response<pb::Replica>, Status> {
-        Err(Status::unimplemented("fake agent"))
+        let request = request.into_inner();
+        let mut state = self.state();
+        let replica = state
+            .replicas
+            .get_mut(&request.name)
+            .ok_or_else(|| Status::not_found("no such replica"))?;
+        if request.size_bytes < replica.size_bytes {
+            return Err(Status::out_of_range("replicas never shrink"));
+        }
+        replica.size_bytes = request.size_bytes;
+        Ok(Response::new(replica.clone()))
     }
 
     async fn destroy_replica(

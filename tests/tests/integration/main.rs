@@ -8,6 +8,7 @@
 mod bad_input;
 mod cluster;
 mod crash;
+mod csi;
 mod filesystem;
 mod harness;
 mod nbd_clients;

@@ -2,17 +2,29 @@
 //!
 //! `ballast-csi controller` runs the controller: it opens the cluster
 //! store, serves the management API (nodes, volumes, target control) on
-//! `--listen`, and runs the reconcilers, until SIGTERM or SIGINT. The CSI
-//! node plugin (`ballast-csi node`) joins in a later release.
+//! `--listen` and, with `--endpoint`, the CSI Identity and Controller
+//! services on a unix socket, and runs the reconcilers, until SIGTERM or
+//! SIGINT.
+//!
+//! `ballast-csi node` runs the CSI node plugin: the Identity and Node
+//! services on a unix socket, attaching volumes over NBD, formatting and
+//! mounting them.
 
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use ballast_csi::controller::{self, Context, ControllerConfig};
+use ballast_csi::node::attach::{self, AttachMode};
+use ballast_csi::node::mount::SystemMounter;
+use ballast_csi::service::{self, controller::Controller, identity::Identity, node::Node};
 use ballast_csi::store;
+use ballast_proto::csi::controller_server::ControllerServer;
+use ballast_proto::csi::identity_server::IdentityServer;
+use ballast_proto::csi::node_server::NodeServer;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -30,6 +42,37 @@ enum Command {
     /// Runs the controller: cluster store, node registry, volumes,
     /// placement, publication, in-sync sets and reconcilers.
     Controller(ControllerArgs),
+    /// Runs the CSI node plugin: attach, format, mount and publish
+    /// volumes on this node.
+    Node(NodeArgs),
+}
+
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// The CSI endpoint kubelet dials: unix:///path/csi.sock (mode 0600).
+    #[arg(long, env = "CSI_ENDPOINT")]
+    endpoint: String,
+
+    /// This node's id: the id its storage agent registered with.
+    #[arg(long, env = "BALLAST_NODE_ID")]
+    node_id: String,
+
+    /// Where the plugin keeps its attachment records.
+    #[arg(
+        long,
+        env = "BALLAST_NODE_STATE_DIR",
+        default_value = "/var/lib/ballast/csi-node"
+    )]
+    state_dir: std::path::PathBuf,
+
+    /// How volumes become block devices: auto (kernel nbd when loaded,
+    /// else nbdfuse + loop), kernel-nbd or nbdfuse-loop.
+    #[arg(long, default_value = "auto")]
+    attach: AttachMode,
+
+    /// Most volumes published on this node at once (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_volumes: i64,
 }
 
 #[derive(clap::Args)]
@@ -51,6 +94,11 @@ struct ControllerArgs {
     /// single machine) or etcd://host:port[,host:port...][/namespace].
     #[arg(long, env = "BALLAST_STORE")]
     store: String,
+
+    /// Also serve the CSI Identity and Controller services on this
+    /// endpoint: unix:///path/csi.sock (created with mode 0600).
+    #[arg(long, env = "CSI_ENDPOINT")]
+    endpoint: Option<String>,
 
     /// A node without a heartbeat for this long is down (e.g. 10s, 500ms).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -109,6 +157,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Controller(args) => run_controller(args).await,
+        Command::Node(args) => run_node(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -148,16 +197,90 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     config.agent_timeout = args.agent_timeout;
     let context = Context::new(store, config);
 
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let csi = match &args.endpoint {
+        Some(endpoint) => {
+            let (path, incoming) = service::listen(endpoint)?;
+            info!(endpoint = %path.display(), "Serving the CSI Identity and Controller services");
+            let volumes = Arc::new(controller::volume::Volumes::new(context.clone()));
+            let mut stopped = stopped.clone();
+            Some(tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(IdentityServer::new(Identity::controller()))
+                    .add_service(ControllerServer::new(Controller::new(volumes)))
+                    .serve_with_incoming_shutdown(incoming, async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    }),
+            ))
+        }
+        None => None,
+    };
+    let mut management_stopped = stopped.clone();
+    let management = controller::run(context, async move {
+        let _ = management_stopped.wait_for(|s| *s).await;
+    });
+    tokio::pin!(management);
+    let signalled = wait_for_signal()?;
+    tokio::pin!(signalled);
+    let result = tokio::select! {
+        result = &mut management => result.map_err(anyhow::Error::from),
+        () = &mut signalled => {
+            let _ = stop.send(true);
+            management.await.map_err(anyhow::Error::from)
+        }
+    };
+    let _ = stop.send(true);
+    if let Some(csi) = csi {
+        csi.await
+            .context("The CSI server task failed")?
+            .context("Cannot serve the CSI services")?;
+    }
+    result?;
+    info!("Controller stopped");
+    Ok(())
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+fn wait_for_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let shutdown = async move {
+    Ok(async move {
         tokio::select! {
             _ = sigterm.recv() => info!("SIGTERM received"),
             _ = sigint.recv() => info!("SIGINT received"),
         }
-    };
-    controller::run(context, shutdown).await?;
-    info!("Controller stopped");
+    })
+}
+
+async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    ballast_csi::controller::node::operations::validate_node_id(&args.node_id)
+        .with_context(|| format!("Invalid --node-id {:?}", args.node_id))?;
+    std::fs::create_dir_all(&args.state_dir).with_context(|| {
+        format!(
+            "Cannot create the state directory {}",
+            args.state_dir.display()
+        )
+    })?;
+    let attacher = attach::attacher(args.attach, &args.state_dir)
+        .context("Cannot set up the attach backend")?;
+    info!(node.id = %args.node_id, attach = attacher.name(), "Node plugin starting");
+    let node = Node::new(
+        service::node::NodeConfig {
+            node_id: args.node_id.clone(),
+            max_volumes: args.max_volumes,
+        },
+        attacher,
+        Arc::new(SystemMounter::new()),
+    );
+    let (path, incoming) = service::listen(&args.endpoint)?;
+    info!(endpoint = %path.display(), "Serving the CSI Identity and Node services");
+    tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(Identity::node()))
+        .add_service(NodeServer::new(node))
+        .serve_with_incoming_shutdown(incoming, wait_for_signal()?)
+        .await
+        .context("Cannot serve the CSI services")?;
+    info!("Node plugin stopped");
     Ok(())
 }
 

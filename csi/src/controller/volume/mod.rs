@@ -5,6 +5,7 @@
 //!   helpers that are the only way to change it.
 //! - [`scheduling`]: replica placement.
 //! - [`operations`]: create, delete, publish, unpublish, get, list.
+//! - [`expand`]: offline growth of every replica, then the record.
 //! - [`control`]: the in-sync set changes targets ask for (drop a replica,
 //!   mark it in sync) and rebuild progress.
 //! - [`service`]: the gRPC adapters (`VolumeService`,
@@ -32,6 +33,7 @@
 //! except in publish.
 
 pub mod control;
+pub mod expand;
 pub mod operations;
 pub mod reconcile;
 pub mod record;

@@ -511,8 +511,25 @@ impl Volumes {
     ///
     /// [`Error::VolumeNotFound`]; [`Error::Agent`] if the target's agent is
     /// up and fails to stop it.
-    #[instrument(err, skip(self))]
     pub async fn unpublish(&self, volume_id: &str) -> Result<(), Error> {
+        self.unpublish_from(volume_id, None).await
+    }
+
+    /// Unpublishes a volume if it is published on `node_id` (on any node
+    /// when `None`); a volume published elsewhere is left alone. The check
+    /// and the unpublish happen under the volume's guard, so a publish
+    /// cannot slip in between (CSI ControllerUnpublishVolume names the
+    /// node it unpublishes from).
+    ///
+    /// # Errors
+    ///
+    /// As [`Volumes::unpublish`].
+    #[instrument(err, skip(self))]
+    pub async fn unpublish_from(
+        &self,
+        volume_id: &str,
+        node_id: Option<&str>,
+    ) -> Result<(), Error> {
         required("volume_id", volume_id)?;
         let _guard = self.guard(volume_id)?;
         let store = &self.context.store;
@@ -523,6 +540,9 @@ impl Volumes {
         let Some(target) = current.target else {
             return Ok(());
         };
+        if node_id.is_some_and(|node| node != target.node_id) {
+            return Ok(());
+        }
         match self.stop_target(&target.node_id, volume_id).await {
             Ok(()) => {}
             Err(err @ (Error::NodeDown { .. } | Error::NodeNotFound { .. })) => {

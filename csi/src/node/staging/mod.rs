@@ -35,7 +35,7 @@ use super::attach::{self, Attacher, NbdUri};
 use super::mount::{self, FsType, Mounter, Signature, TargetKind, VolumeStats};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// How many stacked mounts unmount and unpublish peel off a path at most.
 const MAX_STACKED_MOUNTS: usize = 8;

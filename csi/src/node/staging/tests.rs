@@ -17,8 +17,9 @@ use crate::node::mount::{self, MountEntry};
 
 const URI: &str = "nbd+unix:///vol-1?socket=/run/t/vol-1.sock";
 
+/// The fake's state; the CSI Node service tests read it too.
 #[derive(Default)]
-struct World {
+pub(crate) struct World {
     /// volume -> (device, uri)
     attached: BTreeMap<String, (PathBuf, String)>,
     next_loop: u32,
@@ -28,17 +29,18 @@ struct World {
     signatures: HashMap<PathBuf, Signature>,
     mounts: Vec<MountEntry>,
     targets: HashSet<PathBuf>,
-    mkfs: Vec<(PathBuf, FsType)>,
+    pub(crate) mkfs: Vec<(PathBuf, FsType)>,
     attach_calls: usize,
     grown: Vec<PathBuf>,
     fail_mount: bool,
 }
 
+/// An attacher and mounter in memory.
 #[derive(Clone, Default)]
-struct Fake(Arc<Mutex<World>>);
+pub(crate) struct Fake(Arc<Mutex<World>>);
 
 impl Fake {
-    fn world(&self) -> std::sync::MutexGuard<'_, World> {
+    pub(crate) fn world(&self) -> std::sync::MutexGuard<'_, World> {
         self.0.lock().expect("fake world lock")
     }
 }

@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 
+use crate::harness::cluster::ControllerCli;
 use crate::harness::cluster::{Cluster, T, loops_under, mounts_under, pid_running};
 use crate::harness::{Child, bin, run, wait_for};
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 
+use crate::harness::cluster::ControllerCli;
 use crate::harness::cluster::T;
 use crate::harness::netcluster::NetCluster;
 use crate::harness::{fio, run, wait_for};

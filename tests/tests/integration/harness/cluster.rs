@@ -17,6 +17,46 @@ use super::{TestDir, bin, run, wait_for};
 /// Deadline of one CLI call.
 pub const T: Duration = Duration::from_secs(120);
 
+/// What tests ask any cluster's controller through the CLI: implemented by
+/// [`Cluster`] and the network-namespace cluster, which differ only in how
+/// the CLI reaches the controller.
+pub trait ControllerCli {
+    /// Runs `ballast -o json ARGS` against the controller and parses it.
+    fn cli_json(&self, args: &[&str]) -> Result<Value>;
+
+    /// `node list` as (id, state) pairs.
+    fn node_states(&self) -> Result<Vec<(String, String)>> {
+        let nodes = self.cli_json(&["node", "list"])?;
+        Ok(nodes
+            .as_array()
+            .context("node list is an array")?
+            .iter()
+            .map(|n| {
+                (
+                    n["node_id"].as_str().unwrap_or_default().to_string(),
+                    n["state"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect())
+    }
+
+    /// Waits until node `node` is in `state` (`up`, `down`).
+    fn wait_node(&self, node: &str, state: &str, timeout: Duration) -> Result<()> {
+        wait_for(&format!("{node} to be {state}"), timeout, || {
+            self.node_states()
+                .ok()
+                .filter(|nodes| nodes.iter().any(|(n, s)| n == node && s == state))
+        })
+        .map(|_| ())
+    }
+}
+
+impl ControllerCli for Cluster {
+    fn cli_json(&self, args: &[&str]) -> Result<Value> {
+        Cluster::cli_json(self, args)
+    }
+}
+
 /// A cluster started with `ballast cluster up`, stopped on drop.
 pub struct Cluster {
     /// The test directory holding the cluster and test files.
@@ -133,32 +173,6 @@ impl Cluster {
             all.insert(node.node_id, names);
         }
         Ok(all)
-    }
-
-    /// `node list` as (id, state) pairs.
-    pub fn node_states(&self) -> Result<Vec<(String, String)>> {
-        let nodes = self.cli_json(&["node", "list"])?;
-        Ok(nodes
-            .as_array()
-            .context("node list is an array")?
-            .iter()
-            .map(|n| {
-                (
-                    n["node_id"].as_str().unwrap_or_default().to_string(),
-                    n["state"].as_str().unwrap_or_default().to_string(),
-                )
-            })
-            .collect())
-    }
-
-    /// Waits until node `node` is in `state`.
-    pub fn wait_node(&self, node: &str, state: &str, timeout: Duration) -> Result<()> {
-        wait_for(&format!("{node} to be {state}"), timeout, || {
-            self.node_states()
-                .ok()
-                .filter(|nodes| nodes.iter().any(|(n, s)| n == node && s == state))
-        })
-        .map(|_| ())
     }
 
     /// Waits until every node is up.

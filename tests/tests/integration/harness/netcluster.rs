@@ -23,9 +23,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::cluster::{T, mark_owner, sweep_orphans};
+use super::cluster::{ControllerCli, T, mark_owner, sweep_orphans};
 use super::network::Network;
-use super::{Child, TestDir, bin, run, wait_for};
+use super::{Child, TestDir, bin, run};
 
 /// Port of the controller's management API in its namespace.
 const CONTROLLER_PORT: u16 = 9600;
@@ -206,30 +206,10 @@ impl NetCluster {
         let text = self.cli_ok(&all)?;
         serde_json::from_str(&text).with_context(|| format!("JSON of {args:?}: {text}"))
     }
+}
 
-    /// `node list` as (id, state) pairs.
-    pub fn node_states(&self) -> Result<Vec<(String, String)>> {
-        let nodes = self.cli_json(&["node", "list"])?;
-        Ok(nodes
-            .as_array()
-            .context("node list is an array")?
-            .iter()
-            .map(|n| {
-                (
-                    n["node_id"].as_str().unwrap_or_default().to_string(),
-                    n["state"].as_str().unwrap_or_default().to_string(),
-                )
-            })
-            .collect())
-    }
-
-    /// Waits until node `id` is in `state` (`up`, `down`).
-    pub fn wait_node(&self, id: &str, state: &str, timeout: Duration) -> Result<()> {
-        wait_for(&format!("{id} to be {state}"), timeout, || {
-            self.node_states()
-                .ok()
-                .filter(|nodes| nodes.iter().any(|(n, s)| n == id && s == state))
-        })
-        .map(|_| ())
+impl ControllerCli for NetCluster {
+    fn cli_json(&self, args: &[&str]) -> Result<Value> {
+        NetCluster::cli_json(self, args)
     }
 }

@@ -39,7 +39,7 @@ impl From<Error> for tonic::Status {
         let code = match &err {
             Error::InvalidAddress { .. } => tonic::Code::Internal,
         };
-        tonic::Status::new(code, super::error_chain(&err))
+        tonic::Status::new(code, crate::error_chain(&err))
     }
 }
 

@@ -57,7 +57,7 @@ pub async fn run_forever(reconcilers: Vec<Box<dyn Reconciler>>, interval: Durati
 pub async fn run_once(reconcilers: &[Box<dyn Reconciler>]) {
     for reconciler in reconcilers {
         if let Err(error) = reconciler.reconcile().await {
-            warn!(reconciler = reconciler.name(), error = %super::error_chain(&error), "Reconciler pass failed");
+            warn!(reconciler = reconciler.name(), error = %crate::error_chain(&error), "Reconciler pass failed");
         }
     }
 }

@@ -57,7 +57,7 @@ impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         match err {
             Error::Endpoint(_) => tonic::Status::invalid_argument(err.to_string()),
-            Error::Listen { .. } => tonic::Status::internal(crate::controller::error_chain(&err)),
+            Error::Listen { .. } => tonic::Status::internal(crate::error_chain(&err)),
         }
     }
 }

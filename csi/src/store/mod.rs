@@ -179,21 +179,8 @@ impl From<Error> for tonic::Status {
             Error::InvalidAddress { .. } => tonic::Code::Internal,
             Error::Backend(_) => tonic::Code::Internal,
         };
-        tonic::Status::new(code, error_chain(&err))
+        tonic::Status::new(code, crate::error_chain(&err))
     }
-}
-
-/// Formats an error and its sources as "a: b: c", for messages that leave
-/// the process.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 /// A value and the revision that last wrote it.

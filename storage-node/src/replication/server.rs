@@ -279,7 +279,7 @@ impl Response {
 
     fn from_error(request_id: u64, error: &Error) -> Response {
         let (status, detail) = error.status();
-        Response::error(request_id, status, detail, &error_chain(error))
+        Response::error(request_id, status, detail, &crate::pool::error_chain(error))
     }
 }
 
@@ -310,7 +310,7 @@ async fn serve_connection(
     match outcome {
         Ok(()) => debug!(%peer, "Replica connection closed"),
         Err(error) => {
-            warn!(%peer, error = %error_chain(&error), "Closed a replica connection after bad input");
+            warn!(%peer, error = %crate::pool::error_chain(&error), "Closed a replica connection after bad input");
             // Read what the peer still sends until it closes, so that the
             // close is not a reset that could destroy the answer in flight.
             let mut sink = tokio::io::sink();
@@ -530,7 +530,7 @@ fn respond(
                     replica.id = %replica.replica_id(),
                     epoch = header.epoch,
                     op = %header.op,
-                    error = %error_chain(&error),
+                    error = %crate::pool::error_chain(&error),
                     "Replica request failed"
                 );
             }
@@ -538,16 +538,4 @@ fn respond(
         }
     };
     Response::new(Status::Ok, id, 0, payload)
-}
-
-/// Formats an error with its sources, for responses and logs.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -53,8 +53,8 @@ pub enum Error {
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         match err {
-            Error::InvalidNode { .. } => tonic::Status::invalid_argument(super::error_chain(&err)),
-            Error::NodeNotFound { .. } => tonic::Status::not_found(super::error_chain(&err)),
+            Error::InvalidNode { .. } => tonic::Status::invalid_argument(crate::error_chain(&err)),
+            Error::NodeNotFound { .. } => tonic::Status::not_found(crate::error_chain(&err)),
             Error::Store(err) => err.into(),
         }
     }

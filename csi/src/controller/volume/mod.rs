@@ -205,7 +205,7 @@ impl From<Error> for tonic::Status {
             | Error::StaleEpoch { .. }
             | Error::LastInSync { .. } => Code::FailedPrecondition,
         };
-        tonic::Status::new(code, super::error_chain(&err))
+        tonic::Status::new(code, crate::error_chain(&err))
     }
 }
 

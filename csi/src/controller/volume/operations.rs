@@ -237,9 +237,9 @@ impl Volumes {
     async fn finish_create(&self, planned: VolumeRecord) -> Result<VolumeRecord, Error> {
         for replica in &planned.replicas {
             if let Err(err) = self.create_replica(&planned, &replica.node_id).await {
-                warn!(node.id = %replica.node_id, error = %crate::controller::error_chain(&err), "Replica creation failed; undoing the volume");
+                warn!(node.id = %replica.node_id, error = %crate::error_chain(&err), "Replica creation failed; undoing the volume");
                 if let Err(undo) = self.roll_back_create(&planned.volume_id).await {
-                    warn!(error = %crate::controller::error_chain(&undo), "Undoing the volume is not finished; a reconciler completes it");
+                    warn!(error = %crate::error_chain(&undo), "Undoing the volume is not finished; a reconciler completes it");
                 }
                 return Err(err);
             }
@@ -335,7 +335,7 @@ impl Volumes {
                 }
                 Err(Error::Agent(err)) if err.is_unreachable() => pending.push(node.clone()),
                 Err(err) => {
-                    warn!(node.id = %node, error = %crate::controller::error_chain(&err), "Cannot destroy replica");
+                    warn!(node.id = %node, error = %crate::error_chain(&err), "Cannot destroy replica");
                     failure.get_or_insert(err);
                 }
             }
@@ -423,14 +423,14 @@ impl Volumes {
             // soon as the new target reaches the replicas; stopping it is
             // a courtesy that may fail if its node is gone.
             if let Err(err) = self.stop_target(&old.node_id, volume_id).await {
-                warn!(old.node = %old.node_id, error = %crate::controller::error_chain(&err), "Cannot stop the old target; the new epoch fences it");
+                warn!(old.node = %old.node_id, error = %crate::error_chain(&err), "Cannot stop the old target; the new epoch fences it");
             }
         }
         let target = match started {
             Ok(target) => target,
             Err(err) => {
                 if let Err(stop) = self.stop_target(node_id, volume_id).await {
-                    warn!(error = %crate::controller::error_chain(&stop), "Cannot stop the target that failed to start");
+                    warn!(error = %crate::error_chain(&stop), "Cannot stop the target that failed to start");
                 }
                 record::update(store, volume_id, |r| {
                     if r.epoch != epoch

@@ -35,7 +35,8 @@ use super::{Error, Volumes};
 use crate::controller::agents::AgentError;
 use crate::controller::node::NodeState;
 use crate::controller::reconciler::Reconciler;
-use crate::controller::{Context, error_chain, now_unix_ms};
+use crate::controller::{Context, now_unix_ms};
+use crate::error_chain;
 use crate::store;
 
 /// Keeps the store error of a failed pass, logs the others.

@@ -137,7 +137,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        let msg = super::mount::error_chain(&e);
+        let msg = crate::error_chain(&e);
         match e {
             Error::InvalidVolumeId(_) | Error::InvalidUri { .. } => {
                 tonic::Status::invalid_argument(msg)

@@ -181,7 +181,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        let msg = error_chain(&e);
+        let msg = crate::error_chain(&e);
         match e {
             Error::MountFlag(_) => tonic::Status::invalid_argument(msg),
             Error::ResizeUnsupported(_) => tonic::Status::failed_precondition(msg),
@@ -193,18 +193,6 @@ impl From<Error> for tonic::Status {
             | Error::Join(_) => tonic::Status::internal(msg),
         }
     }
-}
-
-/// The message of `e` followed by its sources, for status messages.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        cur = s.source();
-    }
-    msg
 }
 
 /// Mounts, filesystems and targets, as the stage and publish logic needs

@@ -152,7 +152,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        let msg = mount::error_chain(&e);
+        let msg = crate::error_chain(&e);
         match e {
             Error::MissingField(_) | Error::InvalidField { .. } | Error::UnsupportedFsType(_) => {
                 tonic::Status::invalid_argument(msg)

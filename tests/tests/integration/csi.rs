@@ -7,8 +7,6 @@
 //! test thread), and every mount and loop device under the test directory
 //! are torn down on drop, so a failed assertion leaves nothing behind.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -16,100 +14,13 @@ use anyhow::{Context, Result, bail};
 use ballast_proto::csi;
 use ballast_proto::csi::controller_client::ControllerClient;
 use ballast_proto::csi::identity_client::IdentityClient;
-use ballast_proto::csi::node_client::NodeClient;
-use ballast_proto::csi::volume_capability::access_mode::Mode;
-use ballast_proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};
 use tonic::Code;
-use tonic::transport::Channel;
 
 use crate::harness::cluster::Cluster;
-use crate::harness::{Child, bin, wait_for};
-
-const NBD_URI_KEY: &str = "ballast.io/nbd-uri";
-const MIB: i64 = 1 << 20;
-
-/// Connects to a CSI unix socket, waiting (bounded) for it to appear.
-async fn channel(socket: &Path) -> Result<Channel> {
-    wait_for(
-        &format!("{} to exist", socket.display()),
-        Duration::from_secs(30),
-        || socket.exists().then_some(()),
-    )?;
-    let endpoint = format!("unix://{}", socket.display());
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(120))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {endpoint}"))?;
-    Ok(channel)
-}
-
-/// A `ballast-csi node` process with its client.
-struct NodePlugin {
-    client: NodeClient<Channel>,
-    _process: Child,
-}
-
-impl NodePlugin {
-    async fn start(cluster: &Cluster, node_id: &str) -> Result<Self> {
-        let socket = cluster.dir.join(&format!("{node_id}-csi.sock"));
-        let state_dir = cluster.dir.join(&format!("{node_id}-csi-state"));
-        let process = Child::spawn(
-            &format!("ballast-csi node {node_id}"),
-            Command::new(bin("ballast-csi"))
-                .arg("node")
-                .arg("--endpoint")
-                .arg(format!("unix://{}", socket.display()))
-                .arg("--node-id")
-                .arg(node_id)
-                .arg("--state-dir")
-                .arg(&state_dir)
-                .arg("--attach")
-                .arg("nbdfuse-loop"),
-            &cluster.dir.join(&format!("{node_id}-csi.log")),
-        )?;
-        let client = NodeClient::new(channel(&socket).await?);
-        Ok(Self {
-            client,
-            _process: process,
-        })
-    }
-}
-
-fn mount_cap(fs_type: &str) -> csi::VolumeCapability {
-    csi::VolumeCapability {
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter.into(),
-        }),
-        access_type: Some(AccessType::Mount(MountVolume {
-            fs_type: fs_type.into(),
-            ..Default::default()
-        })),
-    }
-}
-
-fn create_request(name: &str, required: i64, replicas: u32) -> csi::CreateVolumeRequest {
-    csi::CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(csi::CapacityRange {
-            required_bytes: required,
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![mount_cap("")],
-        parameters: HashMap::from([
-            ("replicas".to_string(), replicas.to_string()),
-            ("fsType".to_string(), "ext4".to_string()),
-            ("thin".to_string(), "true".to_string()),
-        ]),
-        secrets: HashMap::from([("token".to_string(), "never-logged".to_string())]),
-        ..Default::default()
-    }
-}
-
-fn code<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Option<Code> {
-    result.err().map(|s| s.code())
-}
+use crate::harness::csi::{
+    MIB, NBD_URI_KEY, NodePlugin, channel, code, create_request, fs_type_at, has_cap_sys_resource,
+    mount_cap, mount_source, stage_and_publish, unpublish_and_unstage,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_and_create_volume_rules() -> Result<()> {
@@ -221,108 +132,6 @@ async fn identity_and_create_volume_rules() -> Result<()> {
         .await
         .context("deleting a deleted volume is OK")?;
     Ok(())
-}
-
-/// Stages and publishes `volume` on `plugin` with the controller's publish
-/// context; returns the target path.
-async fn stage_and_publish(
-    plugin: &mut NodePlugin,
-    dir: &Path,
-    volume: &csi::Volume,
-    publish_context: &HashMap<String, String>,
-) -> Result<PathBuf> {
-    let staging = dir.join("staging");
-    let target = dir.join("target");
-    std::fs::create_dir_all(&staging)?;
-    let stage = csi::NodeStageVolumeRequest {
-        volume_id: volume.volume_id.clone(),
-        publish_context: publish_context.clone(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(mount_cap("")),
-        volume_context: volume.volume_context.clone(),
-        ..Default::default()
-    };
-    plugin.client.node_stage_volume(stage.clone()).await?;
-    plugin
-        .client
-        .node_stage_volume(stage)
-        .await
-        .context("staging again is idempotent")?;
-    plugin
-        .client
-        .node_publish_volume(csi::NodePublishVolumeRequest {
-            volume_id: volume.volume_id.clone(),
-            publish_context: publish_context.clone(),
-            staging_target_path: staging.display().to_string(),
-            target_path: target.display().to_string(),
-            volume_capability: Some(mount_cap("")),
-            volume_context: volume.volume_context.clone(),
-            ..Default::default()
-        })
-        .await?;
-    Ok(target)
-}
-
-async fn unpublish_and_unstage(plugin: &mut NodePlugin, volume_id: &str, dir: &Path) -> Result<()> {
-    let target = dir.join("target").display().to_string();
-    let staging = dir.join("staging").display().to_string();
-    plugin
-        .client
-        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-            volume_id: volume_id.into(),
-            target_path: target,
-        })
-        .await?;
-    plugin
-        .client
-        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
-            volume_id: volume_id.into(),
-            staging_target_path: staging,
-        })
-        .await?;
-    Ok(())
-}
-
-/// True when this process may use ext4's online resize (CAP_SYS_RESOURCE,
-/// bit 24 of the effective set).
-fn has_cap_sys_resource() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-            u64::from_str_radix(hex.trim(), 16).ok()
-        })
-        .is_some_and(|caps| caps & (1 << 24) != 0)
-}
-
-/// The source (device) of the mount last made at `path`.
-fn mount_source(path: &Path) -> Option<String> {
-    let path = path.canonicalize().ok()?;
-    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mut found = None;
-    for line in table.lines() {
-        let (left, right) = line.split_once(" - ")?;
-        if left.split(' ').nth(4).map(Path::new) == Some(path.as_path()) {
-            found = right.split(' ').nth(1).map(str::to_string);
-        }
-    }
-    found
-}
-
-/// The filesystem type mounted last at `path`, from the mount table.
-fn fs_type_at(path: &Path) -> Option<String> {
-    let path = path.canonicalize().ok()?;
-    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mut found = None;
-    for line in table.lines() {
-        // "... mount_point ... - fs_type source options"
-        let (left, right) = line.split_once(" - ")?;
-        let mount_point = left.split(' ').nth(4)?;
-        if Path::new(mount_point) == path {
-            found = right.split(' ').next().map(str::to_string);
-        }
-    }
-    found
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

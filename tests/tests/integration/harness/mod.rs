@@ -8,10 +8,12 @@
 //! kills any helper process (nbdfuse, fio) on drop.
 //!
 //! Submodules: [`cluster`] (a local cluster through `ballast cluster up`),
+//! [`csi`] (CSI clients playing kubelet and the sidecars),
 //! [`network`] and [`netcluster`] (a cluster in network namespaces, for
 //! partitions), [`fio`] (the verified workload of the fault suites).
 
 pub mod cluster;
+pub mod csi;
 pub mod fio;
 pub mod netcluster;
 pub mod network;

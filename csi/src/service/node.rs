@@ -268,18 +268,28 @@ impl csi::node_server::Node for Node {
         }))
     }
 
+    /// CSI spec, NodeExpandVolume: grows the filesystem to its device
+    /// (see [`staging::expand`]); more than the device holds is
+    /// `OUT_OF_RANGE`.
     #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
     async fn node_expand_volume(
         &self,
         request: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
         let req = request.get_ref();
+        let required = req.capacity_range.as_ref().map_or(0, |r| r.required_bytes);
+        let required = u64::try_from(required).map_err(|_| {
+            Error::InvalidArgument(format!(
+                "capacity_range.required_bytes {required} is negative"
+            ))
+        })?;
         let _guard = self.guard(&req.volume_id)?;
         let bytes = staging::expand(
             self.attacher.as_ref(),
             self.mounter.as_ref(),
             &req.volume_id,
             Path::new(&req.volume_path),
+            required,
         )
         .await
         .map_err(Error::from)?;

@@ -354,9 +354,13 @@ async fn nbdfuse_stage_publish_restart_unstage() {
         b"pod data"
     );
 
-    let stats = staging::stats(&*attacher, &mounter, "vol-1", &rw_target)
+    let staging::Stats {
+        usage: stats,
+        problem,
+    } = staging::stats(&*attacher, &mounter, "vol-1", &rw_target)
         .await
         .expect("stats");
+    assert_eq!(problem, None, "nbdfuse serves the volume");
     assert!(
         stats.total_bytes > 200 << 20 && stats.total_bytes <= 256 << 20,
         "{stats:?}"
@@ -502,7 +506,8 @@ async fn nbdfuse_raw_block_publish() {
 
     let stats = staging::stats(&attacher, &mounter, "blk", &target)
         .await
-        .expect("stats");
+        .expect("stats")
+        .usage;
     assert_eq!(stats.total_bytes, 64 << 20);
     assert!(stats.inodes.is_none());
 

@@ -934,3 +934,61 @@ async fn an_xfs_volume_moves_to_another_node_and_grows() -> Result<()> {
     );
     Ok(())
 }
+
+/// When nbdfuse, which carries the volume's I/O, dies under a mounted
+/// volume, NodeGetVolumeStats says the volume is abnormal and why, and
+/// unpublish and unstage still clean up everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_whose_nbdfuse_died_is_abnormal_and_still_cleans_up() -> Result<()> {
+    require_root()?;
+    let cluster = Cluster::up("csi-nbdfuse-died", 1, "embedded", &[])?;
+    cluster.wait_all_up(1)?;
+    let mut controller = ControllerClient::new(channel(&cluster.path.join("csi.sock")).await?);
+    let mut node1 = NodePlugin::start(&cluster, "node-1").await?;
+    let (volume, context) = create_and_publish(
+        &mut controller,
+        create_request("pvc-died", 64 * MIB, 1),
+        mount_cap(""),
+        "node-1",
+    )
+    .await?;
+    let dir = cluster.dir.join("pod-died");
+    let target = stage_and_publish(&mut node1, &dir, &volume, &context).await?;
+    let healthy = stats(&mut node1, "pvc-died", &target).await?;
+    assert_eq!(
+        healthy.volume_condition.map(|c| c.abnormal),
+        Some(false),
+        "healthy at first"
+    );
+
+    let pids: Vec<i32> = attachments(node1.state_dir())
+        .iter()
+        .filter_map(|a| a.strip_prefix("nbdfuse process ")?.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 1, "one nbdfuse serves the volume");
+    for pid in &pids {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+    }
+    crate::harness::wait_for("nbdfuse to die", Duration::from_secs(15), || {
+        attachments(node1.state_dir())
+            .iter()
+            .all(|a| !a.starts_with("nbdfuse process"))
+            .then_some(())
+    })?;
+
+    let condition = stats(&mut node1, "pvc-died", &target)
+        .await?
+        .volume_condition
+        .context("no volume condition")?;
+    assert!(condition.abnormal, "{condition:?}");
+    assert!(condition.message.contains("nbdfuse"), "{condition:?}");
+
+    unpublish_and_unstage(&mut node1, "pvc-died", &dir).await?;
+    assert_eq!(fs_type_at(&target), None);
+    assert_eq!(fs_type_at(&dir.join("staging")), None);
+    assert_nothing_attached(&node1)?;
+    Ok(())
+}

@@ -412,6 +412,7 @@ impl Attacher for NbdfuseLoop {
                 volume_id,
                 device,
                 uri: None,
+                problem: None,
             }),
         };
         for m in read_mounts()? {
@@ -425,9 +426,19 @@ impl Attacher for NbdfuseLoop {
             }
         }
         for a in &mut found {
-            a.uri = std::fs::read_to_string(self.paths(&a.volume_id).urifile)
+            let p = self.paths(&a.volume_id);
+            a.uri = std::fs::read_to_string(&p.urifile)
                 .ok()
                 .map(|s| s.trim().to_string());
+            a.problem = match read_pid(&p.pidfile) {
+                Some(pid) if is_our_nbdfuse(pid, &p.file) && process_alive(pid) => None,
+                Some(pid) => Some(format!(
+                    "nbdfuse (pid {pid}), which serves the export, has exited: I/O fails until the volume is unstaged and staged again"
+                )),
+                None => {
+                    Some("nbdfuse has not recorded its pid: the attachment is incomplete".into())
+                }
+            };
         }
         found.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
         Ok(found)

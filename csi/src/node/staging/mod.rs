@@ -709,38 +709,51 @@ pub async fn expand(
     Ok(device_bytes)
 }
 
+/// NodeGetVolumeStats, answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes (and inodes of a filesystem).
+    pub usage: VolumeStats,
+    /// Why the volume is abnormal (its attachment cannot serve I/O);
+    /// `None` when it looks healthy from this node.
+    pub problem: Option<String>,
+}
+
 /// NodeGetVolumeStats: bytes and inodes of the filesystem at `volume_path`,
-/// or the size of the device bind-mounted there (block access).
+/// or the size of the device bind-mounted there (block access), and the
+/// health of the volume's attachment.
 #[instrument(skip_all, err, fields(volume.id = %volume, path = %volume_path.display()))]
 pub async fn stats(
     attacher: &dyn Attacher,
     mounter: &dyn Mounter,
     volume: &str,
     volume_path: &Path,
-) -> Result<VolumeStats> {
+) -> Result<Stats> {
     volume_id(volume)?;
     absolute("volume_path", volume_path)?;
     let not_found = || Error::VolumeNotFound {
         volume_id: volume.to_string(),
         path: volume_path.to_path_buf(),
     };
-    let device = attached_device(attacher, volume)
-        .await?
-        .ok_or_else(not_found)?;
+    let attachment = attacher.find(volume).await?.ok_or_else(not_found)?;
+    let device = attachment.device.clone().ok_or_else(not_found)?;
     let rdev = mounter.device_number(&device).await?;
     let entry = mounter
         .mounted_at(volume_path)
         .await?
         .ok_or_else(not_found)?;
-    if entry.dev() == rdev {
-        return Ok(mounter.fs_stats(volume_path).await?);
-    }
-    if mounter.device_number(volume_path).await.ok() == Some(rdev) {
-        let total = mounter.block_size_bytes(volume_path).await?;
-        return Ok(VolumeStats {
-            total_bytes: total,
+    let usage = if entry.dev() == rdev {
+        mounter.fs_stats(volume_path).await?
+    } else if mounter.device_number(volume_path).await.ok() == Some(rdev) {
+        VolumeStats {
+            total_bytes: mounter.block_size_bytes(volume_path).await?,
             ..VolumeStats::default()
-        });
-    }
-    Err(not_found())
+        }
+    } else {
+        return Err(not_found());
+    };
+    Ok(Stats {
+        usage,
+        problem: attachment.problem,
+    })
 }

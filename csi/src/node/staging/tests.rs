@@ -36,6 +36,8 @@ pub(crate) struct World {
     /// smaller than the device ([`DEVICE_BYTES`]).
     fs_blocks: HashMap<PathBuf, u64>,
     fail_mount: bool,
+    /// The problem every attachment reports.
+    pub(crate) problem: Option<String>,
 }
 
 /// The size of every fake device.
@@ -126,14 +128,14 @@ impl Attacher for Fake {
     }
 
     async fn list(&self) -> attach::Result<Vec<Attachment>> {
-        Ok(self
-            .world()
-            .attached
+        let w = self.world();
+        Ok(w.attached
             .iter()
             .map(|(v, (d, u))| Attachment {
                 volume_id: v.clone(),
                 device: Some(d.clone()),
                 uri: Some(u.clone()),
+                problem: w.problem.clone(),
             })
             .collect())
     }
@@ -659,7 +661,7 @@ async fn block_volumes_bind_the_device_node() {
     let st = stats(&f, &f, "vol-1", Path::new("/pod/dev/vol"))
         .await
         .expect("stats");
-    assert_eq!(st.total_bytes, 1 << 30);
+    assert_eq!(st.usage.total_bytes, DEVICE_BYTES);
     assert_eq!(
         code(unstage(&f, &f, "vol-1", Path::new("/stage/1")).await),
         Code::FailedPrecondition
@@ -695,7 +697,13 @@ async fn expand_and_stats_find_the_volume_or_say_not_found() {
     let st = stats(&f, &f, "vol-1", Path::new("/stage/1"))
         .await
         .expect("stats");
-    assert_eq!((st.total_bytes, st.used_bytes), (100, 40));
+    assert_eq!((st.usage.total_bytes, st.usage.used_bytes), (100, 40));
+    assert_eq!(st.problem, None);
+    f.world().problem = Some("nbdfuse has exited".into());
+    let st = stats(&f, &f, "vol-1", Path::new("/stage/1"))
+        .await
+        .expect("stats of an abnormal volume");
+    assert_eq!(st.problem.as_deref(), Some("nbdfuse has exited"));
     assert_eq!(
         code(stats(&f, &f, "vol-1", Path::new("/elsewhere")).await),
         Code::NotFound

@@ -270,7 +270,7 @@ impl csi::node_server::Node for Node {
             },
             None => csi::VolumeCondition {
                 abnormal: false,
-                message: "The volume is attached and mounted".to_string(),
+                message: "The volume's attachment serves I/O".to_string(),
             },
         });
         Ok(Response::new(csi::NodeGetVolumeStatsResponse {

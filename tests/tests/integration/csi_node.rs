@@ -207,6 +207,42 @@ async fn stats(
         .into_inner())
 }
 
+/// Stages (twice: idempotent) a block volume at `dir/staging` and
+/// publishes it (twice) at the file `dir/target`, as kubelet does for a
+/// `volumeDevices` entry; returns the target.
+async fn stage_and_publish_block(
+    plugin: &mut NodePlugin,
+    dir: &Path,
+    volume: &csi::Volume,
+    context: &HashMap<String, String>,
+) -> Result<PathBuf> {
+    let staging = dir.join("staging");
+    let target = dir.join("target");
+    std::fs::create_dir_all(&staging)?;
+    let stage = stage_request(volume, context, &staging, block_cap());
+    plugin.client.node_stage_volume(stage.clone()).await?;
+    plugin
+        .client
+        .node_stage_volume(stage)
+        .await
+        .context("staging again is idempotent")?;
+    let publish = publish_request(volume, &staging, &target, block_cap());
+    plugin.client.node_publish_volume(publish.clone()).await?;
+    plugin
+        .client
+        .node_publish_volume(publish)
+        .await
+        .context("publishing again is idempotent")?;
+    Ok(target)
+}
+
+/// A copy of `request` changed by `change`.
+fn with<T: Clone>(request: &T, change: impl FnOnce(&mut T)) -> T {
+    let mut changed = request.clone();
+    change(&mut changed);
+    changed
+}
+
 /// Total bytes of the first (bytes) usage entry.
 fn total_bytes(stats: &csi::NodeGetVolumeStatsResponse) -> i64 {
     stats.usage.first().map_or(0, |u| u.total)
@@ -268,24 +304,12 @@ async fn a_raw_block_volume_takes_verified_fio_and_leaves_nothing_behind() -> Re
         create_and_publish(&mut controller, request, block_cap(), "node-1").await?;
 
     let dir = cluster.dir.join("pod-block");
-    let staging = dir.join("staging");
-    std::fs::create_dir_all(&staging)?;
-    let target = dir.join("volumeDevices/pvc-block");
-    let stage = stage_request(&volume, &context, &staging, block_cap());
-    node1.client.node_stage_volume(stage.clone()).await?;
-    node1
-        .client
-        .node_stage_volume(stage)
-        .await
-        .context("staging again is idempotent")?;
-    assert_eq!(fs_type_at(&staging), None, "block staging mounts nothing");
-    let publish = publish_request(&volume, &staging, &target, block_cap());
-    node1.client.node_publish_volume(publish.clone()).await?;
-    node1
-        .client
-        .node_publish_volume(publish)
-        .await
-        .context("publishing again is idempotent")?;
+    let target = stage_and_publish_block(&mut node1, &dir, &volume, &context).await?;
+    assert_eq!(
+        fs_type_at(&dir.join("staging")),
+        None,
+        "block staging mounts nothing"
+    );
     assert!(
         std::fs::metadata(&target)?.file_type().is_block_device(),
         "the target is the volume's device node"
@@ -321,30 +345,11 @@ async fn a_raw_block_volume_takes_verified_fio_and_leaves_nothing_behind() -> Re
         "a block volume needs no node work"
     );
 
-    let unpublish = csi::NodeUnpublishVolumeRequest {
-        volume_id: "pvc-block".into(),
-        target_path: target.display().to_string(),
-    };
-    node1
-        .client
-        .node_unpublish_volume(unpublish.clone())
-        .await?;
+    unpublish_and_unstage(&mut node1, "pvc-block", &dir).await?;
     assert!(!target.exists(), "the target file is removed");
-    node1
-        .client
-        .node_unpublish_volume(unpublish)
+    unpublish_and_unstage(&mut node1, "pvc-block", &dir)
         .await
-        .context("unpublishing again is OK")?;
-    let unstage = csi::NodeUnstageVolumeRequest {
-        volume_id: "pvc-block".into(),
-        staging_target_path: staging.display().to_string(),
-    };
-    node1.client.node_unstage_volume(unstage.clone()).await?;
-    node1
-        .client
-        .node_unstage_volume(unstage)
-        .await
-        .context("unstaging again is OK")?;
+        .context("unpublishing and unstaging again is OK")?;
     assert_nothing_attached(&node1)?;
     controller_unpublish(&mut controller, "pvc-block", "node-1").await?;
 
@@ -352,32 +357,9 @@ async fn a_raw_block_volume_takes_verified_fio_and_leaves_nothing_behind() -> Re
     // reads it all back and verifies it.
     let context = controller_publish(&mut controller, &volume, block_cap(), "node-2").await?;
     let dir2 = cluster.dir.join("pod-block-2");
-    let staging2 = dir2.join("staging");
-    std::fs::create_dir_all(&staging2)?;
-    let target2 = dir2.join("volumeDevices/pvc-block");
-    node2
-        .client
-        .node_stage_volume(stage_request(&volume, &context, &staging2, block_cap()))
-        .await?;
-    node2
-        .client
-        .node_publish_volume(publish_request(&volume, &staging2, &target2, block_cap()))
-        .await?;
+    let target2 = stage_and_publish_block(&mut node2, &dir2, &volume, &context).await?;
     fio_verified(&target2, true)?;
-    node2
-        .client
-        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-            volume_id: "pvc-block".into(),
-            target_path: target2.display().to_string(),
-        })
-        .await?;
-    node2
-        .client
-        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
-            volume_id: "pvc-block".into(),
-            staging_target_path: staging2.display().to_string(),
-        })
-        .await?;
+    unpublish_and_unstage(&mut node2, "pvc-block", &dir2).await?;
     assert_nothing_attached(&node2)?;
     controller_unpublish(&mut controller, "pvc-block", "node-2").await?;
     controller
@@ -600,91 +582,77 @@ async fn node_rpcs_answer_bad_requests_with_the_spec_codes() -> Result<()> {
     // INVALID_ARGUMENT for each missing REQUIRED field of each RPC.
     let c = &mut node1.client.clone();
     let mut invalid = Vec::new();
-    invalid.push(("stage: no volume_id", {
-        let mut r = stage.clone();
-        r.volume_id.clear();
-        code(c.node_stage_volume(r).await)
-    }));
-    invalid.push(("stage: no staging_target_path", {
-        let mut r = stage.clone();
-        r.staging_target_path.clear();
-        code(c.node_stage_volume(r).await)
-    }));
-    invalid.push(("stage: no volume_capability", {
-        let mut r = stage.clone();
-        r.volume_capability = None;
-        code(c.node_stage_volume(r).await)
-    }));
-    invalid.push(("stage: no access_mode", {
-        let mut r = stage.clone();
-        if let Some(cap) = r.volume_capability.as_mut() {
-            cap.access_mode = None;
-        }
-        code(c.node_stage_volume(r).await)
-    }));
-    invalid.push(("stage: relative staging_target_path", {
-        let mut r = stage.clone();
-        r.staging_target_path = "relative/staging".into();
-        code(c.node_stage_volume(r).await)
-    }));
-    invalid.push(("unstage: no volume_id", {
-        let mut r = unstage.clone();
-        r.volume_id.clear();
-        code(c.node_unstage_volume(r).await)
-    }));
-    invalid.push(("unstage: no staging_target_path", {
-        let mut r = unstage.clone();
-        r.staging_target_path.clear();
-        code(c.node_unstage_volume(r).await)
-    }));
-    invalid.push(("publish: no volume_id", {
-        let mut r = publish.clone();
-        r.volume_id.clear();
-        code(c.node_publish_volume(r).await)
-    }));
-    invalid.push(("publish: no target_path", {
-        let mut r = publish.clone();
-        r.target_path.clear();
-        code(c.node_publish_volume(r).await)
-    }));
-    invalid.push(("publish: no volume_capability", {
-        let mut r = publish.clone();
-        r.volume_capability = None;
-        code(c.node_publish_volume(r).await)
-    }));
-    invalid.push(("unpublish: no volume_id", {
-        let mut r = unpublish.clone();
-        r.volume_id.clear();
-        code(c.node_unpublish_volume(r).await)
-    }));
-    invalid.push(("unpublish: no target_path", {
-        let mut r = unpublish.clone();
-        r.target_path.clear();
-        code(c.node_unpublish_volume(r).await)
-    }));
-    invalid.push(("stats: no volume_id", {
-        let mut r = volume_stats.clone();
-        r.volume_id.clear();
-        code(c.node_get_volume_stats(r).await)
-    }));
-    invalid.push(("stats: no volume_path", {
-        let mut r = volume_stats.clone();
-        r.volume_path.clear();
-        code(c.node_get_volume_stats(r).await)
-    }));
-    invalid.push(("expand: no volume_id", {
-        let mut r = expand.clone();
-        r.volume_id.clear();
-        code(c.node_expand_volume(r).await)
-    }));
-    invalid.push(("expand: no volume_path", {
-        let mut r = expand.clone();
-        r.volume_path.clear();
-        code(c.node_expand_volume(r).await)
-    }));
+    for (what, r) in [
+        ("no volume_id", with(&stage, |r| r.volume_id.clear())),
+        (
+            "no staging path",
+            with(&stage, |r| r.staging_target_path.clear()),
+        ),
+        (
+            "relative staging path",
+            with(&stage, |r| r.staging_target_path = "rel".into()),
+        ),
+        (
+            "no capability",
+            with(&stage, |r| r.volume_capability = None),
+        ),
+        (
+            "no access mode",
+            with(&stage, |r| {
+                if let Some(cap) = r.volume_capability.as_mut() {
+                    cap.access_mode = None;
+                }
+            }),
+        ),
+    ] {
+        invalid.push(("stage", what, code(c.node_stage_volume(r).await)));
+    }
+    for (what, r) in [
+        ("no volume_id", with(&unstage, |r| r.volume_id.clear())),
+        (
+            "no staging path",
+            with(&unstage, |r| r.staging_target_path.clear()),
+        ),
+    ] {
+        invalid.push(("unstage", what, code(c.node_unstage_volume(r).await)));
+    }
+    for (what, r) in [
+        ("no volume_id", with(&publish, |r| r.volume_id.clear())),
+        ("no target path", with(&publish, |r| r.target_path.clear())),
+        (
+            "no capability",
+            with(&publish, |r| r.volume_capability = None),
+        ),
+    ] {
+        invalid.push(("publish", what, code(c.node_publish_volume(r).await)));
+    }
+    for (what, r) in [
+        ("no volume_id", with(&unpublish, |r| r.volume_id.clear())),
+        (
+            "no target path",
+            with(&unpublish, |r| r.target_path.clear()),
+        ),
+    ] {
+        invalid.push(("unpublish", what, code(c.node_unpublish_volume(r).await)));
+    }
+    for (what, r) in [
+        ("no volume_id", with(&volume_stats, |r| r.volume_id.clear())),
+        (
+            "no volume path",
+            with(&volume_stats, |r| r.volume_path.clear()),
+        ),
+    ] {
+        invalid.push(("stats", what, code(c.node_get_volume_stats(r).await)));
+    }
+    for (what, r) in [
+        ("no volume_id", with(&expand, |r| r.volume_id.clear())),
+        ("no volume path", with(&expand, |r| r.volume_path.clear())),
+    ] {
+        invalid.push(("expand", what, code(c.node_expand_volume(r).await)));
+    }
     let wrong: Vec<_> = invalid
         .iter()
-        .filter(|(_, got)| *got != Some(Code::InvalidArgument))
+        .filter(|(_, _, got)| *got != Some(Code::InvalidArgument))
         .collect();
     assert!(wrong.is_empty(), "not INVALID_ARGUMENT: {wrong:?}");
     assert_nothing_attached(&node1)?;

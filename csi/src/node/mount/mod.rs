@@ -211,8 +211,9 @@ pub enum Error {
         output: String,
     },
     /// Growing was asked for a filesystem type the plugin cannot grow (or
-    /// cannot grow in that state: XFS only grows mounted).
-    #[error("Cannot grow a {0} filesystem this way")]
+    /// cannot grow in that state: XFS only grows mounted). The text names
+    /// what, in the plural ("xfs filesystems while unmounted").
+    #[error("Growing {0} is not supported")]
     ResizeUnsupported(String),
     /// The kernel refused ext4's online resize: the plugin lacks
     /// CAP_SYS_RESOURCE.

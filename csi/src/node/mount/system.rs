@@ -365,7 +365,9 @@ impl Mounter for SystemMounter {
                     .await
                     .map_err(Error::Command)?;
             }
-            None => return Err(Error::ResizeUnsupported(fs_type.to_string())),
+            None => {
+                return Err(Error::ResizeUnsupported(format!("{fs_type} filesystems")));
+            }
         }
         Ok(())
     }
@@ -397,7 +399,9 @@ impl Mounter for SystemMounter {
 
     async fn grow_offline(&self, device: &Path, fs: FsType) -> Result<()> {
         if fs != FsType::Ext4 {
-            return Err(Error::ResizeUnsupported(format!("unmounted {fs}")));
+            return Err(Error::ResizeUnsupported(format!(
+                "{fs} filesystems while unmounted"
+            )));
         }
         let out = command::output(
             "e2fsck",

@@ -13,11 +13,12 @@
 //!   changes nothing; unstage and unpublish of something that is not there
 //!   succeed.
 //! - Incompatible repeats, and staging a volume at a second path, are
-//!   `ALREADY_EXISTS` ("Volume published but is incompatible"); capabilities the volume cannot satisfy — a filesystem
-//!   type other than the one on the device, a device with a foreign
-//!   signature — are `FAILED_PRECONDITION` ("Exceeds capabilities"); a
-//!   publish without staging path is `FAILED_PRECONDITION` ("Staging target
-//!   path not set").
+//!   `ALREADY_EXISTS` ("Volume published but is incompatible");
+//!   capabilities the volume cannot satisfy — a filesystem type other than
+//!   the one on the device, a device with a foreign signature — are
+//!   `FAILED_PRECONDITION` ("Exceeds capabilities"); a publish without
+//!   staging path is `FAILED_PRECONDITION` ("Staging target path not
+//!   set").
 //! - A failed stage leaves nothing attached: any error after the attach
 //!   detaches again (unless the device is in use by someone else).
 //! - A device is formatted only when `blkid -p` finds no signature at all

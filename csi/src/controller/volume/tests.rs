@@ -14,13 +14,7 @@ use crate::controller::reconciler::Reconciler;
 use crate::controller::testing::{Fixture, GIB};
 
 fn request(name: &str, size: u64, replicas: u32) -> CreateRequest {
-    CreateRequest {
-        name: name.to_string(),
-        size_bytes: size,
-        replica_count: replicas,
-        thin: true,
-        preferred_node: None,
-    }
+    CreateRequest::new(name, size, replicas, true)
 }
 
 fn code(err: Error) -> Code {
@@ -733,6 +727,9 @@ async fn an_interrupted_create_is_rolled_back_by_a_reconciler() {
             .collect(),
         retired: Vec::new(),
         created_unix_ms: 0,
+        capabilities: Vec::new(),
+        parameters: Default::default(),
+        requisite_topology: Vec::new(),
     };
     record::create(&fixture.context.store, &leftover)
         .await

@@ -1,5 +1,6 @@
-//! Removing what a local cluster left in the kernel: mounts under its
-//! directory and loop devices backed by files under it.
+//! Removing what a local cluster left in the kernel: volumes its node
+//! plugins left staged, mounts under its directory and loop devices backed
+//! by files under it.
 //!
 //! Agents unmount their pools and detach their loop devices when they stop
 //! cleanly; this is for agents that were killed. It must never touch a
@@ -65,15 +66,7 @@ pub fn clean_under(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
             }
         }
     }
-    for device in loops_under(dir) {
-        let _ = Command::new("losetup")
-            .arg("-d")
-            .arg(&device)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
+    detach_loops(&loops_under(dir));
     // Detaching is asynchronous for a device still open somewhere; give
     // the kernel a moment before reporting leftovers.
     for _ in 0..20 {
@@ -83,6 +76,64 @@ pub fn clean_under(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     (mounts_under(dir), loops_under(dir))
+}
+
+/// Unstages whatever volumes a node plugin left attached: every mount of a
+/// loop device whose backing file is under `state_dir` (the nbdfuse file),
+/// wherever it is mounted (staging mounts and the bind mounts of publish),
+/// is unmounted, deepest first; those loop devices are detached; then the
+/// FUSE mounts under `state_dir` are unmounted, which ends their nbdfuse.
+/// Best effort: what is left is reported by [`clean_under`] later.
+pub fn detach_volumes(state_dir: &Path) {
+    let loops = loops_under(state_dir);
+    let devices: Vec<String> = loops.iter().filter_map(|l| device_number(l)).collect();
+    let mut mounts: Vec<PathBuf> = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let number = fields.nth(2)?;
+            let mount_point = fields.nth(1)?;
+            devices
+                .iter()
+                .any(|d| d == number)
+                .then(|| PathBuf::from(unescape(mount_point)))
+        })
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    mounts.dedup();
+    for mount in mounts {
+        if umount2(&mount, MntFlags::empty()).is_err() {
+            let _ = umount2(&mount, MntFlags::MNT_DETACH);
+        }
+    }
+    detach_loops(&loops);
+    for mount in mounts_under(state_dir) {
+        if umount2(&mount, MntFlags::empty()).is_err() {
+            let _ = umount2(&mount, MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// `MAJOR:MINOR` of a block device, as `/sys/block/NAME/dev` and the
+/// third field of `/proc/self/mountinfo` write it.
+fn device_number(device: &Path) -> Option<String> {
+    let name = device.file_name()?.to_str()?;
+    let number = fs::read_to_string(format!("/sys/block/{name}/dev")).ok()?;
+    Some(number.trim().to_string())
+}
+
+/// Detaches loop devices with `losetup -d`, ignoring failures.
+fn detach_loops(loops: &[PathBuf]) {
+    for device in loops {
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(device)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
 }
 
 /// Decodes the octal escapes of `/proc/self/mountinfo` (`\040` is a space).

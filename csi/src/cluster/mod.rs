@@ -10,18 +10,26 @@
 //! - N agents, `ballast-agent`, each with a file-backed pool
 //!   `DIR/node-K/pool.img` and state in `DIR/node-K/state`, registered with
 //!   the controller as `node-K`;
+//! - next to each agent, its CSI node plugin, `ballast-csi node`, serving
+//!   Identity and Node on `DIR/node-K/csi.sock` with its state in
+//!   `DIR/node-K/csi-state` (attach backend auto-detected);
 //!
-//! then waits (bounded) until every node is registered and up, and writes
+//! then waits (bounded) until every node is registered and up and every
+//! CSI socket exists, and writes
 //! `DIR/cluster.json` ([`ClusterInfo`]): addresses, pids, logs. The file
 //! is written after each process starts, so [`down`] can stop whatever a
 //! failed `up` left. Logs are `DIR/*.log`. Running `up` again on a stopped
 //! cluster restarts it on the same ports with the same data.
 //!
-//! [`down`] stops every process the cluster file names (SIGTERM, then
-//! SIGKILL after a grace period; a pid is signalled only if its start time
-//! matches the record, see [`process`]), unmounts everything under `DIR`
-//! and detaches loop devices backed by files under `DIR`. It is safe to run
-//! twice. This module must never signal a process it did not start or
+//! [`down`] first unstages what the node plugins left attached: it stops
+//! the plugins, then, while the agents still serve the volumes (so dirty
+//! pages reach every replica), unmounts every mount of a loop device backed
+//! by a file in a plugin's state directory, wherever it is mounted, and
+//! detaches those loop devices and their nbdfuse. Then it stops the other processes
+//! the cluster file names (SIGTERM, then SIGKILL after a grace period; a
+//! pid is signalled only if its start time matches the record, see
+//! [`process`]), unmounts everything under `DIR` and detaches loop devices
+//! backed by files under `DIR`. It is safe to run twice. This module must never signal a process it did not start or
 //! touch anything outside `DIR`.
 //!
 //! Binaries are looked up in one directory, by default the one holding the
@@ -236,8 +244,26 @@ pub struct NodeInfo {
     pub pool_file: PathBuf,
     /// The agent's state directory.
     pub state_dir: PathBuf,
-    /// The process.
+    /// The agent process.
     pub process: ProcessInfo,
+    /// The node plugin's CSI Identity and Node services
+    /// (`unix:///DIR/node-K/csi.sock`); empty in clusters started before
+    /// `up` started node plugins.
+    #[serde(default)]
+    pub csi_endpoint: String,
+    /// The node plugin's state directory (its attachments live there).
+    #[serde(default)]
+    pub csi_state_dir: Option<PathBuf>,
+    /// The node plugin process (`ballast-csi node`).
+    #[serde(default)]
+    pub plugin: Option<ProcessInfo>,
+}
+
+impl NodeInfo {
+    /// The path of the node plugin's CSI socket, if it has one.
+    pub fn csi_socket(&self) -> Option<&Path> {
+        self.csi_endpoint.strip_prefix("unix://").map(Path::new)
+    }
 }
 
 /// `DIR/cluster.json`: everything needed to talk to and stop a cluster.
@@ -263,12 +289,13 @@ impl ClusterInfo {
         self.controller.as_ref().map(|c| c.address.as_str())
     }
 
-    /// Every process of the cluster: agents, then controller, then etcd
-    /// (the order `down` stops them in).
+    /// Every process of the cluster: node plugins, agents, then controller,
+    /// then etcd (the order `down` stops them in).
     pub fn processes(&self) -> Vec<&ProcessInfo> {
         self.nodes
             .iter()
-            .map(|n| &n.process)
+            .filter_map(|n| n.plugin.as_ref())
+            .chain(self.nodes.iter().map(|n| &n.process))
             .chain(self.controller.iter().map(|c| &c.process))
             .chain(self.etcd.iter().map(|e| &e.process))
             .collect()
@@ -432,13 +459,39 @@ async fn start(
         let process =
             process::spawn_daemon(&binaries.agent, &args, &dir.join(format!("{node_id}.log")))?;
         info.nodes.push(NodeInfo {
-            node_id,
+            node_id: node_id.clone(),
             agent_address: format!("http://127.0.0.1:{grpc_port}"),
             data_address: format!("127.0.0.1:{data_port}"),
             pool_file,
             state_dir,
             process,
+            csi_endpoint: String::new(),
+            csi_state_dir: None,
+            plugin: None,
         });
+        info.save()?;
+
+        let csi_endpoint = format!("unix://{}", node_dir.join("csi.sock").display());
+        let csi_state_dir = node_dir.join("csi-state");
+        let args = vec![
+            "node".to_string(),
+            "--endpoint".to_string(),
+            csi_endpoint.clone(),
+            "--node-id".to_string(),
+            node_id.clone(),
+            "--state-dir".to_string(),
+            csi_state_dir.display().to_string(),
+        ];
+        let plugin = process::spawn_daemon(
+            &binaries.controller,
+            &args,
+            &dir.join(format!("{node_id}-csi.log")),
+        )?;
+        if let Some(node) = info.nodes.last_mut() {
+            node.csi_endpoint = csi_endpoint;
+            node.csi_state_dir = Some(csi_state_dir);
+            node.plugin = Some(plugin);
+        }
         info.save()?;
     }
     wait_nodes_up(info, spec.ready_timeout).await
@@ -490,7 +543,19 @@ pub fn down(dir: &Path) -> Result<(), Error> {
     let mut survivors = Vec::new();
     match ClusterInfo::load(&dir) {
         Ok(info) => {
-            // Agents first (they unmount their pools on SIGTERM), then the
+            // Node plugins first, so none stages anything while the
+            // volumes are taken down; then what they left, while the
+            // agents still serve it.
+            let plugins: Vec<&ProcessInfo> = info
+                .nodes
+                .iter()
+                .filter_map(|n| n.plugin.as_ref())
+                .collect();
+            survivors.extend(process::stop_all(&plugins, STOP_GRACE)?);
+            for state_dir in info.nodes.iter().filter_map(|n| n.csi_state_dir.as_ref()) {
+                cleanup::detach_volumes(state_dir);
+            }
+            // Agents (they unmount their pools on SIGTERM), then the
             // controller, then the store.
             let agents: Vec<&ProcessInfo> = info.nodes.iter().map(|n| &n.process).collect();
             survivors.extend(process::stop_all(&agents, STOP_GRACE)?);
@@ -565,10 +630,18 @@ async fn wait_nodes_up(info: &ClusterInfo, timeout: Duration) -> Result<(), Erro
                             .any(|m| m.node_id == n.node_id && m.state == "up")
                     })
                     .count();
-                if up == info.nodes.len() {
+                let sockets = info
+                    .nodes
+                    .iter()
+                    .filter(|n| n.csi_socket().is_none_or(Path::exists))
+                    .count();
+                if up == info.nodes.len() && sockets == info.nodes.len() {
                     return Ok(());
                 }
-                format!("{up} of {} nodes up", info.nodes.len())
+                format!(
+                    "{up} of {} nodes up, {sockets} node plugin sockets",
+                    info.nodes.len()
+                )
             }
             Err(err) => err.to_string(),
         };
@@ -578,6 +651,11 @@ async fn wait_nodes_up(info: &ClusterInfo, timeout: Duration) -> Result<(), Erro
                 .iter()
                 .map(|c| ("controller", &c.process))
                 .chain(info.nodes.iter().map(|n| (n.node_id.as_str(), &n.process)))
+                .chain(
+                    info.nodes
+                        .iter()
+                        .filter_map(|n| Some((n.node_id.as_str(), n.plugin.as_ref()?))),
+                )
                 .map(|(name, p)| format!("== {name} ({})\n{}", p.log.display(), p.log_tail(5)))
                 .collect();
             return Err(Error::NotReady {
@@ -605,7 +683,13 @@ fn check_alive(info: &ClusterInfo) -> Result<(), Error> {
             info.nodes
                 .iter()
                 .map(|n| (format!("the agent of {}", n.node_id), &n.process)),
-        );
+        )
+        .chain(info.nodes.iter().filter_map(|n| {
+            Some((
+                format!("the node plugin of {}", n.node_id),
+                n.plugin.as_ref()?,
+            ))
+        }));
     for (what, process) in named {
         if !process.wait_exit(Duration::ZERO) {
             continue;

@@ -394,7 +394,11 @@ fn cluster_down_twice_leaves_no_process_mount_or_loop_device() -> Result<()> {
     ])?;
     let info = cluster.info()?;
     let pids: Vec<i32> = info.processes().iter().map(|p| p.pid).collect();
-    assert_eq!(pids.len(), 4, "etcd, controller and two agents");
+    assert_eq!(
+        pids.len(),
+        6,
+        "etcd, controller, two agents and their node plugins"
+    );
     assert!(pids.iter().all(|p| pid_running(*p)));
     assert_eq!(mounts_under(&cluster.path).len(), 2, "one pool per agent");
     assert_eq!(loops_under(&cluster.path).len(), 2);

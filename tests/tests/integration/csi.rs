@@ -345,3 +345,92 @@ async fn a_volume_follows_its_pod_to_another_node() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_down_unstages_what_node_plugins_left() -> Result<()> {
+    let cluster = Cluster::up("csi-down", 2, "embedded", &[])?;
+    cluster.wait_all_up(2)?;
+    let info = cluster.info()?;
+    for node in &info.nodes {
+        let socket = node.csi_socket().context("a node plugin per node")?;
+        assert!(socket.exists(), "{} exists", socket.display());
+        let mode = std::fs::metadata(socket)?.permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600,
+            "the CSI socket is for root only"
+        );
+    }
+    let mut controller = ControllerClient::new(channel(&cluster.path.join("csi.sock")).await?);
+    let mut node2 = NodePlugin::of_cluster(&cluster, "node-2").await?;
+    let answer = node2.node_get_info(csi::NodeGetInfoRequest {}).await?;
+    assert_eq!(answer.into_inner().node_id, "node-2");
+
+    let volume = controller
+        .create_volume(create_request("pvc-left", 32 * MIB, 2))
+        .await?
+        .into_inner()
+        .volume
+        .context("no volume")?;
+    let context = controller
+        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+            volume_id: "pvc-left".into(),
+            node_id: "node-2".into(),
+            volume_capability: Some(mount_cap("")),
+            volume_context: volume.volume_context.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .publish_context;
+    // Kubelet's paths are outside the cluster directory: down must find
+    // the mounts by their device, not by where they are.
+    let kubelet = cluster.dir.join("kubelet");
+    let staging = kubelet.join("staging");
+    let target = kubelet.join("target");
+    std::fs::create_dir_all(&staging)?;
+    node2
+        .node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: "pvc-left".into(),
+            publish_context: context.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(mount_cap("")),
+            volume_context: volume.volume_context.clone(),
+            ..Default::default()
+        })
+        .await?;
+    node2
+        .node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: "pvc-left".into(),
+            publish_context: context,
+            staging_target_path: staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(mount_cap("")),
+            volume_context: volume.volume_context.clone(),
+            ..Default::default()
+        })
+        .await?;
+    std::fs::write(target.join("left.txt"), b"left behind")?;
+    assert_eq!(fs_type_at(&target).as_deref(), Some("ext4"));
+
+    cluster.cli_ok(&["cluster", "down"])?;
+    assert_eq!(fs_type_at(&target), None, "the publish bind mount is gone");
+    assert_eq!(fs_type_at(&staging), None, "the staging mount is gone");
+    assert!(
+        crate::harness::cluster::loops_under(&cluster.path).is_empty(),
+        "no loop device left"
+    );
+    assert!(
+        crate::harness::cluster::mounts_under(&cluster.path).is_empty(),
+        "no FUSE or pool mount left"
+    );
+    for node in &info.nodes {
+        let plugin = node.plugin.as_ref().context("plugin recorded")?;
+        assert!(
+            !crate::harness::cluster::pid_running(plugin.pid),
+            "the node plugin of {} stopped",
+            node.node_id
+        );
+    }
+    Ok(())
+}

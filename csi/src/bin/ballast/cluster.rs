@@ -103,7 +103,7 @@ pub async fn run(cmd: ClusterCommand, format: Format) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("Cannot start the cluster in {}", dir.display()))?;
             let text = format!(
-                "Cluster up in {}: controller {} ({}), {} node(s)\nUse: export BALLAST_CLUSTER={}",
+                "Cluster up in {}: controller {} ({}), {} node(s) with CSI node plugins\nUse: export BALLAST_CLUSTER={}",
                 info.dir.display(),
                 info.controller_address().unwrap_or_default(),
                 info.store,
@@ -127,6 +127,7 @@ pub async fn run(cmd: ClusterCommand, format: Format) -> anyhow::Result<()> {
                     controller.process.pid,
                     running(&controller.process)
                 );
+                println!("CSI:        {}", controller.csi_endpoint);
             }
             if let Some(etcd) = &info.etcd {
                 println!(
@@ -139,7 +140,15 @@ pub async fn run(cmd: ClusterCommand, format: Format) -> anyhow::Result<()> {
             output::print_list(
                 format,
                 &info.nodes,
-                &["NODE", "STATE", "PROCESS", "AGENT", "DATA", "LOG"],
+                &[
+                    "NODE",
+                    "STATE",
+                    "PROCESS",
+                    "AGENT",
+                    "DATA",
+                    "NODE PLUGIN",
+                    "LOG",
+                ],
                 |n| {
                     let state = nodes
                         .as_ref()
@@ -152,6 +161,10 @@ pub async fn run(cmd: ClusterCommand, format: Format) -> anyhow::Result<()> {
                         format!("{} ({})", n.process.pid, running(&n.process)),
                         n.agent_address.clone(),
                         n.data_address.clone(),
+                        n.plugin.as_ref().map_or_else(
+                            || "-".to_string(),
+                            |p| format!("{} ({}, {})", n.csi_endpoint, p.pid, running(p)),
+                        ),
                         n.process.log.display().to_string(),
                     ]
                 },

@@ -45,6 +45,21 @@ pub struct NodePlugin {
 }
 
 impl NodePlugin {
+    /// A client of the node plugin `ballast cluster up` started for
+    /// `node_id`.
+    pub async fn of_cluster(cluster: &Cluster, node_id: &str) -> Result<NodeClient<Channel>> {
+        let info = cluster.info()?;
+        let node = info
+            .nodes
+            .iter()
+            .find(|n| n.node_id == node_id)
+            .with_context(|| format!("no {node_id} in the cluster"))?;
+        let socket = node
+            .csi_socket()
+            .with_context(|| format!("{node_id} has no node plugin"))?;
+        Ok(NodeClient::new(channel(socket).await?))
+    }
+
     pub async fn start(cluster: &Cluster, node_id: &str) -> Result<Self> {
         let socket = cluster.dir.join(&format!("{node_id}-csi.sock"));
         let state_dir = cluster.dir.join(&format!("{node_id}-csi-state"));

@@ -69,6 +69,7 @@ pub struct CreateRequest {
     /// The StorageClass parameters; kept in the record.
     pub parameters: BTreeMap<String, String>,
 }
+
 /// Where a published volume is served.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Publication {
@@ -530,11 +531,18 @@ impl Volumes {
         let raised = record::update(store, volume_id, |r| {
             check_publishable(r)?;
             r.epoch += 1;
+            // A restart on the same node without a capability (the
+            // management API) keeps the one CSI published with.
+            let kept = r
+                .target
+                .as_ref()
+                .filter(|t| t.node_id == node_id)
+                .and_then(|t| t.capability.clone());
             r.target = Some(TargetRecord {
                 node_id: node_id.to_string(),
                 socket_path: String::new(),
                 nbd_uri: String::new(),
-                capability: capability.cloned(),
+                capability: capability.cloned().or(kept),
             });
             Ok::<_, Error>(Change::Write)
         })

@@ -275,8 +275,13 @@ impl Controller {
         if !req.mutable_parameters.is_empty() {
             reasons.push("mutable_parameters are not supported".to_string());
         }
+        // A volume created before records kept capabilities has no
+        // known context to compare with.
         let context = context(&record);
-        if !req.volume_context.is_empty() && req.volume_context != context {
+        if !req.volume_context.is_empty()
+            && !record.capabilities.is_empty()
+            && req.volume_context != context
+        {
             reasons.push(format!(
                 "volume_context {:?} is not the volume's {context:?}",
                 req.volume_context

@@ -9,6 +9,7 @@ mod bad_input;
 mod cluster;
 mod crash;
 mod csi;
+mod csi_controller;
 mod csi_node;
 mod filesystem;
 mod harness;

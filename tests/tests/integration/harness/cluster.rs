@@ -175,7 +175,8 @@ impl Cluster {
         Ok(all)
     }
 
-    /// Waits until every node is up.
+    /// Waits until every node is up; on timeout the error carries the
+    /// last node states and the end of every log of the cluster.
     pub fn wait_all_up(&self, count: usize) -> Result<()> {
         wait_for("every node to be up", Duration::from_secs(60), || {
             self.node_states()
@@ -183,6 +184,37 @@ impl Cluster {
                 .filter(|nodes| nodes.len() == count && nodes.iter().all(|(_, s)| s == "up"))
         })
         .map(|_| ())
+        .with_context(|| {
+            format!(
+                "node states: {:?}\n{}",
+                self.node_states(),
+                self.log_tails(20)
+            )
+        })
+    }
+
+    /// The last `lines` lines of every `*.log` in the cluster and test
+    /// directories, for failure messages.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let test_dir = self.dir.join("");
+        let mut logs: Vec<PathBuf> = [self.path.as_path(), test_dir.as_path()]
+            .iter()
+            .filter_map(|dir| std::fs::read_dir(dir).ok())
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|e| e == "log"))
+            .collect();
+        logs.sort();
+        logs.iter()
+            .map(|log| {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let all: Vec<&str> = text.lines().collect();
+                let tail = all[all.len().saturating_sub(lines)..].join("\n");
+                format!("== {}\n{tail}", log.display())
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     pub fn volume(&self, name: &str) -> Result<Value> {

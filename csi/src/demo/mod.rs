@@ -121,6 +121,17 @@ pub enum Error {
         #[source]
         source: tonic::transport::Error,
     },
+    /// An agent's management API cannot be reached.
+    #[error("Cannot reach the agent of {node_id} at {address}")]
+    AgentUnreachable {
+        /// The node.
+        node_id: String,
+        /// Its address.
+        address: String,
+        /// The cause.
+        #[source]
+        source: tonic::transport::Error,
+    },
     /// Something expected did not happen in time.
     #[error("{what} did not happen within {timeout:?}")]
     Timeout {

@@ -109,7 +109,8 @@ pub struct Load {
 #[derive(Debug, Default)]
 struct StderrSummary {
     progress: Vec<Progress>,
-    /// Lines that are not progress: errors, notices of aborts.
+    /// Lines that are not progress (or the vacuum's notice): errors,
+    /// notices of aborts.
     other: Vec<String>,
 }
 
@@ -161,6 +162,8 @@ impl Load {
                         // The receiver may be gone; the samples are kept.
                         let _ = sender.send(progress);
                     }
+                    // The vacuum before the run reports itself on stderr.
+                    None if line.trim() == "starting vacuum...end." => {}
                     None => summary.other.push(line),
                 }
             }
@@ -243,7 +246,7 @@ pub struct Outcome {
     pub processed: Option<u64>,
     /// "number of failed transactions", 0 if not printed.
     pub failed: u64,
-    /// Lines on stderr that are not progress lines (errors).
+    /// Lines on stderr other than progress and the vacuum notice: errors.
     pub errors: Vec<String>,
     /// Every progress line.
     pub progress: Vec<Progress>,

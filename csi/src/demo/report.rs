@@ -101,7 +101,7 @@ pub struct RebuildFigures {
     pub outage: Duration,
     /// From the agent's restart until the replica was in sync again.
     pub in_sync_after: Option<Duration>,
-    /// Bytes the rebuild copied (its last reported total).
+    /// Bytes of the regions the rebuild found different and copied.
     pub rebuilt_bytes: u64,
 }
 
@@ -192,7 +192,7 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "    rebuild time: {} from the agent's restart to in sync ({} copied)",
+            "    rebuild time: {} from the agent's restart to in sync ({} of regions that differed copied)",
             or_na(r.in_sync_after, secs),
             bytes(r.rebuilt_bytes)
         )?;
@@ -265,7 +265,7 @@ mod tests {
         assert!(text.contains("TPS during the fault: 50.0 (kill to back in sync: 7.50 s)"));
         assert!(text.contains("TPS after the rebuild: n/a"));
         assert!(text.contains("longest stall: 1.20 s"));
-        assert!(text.contains("(3.0 MiB copied)"));
+        assert!(text.contains("(3.0 MiB of regions that differed copied)"));
         assert!(text.contains("    PASS  pgbench ran without errors: 0 failed"));
         assert!(text.contains("    FAIL  volume healthy: 2 of 3 in sync"));
         assert!(text.ends_with("RESULT: FAIL (1 of 2 checks passed)"));

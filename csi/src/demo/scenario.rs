@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ballast_proto::agent::GetTargetRequest;
+use ballast_proto::agent::target_service_client::TargetServiceClient;
 use ballast_proto::controller::volume_service_client::VolumeServiceClient;
 use ballast_proto::controller::{GetVolumeRequest, Volume};
 use nix::sys::signal::Signal;
@@ -277,12 +279,13 @@ pub(super) async fn run(
             path: dir.clone(),
             source: std::io::Error::other(join.to_string()),
         })??;
-    let rebuild = wait_rebuild(&mut volumes, console, restarted).await?;
+    let mut target = target_client(&node_info(&info, FIRST_NODE)?).await?;
+    let rebuild = wait_rebuild(&mut volumes, &mut target, console, restarted).await?;
     let in_sync_at = rebuild.in_sync.map(|(_, at)| at);
     let in_sync_after = rebuild.in_sync.map(|(after, _)| after);
     match in_sync_after {
         Some(after) => console.detail(&format!(
-            "{SECOND_NODE}'s replica is back in sync {:.2} s after the restart ({} copied)",
+            "{SECOND_NODE}'s replica is back in sync {:.2} s after the restart ({} of regions that differed copied)",
             after.as_secs_f64(),
             bytes(rebuild.total_bytes)
         )),
@@ -489,6 +492,23 @@ async fn management_client(info: &ClusterInfo) -> Result<VolumeServiceClient<Cha
     Ok(VolumeServiceClient::new(channel))
 }
 
+async fn target_client(node: &NodeInfo) -> Result<TargetServiceClient<Channel>, Error> {
+    let address = node.agent_address.clone();
+    let unreachable = |source| Error::AgentUnreachable {
+        node_id: node.node_id.clone(),
+        address: address.clone(),
+        source,
+    };
+    let channel = Endpoint::from_shared(address.clone())
+        .map_err(unreachable)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(unreachable)?;
+    Ok(TargetServiceClient::new(channel))
+}
+
 async fn get_volume(client: &mut VolumeServiceClient<Channel>) -> Result<Volume, Error> {
     client
         .get_volume(GetVolumeRequest {
@@ -589,16 +609,23 @@ struct Rebuild {
     /// When the replica was seen in sync again: the time since the
     /// agent's restart, and the wall-clock time.
     in_sync: Option<(Duration, SystemTime)>,
-    /// The rebuild's last reported total.
+    /// Bytes of the regions the rebuild found different and copied, as
+    /// the target counts them.
     total_bytes: u64,
     /// The replica's last state.
     last_state: String,
 }
 
 /// Shows the rebuild of [`SECOND_NODE`]'s replica as a progress bar until
-/// it is in sync, for at most [`REBUILD_BOUND`] after `restarted`.
+/// the controller has it in sync, for at most [`REBUILD_BOUND`] after
+/// `restarted`. The state comes from the controller (the in-sync set is
+/// its record); the progress from the target itself, on the agent of
+/// [`FIRST_NODE`], which counts every copied region at once (the
+/// controller hears of it once a second, and forgets it when the replica
+/// is in sync).
 async fn wait_rebuild(
     volumes: &mut VolumeServiceClient<Channel>,
+    target: &mut TargetServiceClient<Channel>,
     console: &Console,
     restarted: Instant,
 ) -> Result<Rebuild, Error> {
@@ -610,25 +637,26 @@ async fn wait_rebuild(
     };
     loop {
         let volume = get_volume(volumes).await?;
-        let replica = volume.replicas.iter().find(|r| r.node_id == SECOND_NODE);
-        if let Some(replica) = replica {
-            rebuild.last_state = replica.state.clone();
-            match replica.state.as_str() {
-                "in-sync" => {
-                    console.clear_status();
-                    rebuild.in_sync = Some((restarted.elapsed(), SystemTime::now()));
-                    return Ok(rebuild);
-                }
-                "rebuilding" => {
-                    rebuild.total_bytes = rebuild.total_bytes.max(replica.rebuild_total_bytes);
-                    console.status(&format!(
-                        "rebuild {}",
-                        bar(replica.rebuild_done_bytes, replica.rebuild_total_bytes)
-                    ));
-                }
-                other => console.status(&format!(
-                    "replica {other}: waiting for the agent to register"
-                )),
+        let state = replica_state(&volume, SECOND_NODE).unwrap_or("missing");
+        rebuild.last_state = state.to_string();
+        let progress = target_progress(target).await;
+        if let Some((_, total)) = progress {
+            rebuild.total_bytes = total;
+        }
+        match (state, progress) {
+            ("in-sync", _) => {
+                console.clear_status();
+                rebuild.in_sync = Some((restarted.elapsed(), SystemTime::now()));
+                return Ok(rebuild);
+            }
+            ("rebuilding", Some((done, total))) => {
+                console.status(&format!("rebuild {}", bar(done, total)));
+            }
+            ("rebuilding", None) => console.status("rebuild starting"),
+            (other, _) => {
+                console.status(&format!(
+                    "replica {other}: waiting for its agent to register"
+                ));
             }
         }
         if Instant::now() >= deadline {
@@ -637,6 +665,20 @@ async fn wait_rebuild(
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// The target's rebuild progress of [`SECOND_NODE`]'s replica (done and
+/// total bytes); None if the target cannot be asked.
+async fn target_progress(target: &mut TargetServiceClient<Channel>) -> Option<(u64, u64)> {
+    let target = target
+        .get_target(GetTargetRequest {
+            volume_id: VOLUME.to_string(),
+        })
+        .await
+        .ok()?
+        .into_inner();
+    let replica = target.replicas.iter().find(|r| r.node_id == SECOND_NODE)?;
+    Some((replica.rebuild_done_bytes, replica.rebuild_total_bytes))
 }
 
 fn replica_state<'a>(volume: &'a Volume, node_id: &str) -> Option<&'a str> {

@@ -24,8 +24,6 @@ use ballast_proto::csi::volume_capability::access_mode::Mode;
 use ballast_proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};
 use tonic::transport::{Channel, Endpoint};
 
-/// The CSI driver name, as in the staging path.
-const DRIVER: &str = "ballast.csi";
 /// Deadline of one CSI call (NodeStageVolume formats the volume).
 const CALL_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long a socket may take to appear.
@@ -262,7 +260,7 @@ impl Kubelet {
             node_id: node_id.to_string(),
             staging_path: node
                 .join("plugins/kubernetes.io/csi")
-                .join(DRIVER)
+                .join(crate::service::DRIVER_NAME)
                 .join(volume_id)
                 .join("globalmount"),
             target_path: node
@@ -374,7 +372,7 @@ mod tests {
         let a = kubelet.attachment("pvc-1", "node-2", "postgres-0");
         assert_eq!(
             a.staging_path,
-            Path::new("/k/node-2/plugins/kubernetes.io/csi/ballast.csi/pvc-1/globalmount")
+            Path::new("/k/node-2/plugins/kubernetes.io/csi/csi.ballast.io/pvc-1/globalmount")
         );
         assert_eq!(
             a.target_path,

@@ -9,6 +9,7 @@ mod bad_input;
 mod cluster;
 mod crash;
 mod csi;
+mod demo;
 mod filesystem;
 mod harness;
 mod nbd_clients;

@@ -17,7 +17,8 @@
 //!    node-1 and published on node-2 (whose replica was the rebuilt one;
 //!    the target reads its local replica), PostgreSQL starts there, and the
 //!    data is checked: `pgbench_history` holds exactly the transactions
-//!    pgbench counted, `pg_amcheck` finds no corruption.
+//!    pgbench counted, `pg_amcheck` finds no corruption. Unpublished, the
+//!    three replica files are compared byte for byte ([`replicas`]).
 //! 6. The [`report`]: volume and replica states, TPS before, during and
 //!    after the fault, the longest stall, the rebuild time, and PASS or
 //!    FAIL per check.
@@ -31,14 +32,15 @@
 //! demo stops pgbench and PostgreSQL, and unless `--keep` unpublishes and
 //! unstages the volume and stops the cluster (`cluster::down` also removes
 //! every mount and loop device under the directory), so a failed demo
-//! leaves nothing behind. With `--keep` the cluster keeps running with the
-//! volume published on node-2, and the demo says how to stop it. Every wait
-//! is bounded.
+//! leaves nothing behind. With `--keep` the cluster keeps running with
+//! whatever exists (after a successful run, the volume, unpublished), and
+//! the demo says how to stop it. Every wait is bounded.
 
 pub mod kubelet;
 pub mod pgbench;
 pub mod postgres;
 pub mod progress;
+pub mod replicas;
 pub mod report;
 mod scenario;
 
@@ -58,7 +60,7 @@ pub struct Options {
     /// fresh directory under /var/tmp (removed after a successful run
     /// without `keep`). It must be empty or absent.
     pub dir: Option<PathBuf>,
-    /// Leave the cluster running with the volume published.
+    /// Leave the cluster and the volume in place at the end.
     pub keep: bool,
     /// Length of each of the load's three phases (before, during and after
     /// the fault); pgbench runs three times as long.
@@ -98,6 +100,9 @@ pub enum Error {
     /// A CSI call failed.
     #[error("CSI")]
     Csi(#[from] kubelet::Error),
+    /// The replicas could not be compared.
+    #[error("Replica comparison")]
+    Replicas(#[from] replicas::Error),
     /// PostgreSQL failed.
     #[error("PostgreSQL")]
     Postgres(#[from] postgres::Error),
@@ -163,13 +168,14 @@ pub async fn run(options: &Options) -> Result<Report, Error> {
         console.clear_status();
         console.note(&format!("demo stopped: {}", crate::error_chain(err)));
     }
-    let keep = options.keep;
-    let cleaned = resources.teardown(&console, keep).await;
+    let cleaned = resources.teardown(&console, options.keep).await;
+    if options.keep {
+        resources.print_kept(&console);
+    }
     match (outcome, cleaned) {
         (Ok(report), Ok(())) => {
-            if keep {
-                resources.print_kept(&console);
-            } else if options.dir.is_none()
+            if !options.keep
+                && options.dir.is_none()
                 && report.passed()
                 && let Some(dir) = &resources.dir
             {

@@ -18,6 +18,7 @@ use super::kubelet::{Attachment, Kubelet};
 use super::pgbench::{self, Load, LoadSpec, Outcome};
 use super::postgres::{self, Instance};
 use super::progress::{Console, bar, bytes};
+use super::replicas::{self, Comparison};
 use super::report::{Check, LoadFigures, RebuildFigures, ReplicaState, Report, VolumeState};
 use super::{Error, Options};
 use crate::cluster::{self, ClusterInfo, ClusterSpec, NodeInfo};
@@ -108,19 +109,15 @@ impl Resources {
         first.map_or(Ok(()), Err)
     }
 
-    /// Tells how to look at and stop a kept cluster.
+    /// Tells what a kept cluster holds and how to stop it.
     pub(super) fn print_kept(&self, console: &Console) {
         let Some(dir) = &self.dir else { return };
         console.note("the cluster keeps running (--keep)");
-        if let Some(attachment) = self.attachments.last() {
+        for attachment in &self.attachments {
             console.detail(&format!(
-                "{VOLUME} is published on {} and mounted at {}",
+                "{VOLUME} is still published on {} and mounted at {}",
                 attachment.node_id,
                 attachment.target_path.display()
-            ));
-            console.detail(&format!(
-                "PostgreSQL's data directory (stopped): {}",
-                attachment.target_path.join("pgdata").display()
             ));
         }
         console.detail(&format!(
@@ -400,6 +397,17 @@ pub(super) async fn run(
         ),
     ));
 
+    console.step(&format!(
+        "Stop PostgreSQL; NodeUnpublishVolume, NodeUnstageVolume, ControllerUnpublishVolume on {SECOND_NODE}; compare the replicas byte for byte"
+    ));
+    if let Some(server) = res.server.take() {
+        server.stop().await?;
+    }
+    kubelet.node_unpublish(&second).await?;
+    kubelet.controller_unpublish(VOLUME, SECOND_NODE).await?;
+    res.attachments.clear();
+    checks.push(compare_replicas(&info, &end).await?);
+
     let stall = outcome.transactions.longest_stall();
     let report = Report {
         volume: volume_state(&end),
@@ -420,17 +428,8 @@ pub(super) async fn run(
         },
         checks,
     };
-
     if !options.keep {
-        console.step(&format!(
-            "Clean-up: stop PostgreSQL; NodeUnpublishVolume, NodeUnstageVolume, ControllerUnpublishVolume on {SECOND_NODE}; DeleteVolume; cluster down"
-        ));
-        if let Some(server) = res.server.take() {
-            server.stop().await?;
-        }
-        kubelet.node_unpublish(&second).await?;
-        kubelet.controller_unpublish(VOLUME, SECOND_NODE).await?;
-        res.attachments.clear();
+        console.step("DeleteVolume; cluster down");
         kubelet.delete_volume(VOLUME).await?;
     }
     Ok(report)
@@ -474,6 +473,49 @@ fn prepare_dir(dir: Option<&Path>) -> Result<PathBuf, Error> {
 /// indexes and the WAL (`max_wal_size` 256 MB): 1 GiB plus 32 MiB a unit.
 fn volume_size(scale: u32) -> u64 {
     (1 << 30) + u64::from(scale) * (32 << 20)
+}
+
+/// Compares the volume's replica files on their nodes (the volume must be
+/// unpublished).
+async fn compare_replicas(info: &ClusterInfo, volume: &Volume) -> Result<Check, Error> {
+    let mut files = Vec::new();
+    for replica in &volume.replicas {
+        let node = node_info(info, &replica.node_id)?;
+        files.push(replicas::replica_file(
+            &node.state_dir,
+            &replica.replica_name,
+        )?);
+    }
+    let count = files.len();
+    let comparison = tokio::task::spawn_blocking(move || replicas::compare(&files))
+        .await
+        .map_err(|join| Error::Io {
+            op: "compare the replicas of",
+            path: PathBuf::from(VOLUME),
+            source: std::io::Error::other(join.to_string()),
+        })??;
+    let what = format!("the {count} replicas hold the same bytes");
+    Ok(match comparison {
+        Comparison::Identical(size) => Check::new(
+            count == NODES,
+            what,
+            format!("{count} files of {} compared", bytes(size)),
+        ),
+        Comparison::Size {
+            file,
+            size,
+            expected,
+        } => Check::new(
+            false,
+            what,
+            format!("{} has {size} bytes, not {expected}", file.display()),
+        ),
+        Comparison::Content { file, offset } => Check::new(
+            false,
+            what,
+            format!("{} differs from the first at byte {offset}", file.display()),
+        ),
+    })
 }
 
 async fn management_client(info: &ClusterInfo) -> Result<VolumeServiceClient<Channel>, Error> {

@@ -114,7 +114,7 @@ fn the_demo_passes_every_check_with_measured_numbers() -> Result<()> {
         .map(str::trim)
         .filter(|l| l.starts_with("PASS") || l.starts_with("FAIL"))
         .collect();
-    assert!(checks.len() >= 6, "every check is reported:\n{report}");
+    assert!(checks.len() >= 7, "every check is reported:\n{report}");
     assert!(
         checks.iter().all(|c| c.starts_with("PASS")),
         "every check passes:\n{report}"

@@ -15,8 +15,8 @@ pub struct DemoArgs {
     /// after a successful run (unless --keep).
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Leave the cluster running at the end, with the volume published on
-    /// node-2 (PostgreSQL is stopped); prints how to stop it.
+    /// Leave the cluster running at the end, with the volume (unpublished,
+    /// not deleted) and all logs; prints how to stop it.
     #[arg(long)]
     keep: bool,
     /// Seconds of each phase of the pgbench load: before the fault, during

@@ -43,6 +43,7 @@ pub mod progress;
 pub mod replicas;
 pub mod report;
 mod scenario;
+mod watch;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -7,19 +7,17 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ballast_proto::agent::GetTargetRequest;
-use ballast_proto::agent::target_service_client::TargetServiceClient;
-use ballast_proto::controller::volume_service_client::VolumeServiceClient;
-use ballast_proto::controller::{GetVolumeRequest, Volume};
+use ballast_proto::controller::Volume;
+use ballast_proto::csi;
 use nix::sys::signal::Signal;
-use tonic::transport::{Channel, Endpoint};
 
 use super::kubelet::{Attachment, Kubelet};
 use super::pgbench::{self, Load, LoadSpec, Outcome};
 use super::postgres::{self, Instance};
-use super::progress::{Console, bar, bytes};
+use super::progress::{Console, bytes};
 use super::replicas::{self, Comparison};
 use super::report::{Check, LoadFigures, RebuildFigures, ReplicaState, Report, VolumeState};
+use super::watch::{self, REBUILD_BOUND, Watch};
 use super::{Error, Options};
 use crate::cluster::{self, ClusterInfo, ClusterSpec, NodeInfo};
 
@@ -33,14 +31,9 @@ const FIRST_NODE: &str = "node-1";
 const SECOND_NODE: &str = "node-2";
 /// Nodes in the cluster and replicas of the volume.
 const NODES: usize = 3;
-/// How long the killed replica may take to leave the in-sync set.
-const DROP_BOUND: Duration = Duration::from_secs(30);
-/// How long the replica may take to be back in sync after its agent
-/// restarted (a check, not an error).
-const REBUILD_BOUND: Duration = Duration::from_secs(120);
 /// Deadline of `pgbench -i`.
 const INIT_TIMEOUT: Duration = Duration::from_secs(600);
-/// How often the controller is asked for the volume's state.
+/// How often pgbench is checked while a phase runs.
 const POLL: Duration = Duration::from_millis(200);
 
 /// What exists and must be undone; see the module docs.
@@ -144,295 +137,433 @@ pub(super) async fn run(
     let binaries = postgres::Binaries::find()?;
     let dir = prepare_dir(options.dir.as_deref())?;
     res.dir = Some(dir.clone());
-    let volume_bytes = volume_size(options.scale);
-
-    console.step(&format!(
-        "Starting a local cluster in {}: controller (embedded store), {NODES} agents, {NODES} CSI node plugins",
-        dir.display()
-    ));
-    let mut spec = ClusterSpec::new(&dir, NODES);
-    spec.pool_size_bytes = (volume_bytes + (2 << 30)).max(4 << 30);
-    if let Some(bin_dir) = &options.bin_dir {
-        spec.bin_dir = bin_dir.clone();
-    }
-    let info = cluster::up(&spec).await?;
-    console.detail(&format!(
-        "{NODES} nodes up; logs in {}/*.log",
-        dir.display()
-    ));
-    let mut volumes = management_client(&info).await?;
-    let endpoints: Vec<(String, String)> = info
-        .nodes
-        .iter()
-        .map(|n| (n.node_id.clone(), n.csi_endpoint.clone()))
-        .collect();
-    let csi_endpoint = info
-        .controller
-        .as_ref()
-        .map(|c| c.csi_endpoint.clone())
-        .unwrap_or_default();
-    let mut kubelet = Kubelet::connect(&dir.join("kubelet"), &csi_endpoint, &endpoints).await?;
-    res.kubelet = Some(kubelet.clone());
-
-    console.step(&format!(
-        "CreateVolume {VOLUME}: {}, {NODES} replicas, ext4, thin",
-        bytes(volume_bytes)
-    ));
-    let volume = kubelet
-        .create_volume(VOLUME, volume_bytes, NODES as u32, "ext4")
+    let mut story = Story::start(options, console, res, dir).await?;
+    let volume = story.create_volume().await?;
+    let first = story
+        .publish(
+            &volume,
+            FIRST_NODE,
+            "NodeStageVolume (mkfs.ext4), NodePublishVolume",
+        )
         .await?;
-    let record = get_volume(&mut volumes).await?;
-    let holders: Vec<&str> = record.replicas.iter().map(|r| r.node_id.as_str()).collect();
-    console.detail(&format!("replicas on {}", holders.join(", ")));
+    let pg = story.start_postgres(&binaries, &first).await?;
+    let fault = story.fault_under_load(&pg).await?;
 
-    console.step(&format!(
-        "ControllerPublishVolume on {FIRST_NODE}, NodeStageVolume (mkfs.ext4), NodePublishVolume"
-    ));
-    let context = kubelet.controller_publish(&volume, FIRST_NODE).await?;
-    let first = kubelet.attachment(VOLUME, FIRST_NODE, POD);
-    res.attachments.push(first.clone());
-    kubelet.node_publish(&volume, &context, &first).await?;
-    let record = get_volume(&mut volumes).await?;
-    console.detail(&format!(
-        "target on {} at epoch {} ({}); mounted at {}",
-        record.target_node_id,
-        record.epoch,
-        record.nbd_uri,
-        first.target_path.display()
-    ));
-
-    console.step(&format!(
-        "PostgreSQL {}: initdb on the volume, start (unix socket only; fsync, full_page_writes on)",
-        binaries.version()
-    ));
-    let pg = Instance::new(
-        &first.target_path.join("pgdata"),
-        &dir.join("postgres"),
-        &dir.join("postgres.log"),
-    )?;
-    pg.init().await?;
-    res.server.insert(pg.spawn()?).wait_ready().await?;
-    console.detail(&format!(
-        "data directory {}; socket in {}; log {}",
-        pg.data_dir().display(),
-        pg.socket_dir().display(),
-        pg.log().display()
-    ));
-
-    console.step(&format!("pgbench -i -s {}", options.scale));
-    pgbench::initialize(&pg, options.scale, INIT_TIMEOUT).await?;
-
-    let phase = options.phase.max(Duration::from_secs(2));
-    let load_duration = phase * 3;
-    console.step(&format!(
-        "pgbench: {} clients for {} s (TPC-B-like: each transaction updates 3 tables and adds a pgbench_history row)",
-        options.clients,
-        load_duration.as_secs()
-    ));
-    // Dropped (when a step fails or the demo is interrupted), the load
-    // kills pgbench.
-    let mut load = Load::start(
-        &pg,
-        &LoadSpec {
-            clients: options.clients,
-            threads: options.clients.clamp(1, 2),
-            duration: load_duration,
-            log_dir: dir.join("pgbench"),
-        },
-    )?;
-    let printer = print_progress(&mut load, console);
-    let load_started = Instant::now();
-    sleep_while_running(&mut load, phase).await;
-
-    let node = node_info(&info, SECOND_NODE)?;
-    console.step(&format!(
-        "SIGKILL the agent of {SECOND_NODE} (pid {}): it holds a replica; the target is on {FIRST_NODE}",
-        node.process.pid
-    ));
-    let killed_at = SystemTime::now();
-    let killed = Instant::now();
-    kill_agent(&node).await?;
-    let dropped_after = wait_dropped(&mut volumes).await.map(|()| killed.elapsed());
-    match &dropped_after {
-        Ok(after) => console.detail(&format!(
-            "the target dropped {SECOND_NODE}'s replica from the in-sync set after {:.2} s; writes go on to the other replicas",
-            after.as_secs_f64()
-        )),
-        Err(err) => console.detail(&crate::error_chain(err)),
-    }
-    let outage = (phase / 3).max(Duration::from_secs(2));
-    tokio::time::sleep(outage.saturating_sub(killed.elapsed())).await;
-
-    console.step(&format!(
-        "Restarting the agent of {SECOND_NODE}; the controller has the target rebuild its replica"
-    ));
-    let outage = killed.elapsed();
-    let restarted = Instant::now();
-    let restart_dir = dir.clone();
-    tokio::task::spawn_blocking(move || cluster::restart_node(&restart_dir, SECOND_NODE))
-        .await
-        .map_err(|join| Error::Io {
-            op: "restart the agent in",
-            path: dir.clone(),
-            source: std::io::Error::other(join.to_string()),
-        })??;
-    let mut target = target_client(&node_info(&info, FIRST_NODE)?).await?;
-    let rebuild = wait_rebuild(&mut volumes, &mut target, console, restarted).await?;
-    let in_sync_at = rebuild.in_sync.map(|(_, at)| at);
-    let in_sync_after = rebuild.in_sync.map(|(after, _)| after);
-    match in_sync_after {
-        Some(after) => console.detail(&format!(
-            "{SECOND_NODE}'s replica is back in sync {:.2} s after the restart ({} of regions that differed copied)",
-            after.as_secs_f64(),
-            bytes(rebuild.total_bytes)
-        )),
-        None => console.detail(&format!(
-            "{SECOND_NODE}'s replica is not in sync {} s after the restart",
-            REBUILD_BOUND.as_secs()
-        )),
-    }
-
-    let remaining = load_duration.saturating_sub(load_started.elapsed());
-    console.note(&format!(
-        "waiting for pgbench to finish ({} s left)",
-        remaining.as_secs()
-    ));
-    let outcome = load.finish(remaining + Duration::from_secs(120)).await?;
-    let _ = printer.await;
-    console.detail(&format!(
-        "pgbench finished: {} transactions processed, {} failed, exit code {}",
-        outcome
-            .processed
-            .map_or_else(|| "no count of".to_string(), |n| n.to_string()),
-        outcome.failed,
-        outcome
-            .exit_code
-            .map_or_else(|| "none (killed)".to_string(), |c| c.to_string())
-    ));
-
-    console.step(&format!(
+    story.console.step(&format!(
         "Failover: stop PostgreSQL cleanly; NodeUnpublishVolume, NodeUnstageVolume, ControllerUnpublishVolume on {FIRST_NODE}"
     ));
-    if let Some(server) = res.server.take() {
-        server.stop().await?;
-    }
-    kubelet.node_unpublish(&first).await?;
-    kubelet.controller_unpublish(VOLUME, FIRST_NODE).await?;
-    res.attachments.retain(|a| a.node_id != FIRST_NODE);
-
-    console.step(&format!(
-        "ControllerPublishVolume on {SECOND_NODE}, NodeStageVolume, NodePublishVolume; PostgreSQL starts there"
-    ));
-    let context = kubelet.controller_publish(&volume, SECOND_NODE).await?;
-    let second = kubelet.attachment(VOLUME, SECOND_NODE, POD);
-    res.attachments.push(second.clone());
-    kubelet.node_publish(&volume, &context, &second).await?;
+    story.stop_postgres().await?;
+    story.unpublish(&first).await?;
+    let second = story
+        .publish(
+            &volume,
+            SECOND_NODE,
+            "NodeStageVolume, NodePublishVolume; PostgreSQL starts there",
+        )
+        .await?;
     let pg = pg.with_data_dir(&second.target_path.join("pgdata"))?;
-    res.server.insert(pg.spawn()?).wait_ready().await?;
-    let record = get_volume(&mut volumes).await?;
-    console.detail(&format!(
-        "target on {} at epoch {}; PostgreSQL serves {}",
-        record.target_node_id,
-        record.epoch,
-        pg.data_dir().display()
-    ));
+    story.res.server.insert(pg.spawn()?).wait_ready().await?;
+    story
+        .console
+        .detail(&format!("PostgreSQL serves {}", pg.data_dir().display()));
 
-    console.step("Checking the data: count(*) FROM pgbench_history, pg_amcheck --heapallindexed");
-    let history = pg.query("SELECT count(*) FROM pgbench_history").await?;
-    let amcheck = pg.amcheck().await?;
-    let end = get_volume(&mut volumes).await?;
-
-    let mut checks = Vec::new();
-    checks.push(load_check(&outcome));
-    checks.push(Check::new(
-        dropped_after.is_ok(),
-        format!("{SECOND_NODE}'s replica left the in-sync set after the kill"),
-        match &dropped_after {
-            Ok(after) => format!("after {:.2} s", after.as_secs_f64()),
-            Err(err) => err.to_string(),
-        },
-    ));
-    checks.push(Check::new(
-        in_sync_after.is_some(),
-        format!(
-            "{SECOND_NODE}'s replica back in sync within {} s of its agent's restart",
-            REBUILD_BOUND.as_secs()
-        ),
-        in_sync_after.map_or_else(
-            || format!("last seen {}", rebuild.last_state),
-            |after| format!("in {:.2} s", after.as_secs_f64()),
-        ),
-    ));
-    checks.push(Check::new(
-        outcome.processed.is_some() && history.parse::<u64>().ok() == outcome.processed,
-        format!("every committed transaction is there after failover to {SECOND_NODE}"),
-        format!(
-            "pgbench_history has {history} rows, pgbench processed {}",
-            outcome
-                .processed
-                .map_or_else(|| "an unknown number of".to_string(), |n| n.to_string())
-        ),
-    ));
-    checks.push(Check::new(
-        !amcheck.corrupt && amcheck.relations > 0,
-        "pg_amcheck --heapallindexed --parent-check finds no corruption",
-        if amcheck.corrupt {
-            amcheck
-                .report
-                .lines()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join("; ")
-        } else {
-            format!("{} tables and indexes checked", amcheck.relations)
-        },
-    ));
-    let in_sync = end.replicas.iter().filter(|r| r.state == "in-sync").count();
-    checks.push(Check::new(
-        end.status == "healthy" && in_sync == end.replica_count as usize,
-        "the volume is healthy at the end",
-        format!(
-            "{}: {in_sync} of {} replicas in sync",
-            end.status, end.replica_count
-        ),
-    ));
-
-    console.step(&format!(
+    let (mut checks, end) = story.check_data(&pg, &fault).await?;
+    story.console.step(&format!(
         "Stop PostgreSQL; NodeUnpublishVolume, NodeUnstageVolume, ControllerUnpublishVolume on {SECOND_NODE}; compare the replicas byte for byte"
     ));
-    if let Some(server) = res.server.take() {
-        server.stop().await?;
+    story.stop_postgres().await?;
+    story.unpublish(&second).await?;
+    checks.push(compare_replicas(&story.info, &end).await?);
+    if !options.keep {
+        story.console.step("DeleteVolume; cluster down");
+        story.kubelet.delete_volume(VOLUME).await?;
     }
-    kubelet.node_unpublish(&second).await?;
-    kubelet.controller_unpublish(VOLUME, SECOND_NODE).await?;
-    res.attachments.clear();
-    checks.push(compare_replicas(&info, &end).await?);
-
-    let stall = outcome.transactions.longest_stall();
-    let report = Report {
+    Ok(Report {
         volume: volume_state(&end),
-        load: load_figures(
-            options,
-            load_duration,
-            &outcome,
-            killed_at,
-            in_sync_at,
-            stall,
-        ),
+        load: fault.load_figures(options),
         rebuild: RebuildFigures {
             node_id: SECOND_NODE.to_string(),
-            dropped_after: dropped_after.ok(),
-            outage,
-            in_sync_after,
-            rebuilt_bytes: rebuild.total_bytes,
+            dropped_after: fault.dropped_after.as_ref().ok().copied(),
+            outage: fault.outage,
+            in_sync_after: fault.rebuild.in_sync.map(|(after, _)| after),
+            rebuilt_bytes: fault.rebuild.total_bytes,
         },
         checks,
-    };
-    if !options.keep {
-        console.step("DeleteVolume; cluster down");
-        kubelet.delete_volume(VOLUME).await?;
+    })
+}
+
+/// The clients and records the steps share.
+struct Story<'a> {
+    options: &'a Options,
+    console: &'a Console,
+    res: &'a mut Resources,
+    info: ClusterInfo,
+    kubelet: Kubelet,
+    watch: Watch,
+}
+
+/// What the load through the fault measured.
+struct FaultRun {
+    /// How long pgbench ran.
+    duration: Duration,
+    outcome: Outcome,
+    killed_at: SystemTime,
+    /// From the kill until the controller showed the replica out of sync.
+    dropped_after: Result<Duration, Error>,
+    /// How long the agent stayed down.
+    outage: Duration,
+    rebuild: watch::Rebuild,
+}
+
+impl<'a> Story<'a> {
+    /// Starts the cluster in `dir` and connects the clients.
+    async fn start(
+        options: &'a Options,
+        console: &'a Console,
+        res: &'a mut Resources,
+        dir: PathBuf,
+    ) -> Result<Self, Error> {
+        console.step(&format!(
+            "Starting a local cluster in {}: controller (embedded store), {NODES} agents, {NODES} CSI node plugins",
+            dir.display()
+        ));
+        let mut spec = ClusterSpec::new(&dir, NODES);
+        spec.pool_size_bytes = (volume_size(options.scale) + (2 << 30)).max(4 << 30);
+        if let Some(bin_dir) = &options.bin_dir {
+            spec.bin_dir = bin_dir.clone();
+        }
+        let info = cluster::up(&spec).await?;
+        console.detail(&format!(
+            "{NODES} nodes up; logs in {}/*.log",
+            dir.display()
+        ));
+        let watch = Watch::connect(&info, VOLUME).await?;
+        let endpoints: Vec<(String, String)> = info
+            .nodes
+            .iter()
+            .map(|n| (n.node_id.clone(), n.csi_endpoint.clone()))
+            .collect();
+        let csi_endpoint = info
+            .controller
+            .as_ref()
+            .map(|c| c.csi_endpoint.clone())
+            .unwrap_or_default();
+        let kubelet = Kubelet::connect(&dir.join("kubelet"), &csi_endpoint, &endpoints).await?;
+        res.kubelet = Some(kubelet.clone());
+        Ok(Self {
+            options,
+            console,
+            res,
+            info,
+            kubelet,
+            watch,
+        })
     }
-    Ok(report)
+
+    async fn create_volume(&mut self) -> Result<csi::Volume, Error> {
+        let bytes_wanted = volume_size(self.options.scale);
+        self.console.step(&format!(
+            "CreateVolume {VOLUME}: {}, {NODES} replicas, ext4, thin",
+            bytes(bytes_wanted)
+        ));
+        let volume = self
+            .kubelet
+            .create_volume(VOLUME, bytes_wanted, NODES as u32, "ext4")
+            .await?;
+        let record = self.watch.volume().await?;
+        let holders: Vec<&str> = record.replicas.iter().map(|r| r.node_id.as_str()).collect();
+        self.console
+            .detail(&format!("replicas on {}", holders.join(", ")));
+        Ok(volume)
+    }
+
+    /// ControllerPublishVolume on `node_id`, then NodeStageVolume and
+    /// NodePublishVolume there for the pod.
+    async fn publish(
+        &mut self,
+        volume: &csi::Volume,
+        node_id: &str,
+        node_steps: &str,
+    ) -> Result<Attachment, Error> {
+        self.console.step(&format!(
+            "ControllerPublishVolume on {node_id}, {node_steps}"
+        ));
+        let context = self.kubelet.controller_publish(volume, node_id).await?;
+        let attachment = self.kubelet.attachment(VOLUME, node_id, POD);
+        self.res.attachments.push(attachment.clone());
+        self.kubelet
+            .node_publish(volume, &context, &attachment)
+            .await?;
+        let record = self.watch.volume().await?;
+        self.console.detail(&format!(
+            "target on {} at epoch {} ({}); mounted at {}",
+            record.target_node_id,
+            record.epoch,
+            record.nbd_uri,
+            attachment.target_path.display()
+        ));
+        Ok(attachment)
+    }
+
+    /// NodeUnpublishVolume, NodeUnstageVolume, ControllerUnpublishVolume.
+    async fn unpublish(&mut self, attachment: &Attachment) -> Result<(), Error> {
+        self.kubelet.node_unpublish(attachment).await?;
+        self.kubelet
+            .controller_unpublish(VOLUME, &attachment.node_id)
+            .await?;
+        self.res
+            .attachments
+            .retain(|a| a.node_id != attachment.node_id);
+        Ok(())
+    }
+
+    /// initdb on the volume, start, and `pgbench -i`.
+    async fn start_postgres(
+        &mut self,
+        binaries: &postgres::Binaries,
+        attachment: &Attachment,
+    ) -> Result<Instance, Error> {
+        self.console.step(&format!(
+            "PostgreSQL {}: initdb on the volume, start (unix socket only; fsync, full_page_writes on)",
+            binaries.version()
+        ));
+        let dir = self.res.dir.clone().unwrap_or_default();
+        let pg = Instance::new(
+            &attachment.target_path.join("pgdata"),
+            &dir.join("postgres"),
+            &dir.join("postgres.log"),
+        )?;
+        pg.init().await?;
+        self.res.server.insert(pg.spawn()?).wait_ready().await?;
+        self.console.detail(&format!(
+            "data directory {}; socket in {}; log {}",
+            pg.data_dir().display(),
+            pg.socket_dir().display(),
+            pg.log().display()
+        ));
+        self.console
+            .step(&format!("pgbench -i -s {}", self.options.scale));
+        pgbench::initialize(&pg, self.options.scale, INIT_TIMEOUT).await?;
+        Ok(pg)
+    }
+
+    async fn stop_postgres(&mut self) -> Result<(), Error> {
+        if let Some(server) = self.res.server.take() {
+            server.stop().await?;
+        }
+        Ok(())
+    }
+
+    /// The load through the fault: pgbench for three phases; after the
+    /// first, SIGKILL of [`SECOND_NODE`]'s agent; after an outage, its
+    /// restart and the rebuild; then the end of the load.
+    async fn fault_under_load(&mut self, pg: &Instance) -> Result<FaultRun, Error> {
+        let phase = self.options.phase.max(Duration::from_secs(2));
+        let duration = phase * 3;
+        self.console.step(&format!(
+            "pgbench: {} clients for {} s (TPC-B-like: each transaction updates 3 tables and adds a pgbench_history row)",
+            self.options.clients,
+            duration.as_secs()
+        ));
+        let dir = self.res.dir.clone().unwrap_or_default();
+        // Dropped (when a step fails or the demo is interrupted), the load
+        // kills pgbench.
+        let mut load = Load::start(
+            pg,
+            &LoadSpec {
+                clients: self.options.clients,
+                threads: self.options.clients.clamp(1, 2),
+                duration,
+                log_dir: dir.join("pgbench"),
+            },
+        )?;
+        let printer = print_progress(&mut load, self.console);
+        let load_started = Instant::now();
+        sleep_while_running(&mut load, phase).await;
+
+        let node = node_info(&self.info, SECOND_NODE)?;
+        self.console.step(&format!(
+            "SIGKILL the agent of {SECOND_NODE} (pid {}): it holds a replica; the target is on {FIRST_NODE}",
+            node.process.pid
+        ));
+        let killed_at = SystemTime::now();
+        let killed = Instant::now();
+        kill_agent(&node).await?;
+        let dropped_after = self
+            .watch
+            .wait_dropped(SECOND_NODE)
+            .await
+            .map(|()| killed.elapsed());
+        match &dropped_after {
+            Ok(after) => self.console.detail(&format!(
+                "the target dropped {SECOND_NODE}'s replica from the in-sync set after {:.2} s; writes go on to the other replicas",
+                after.as_secs_f64()
+            )),
+            Err(err) => self.console.detail(&crate::error_chain(err)),
+        }
+        let outage = (phase / 3).max(Duration::from_secs(2));
+        tokio::time::sleep(outage.saturating_sub(killed.elapsed())).await;
+
+        self.console.step(&format!(
+            "Restarting the agent of {SECOND_NODE}; the controller has the target rebuild its replica"
+        ));
+        let outage = killed.elapsed();
+        let restarted = Instant::now();
+        let restart_dir = dir.clone();
+        tokio::task::spawn_blocking(move || cluster::restart_node(&restart_dir, SECOND_NODE))
+            .await
+            .map_err(|join| Error::Io {
+                op: "restart the agent in",
+                path: dir.clone(),
+                source: std::io::Error::other(join.to_string()),
+            })??;
+        let target_node = node_info(&self.info, FIRST_NODE)?;
+        let rebuild = self
+            .watch
+            .wait_rebuild(SECOND_NODE, &target_node, self.console, restarted)
+            .await?;
+        match rebuild.in_sync {
+            Some((after, _)) => self.console.detail(&format!(
+                "{SECOND_NODE}'s replica is back in sync {:.2} s after the restart ({} of regions that differed copied)",
+                after.as_secs_f64(),
+                bytes(rebuild.total_bytes)
+            )),
+            None => self.console.detail(&format!(
+                "{SECOND_NODE}'s replica is not in sync {} s after the restart",
+                REBUILD_BOUND.as_secs()
+            )),
+        }
+
+        let remaining = duration.saturating_sub(load_started.elapsed());
+        self.console.note(&format!(
+            "waiting for pgbench to finish ({} s left)",
+            remaining.as_secs()
+        ));
+        let outcome = load.finish(remaining + Duration::from_secs(120)).await?;
+        let _ = printer.await;
+        self.console.detail(&format!(
+            "pgbench finished: {} transactions processed, {} failed, exit code {}",
+            outcome
+                .processed
+                .map_or_else(|| "no count of".to_string(), |n| n.to_string()),
+            outcome.failed,
+            outcome
+                .exit_code
+                .map_or_else(|| "none (killed)".to_string(), |c| c.to_string())
+        ));
+        Ok(FaultRun {
+            duration,
+            outcome,
+            killed_at,
+            dropped_after,
+            outage,
+            rebuild,
+        })
+    }
+
+    /// The checks of the data and the cluster after the failover; returns
+    /// them with the volume's state.
+    async fn check_data(
+        &mut self,
+        pg: &Instance,
+        fault: &FaultRun,
+    ) -> Result<(Vec<Check>, Volume), Error> {
+        self.console
+            .step("Checking the data: count(*) FROM pgbench_history, pg_amcheck --heapallindexed");
+        let history = pg.query("SELECT count(*) FROM pgbench_history").await?;
+        let amcheck = pg.amcheck().await?;
+        let end = self.watch.volume().await?;
+        let outcome = &fault.outcome;
+        let in_sync = end.replicas.iter().filter(|r| r.state == "in-sync").count();
+        let checks = vec![
+            load_check(outcome),
+            Check::new(
+                fault.dropped_after.is_ok(),
+                format!("{SECOND_NODE}'s replica left the in-sync set after the kill"),
+                match &fault.dropped_after {
+                    Ok(after) => format!("after {:.2} s", after.as_secs_f64()),
+                    Err(err) => err.to_string(),
+                },
+            ),
+            Check::new(
+                fault.rebuild.in_sync.is_some(),
+                format!(
+                    "{SECOND_NODE}'s replica back in sync within {} s of its agent's restart",
+                    REBUILD_BOUND.as_secs()
+                ),
+                fault.rebuild.in_sync.map_or_else(
+                    || format!("last seen {}", fault.rebuild.last_state),
+                    |(after, _)| format!("in {:.2} s", after.as_secs_f64()),
+                ),
+            ),
+            Check::new(
+                outcome.processed.is_some() && history.parse::<u64>().ok() == outcome.processed,
+                format!("every committed transaction is there after failover to {SECOND_NODE}"),
+                format!(
+                    "pgbench_history has {history} rows, pgbench processed {}",
+                    outcome
+                        .processed
+                        .map_or_else(|| "an unknown number of".to_string(), |n| n.to_string())
+                ),
+            ),
+            Check::new(
+                !amcheck.corrupt && amcheck.relations > 0,
+                "pg_amcheck --heapallindexed --parent-check finds no corruption",
+                if amcheck.corrupt {
+                    amcheck
+                        .report
+                        .lines()
+                        .take(3)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                } else {
+                    format!("{} tables and indexes checked", amcheck.relations)
+                },
+            ),
+            Check::new(
+                end.status == "healthy" && in_sync == end.replica_count as usize,
+                "the volume is healthy at the end",
+                format!(
+                    "{}: {in_sync} of {} replicas in sync",
+                    end.status, end.replica_count
+                ),
+            ),
+        ];
+        Ok((checks, end))
+    }
+}
+
+impl FaultRun {
+    /// Throughput before the kill, from the kill until the replica was in
+    /// sync again (or the end of the load), and after; stalls.
+    fn load_figures(&self, options: &Options) -> LoadFigures {
+        let outcome = &self.outcome;
+        let log = &outcome.transactions;
+        let (first, last) = (log.first(), log.last());
+        let in_sync_at = self.rebuild.in_sync.map(|(_, at)| at);
+        let fault_end = match (in_sync_at, last) {
+            (Some(in_sync), Some(last)) => Some(in_sync.min(last)),
+            (None, last) => last,
+            (in_sync, None) => in_sync,
+        };
+        let stall = log.longest_stall();
+        LoadFigures {
+            scale: options.scale,
+            clients: options.clients,
+            duration: self.duration,
+            processed: outcome.processed,
+            failed: outcome.failed,
+            tps_before: first.and_then(|first| log.tps_between(first, self.killed_at)),
+            tps_during: fault_end.and_then(|end| log.tps_between(self.killed_at, end)),
+            tps_after: in_sync_at
+                .zip(last)
+                .and_then(|(from, last)| log.tps_between(from, last)),
+            fault_window: fault_end.and_then(|end| end.duration_since(self.killed_at).ok()),
+            longest_stall: stall.map(|s| s.length),
+            stall_at: stall.and_then(|s| s.from.duration_since(outcome.started).ok()),
+            slowest: log.slowest(),
+        }
+    }
 }
 
 /// The demo directory: the one given (new or empty) or a fresh one under
@@ -518,52 +649,6 @@ async fn compare_replicas(info: &ClusterInfo, volume: &Volume) -> Result<Check, 
     })
 }
 
-async fn management_client(info: &ClusterInfo) -> Result<VolumeServiceClient<Channel>, Error> {
-    let address = info.controller_address().unwrap_or_default().to_string();
-    let unreachable = |source| Error::ControllerUnreachable {
-        address: address.clone(),
-        source,
-    };
-    let channel = Endpoint::from_shared(address.clone())
-        .map_err(unreachable)?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
-        .connect()
-        .await
-        .map_err(unreachable)?;
-    Ok(VolumeServiceClient::new(channel))
-}
-
-async fn target_client(node: &NodeInfo) -> Result<TargetServiceClient<Channel>, Error> {
-    let address = node.agent_address.clone();
-    let unreachable = |source| Error::AgentUnreachable {
-        node_id: node.node_id.clone(),
-        address: address.clone(),
-        source,
-    };
-    let channel = Endpoint::from_shared(address.clone())
-        .map_err(unreachable)?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(unreachable)?;
-    Ok(TargetServiceClient::new(channel))
-}
-
-async fn get_volume(client: &mut VolumeServiceClient<Channel>) -> Result<Volume, Error> {
-    client
-        .get_volume(GetVolumeRequest {
-            volume_id: VOLUME.to_string(),
-        })
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(|status| Error::Controller {
-            call: "GetVolume",
-            status,
-        })
-}
-
 fn node_info(info: &ClusterInfo, node_id: &str) -> Result<NodeInfo, Error> {
     info.nodes
         .iter()
@@ -627,110 +712,6 @@ async fn kill_agent(node: &NodeInfo) -> Result<(), Error> {
     }
 }
 
-/// Waits until the controller shows [`SECOND_NODE`]'s replica out of the
-/// in-sync set.
-async fn wait_dropped(volumes: &mut VolumeServiceClient<Channel>) -> Result<(), Error> {
-    let deadline = Instant::now() + DROP_BOUND;
-    loop {
-        let volume = get_volume(volumes).await?;
-        if replica_state(&volume, SECOND_NODE).is_some_and(|s| s != "in-sync") {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(Error::Timeout {
-                what: format!("The drop of {SECOND_NODE}'s replica from the in-sync set"),
-                timeout: DROP_BOUND,
-            });
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// What the rebuild wait saw.
-struct Rebuild {
-    /// When the replica was seen in sync again: the time since the
-    /// agent's restart, and the wall-clock time.
-    in_sync: Option<(Duration, SystemTime)>,
-    /// Bytes of the regions the rebuild found different and copied, as
-    /// the target counts them.
-    total_bytes: u64,
-    /// The replica's last state.
-    last_state: String,
-}
-
-/// Shows the rebuild of [`SECOND_NODE`]'s replica as a progress bar until
-/// the controller has it in sync, for at most [`REBUILD_BOUND`] after
-/// `restarted`. The state comes from the controller (the in-sync set is
-/// its record); the progress from the target itself, on the agent of
-/// [`FIRST_NODE`], which counts every copied region at once (the
-/// controller hears of it once a second, and forgets it when the replica
-/// is in sync).
-async fn wait_rebuild(
-    volumes: &mut VolumeServiceClient<Channel>,
-    target: &mut TargetServiceClient<Channel>,
-    console: &Console,
-    restarted: Instant,
-) -> Result<Rebuild, Error> {
-    let deadline = restarted + REBUILD_BOUND;
-    let mut rebuild = Rebuild {
-        in_sync: None,
-        total_bytes: 0,
-        last_state: String::new(),
-    };
-    loop {
-        let volume = get_volume(volumes).await?;
-        let state = replica_state(&volume, SECOND_NODE).unwrap_or("missing");
-        rebuild.last_state = state.to_string();
-        let progress = target_progress(target).await;
-        if let Some((_, total)) = progress {
-            rebuild.total_bytes = total;
-        }
-        match (state, progress) {
-            ("in-sync", _) => {
-                console.clear_status();
-                rebuild.in_sync = Some((restarted.elapsed(), SystemTime::now()));
-                return Ok(rebuild);
-            }
-            ("rebuilding", Some((done, total))) => {
-                console.status(&format!("rebuild {}", bar(done, total)));
-            }
-            ("rebuilding", None) => console.status("rebuild starting"),
-            (other, _) => {
-                console.status(&format!(
-                    "replica {other}: waiting for its agent to register"
-                ));
-            }
-        }
-        if Instant::now() >= deadline {
-            console.clear_status();
-            return Ok(rebuild);
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// The target's rebuild progress of [`SECOND_NODE`]'s replica (done and
-/// total bytes); None if the target cannot be asked.
-async fn target_progress(target: &mut TargetServiceClient<Channel>) -> Option<(u64, u64)> {
-    let target = target
-        .get_target(GetTargetRequest {
-            volume_id: VOLUME.to_string(),
-        })
-        .await
-        .ok()?
-        .into_inner();
-    let replica = target.replicas.iter().find(|r| r.node_id == SECOND_NODE)?;
-    Some((replica.rebuild_done_bytes, replica.rebuild_total_bytes))
-}
-
-fn replica_state<'a>(volume: &'a Volume, node_id: &str) -> Option<&'a str> {
-    volume
-        .replicas
-        .iter()
-        .find(|r| r.node_id == node_id)
-        .map(|r| r.state.as_str())
-}
-
 fn load_check(outcome: &Outcome) -> Check {
     let detail = if outcome.clean() {
         format!(
@@ -754,39 +735,6 @@ fn load_check(outcome: &Outcome) -> Check {
         "pgbench ran without errors through the fault",
         detail,
     )
-}
-
-fn load_figures(
-    options: &Options,
-    duration: Duration,
-    outcome: &Outcome,
-    killed_at: SystemTime,
-    in_sync_at: Option<SystemTime>,
-    stall: Option<pgbench::Stall>,
-) -> LoadFigures {
-    let log = &outcome.transactions;
-    let (first, last) = (log.first(), log.last());
-    let fault_end = match (in_sync_at, last) {
-        (Some(in_sync), Some(last)) => Some(in_sync.min(last)),
-        (None, last) => last,
-        (in_sync, None) => in_sync,
-    };
-    LoadFigures {
-        scale: options.scale,
-        clients: options.clients,
-        duration,
-        processed: outcome.processed,
-        failed: outcome.failed,
-        tps_before: first.and_then(|first| log.tps_between(first, killed_at)),
-        tps_during: fault_end.and_then(|end| log.tps_between(killed_at, end)),
-        tps_after: in_sync_at
-            .zip(last)
-            .and_then(|(from, last)| log.tps_between(from, last)),
-        fault_window: fault_end.and_then(|end| end.duration_since(killed_at).ok()),
-        longest_stall: stall.map(|s| s.length),
-        stall_at: stall.and_then(|s| s.from.duration_since(outcome.started).ok()),
-        slowest: log.slowest(),
-    }
 }
 
 fn volume_state(volume: &Volume) -> VolumeState {

@@ -354,9 +354,13 @@ async fn nbdfuse_stage_publish_restart_unstage() {
         b"pod data"
     );
 
-    let stats = staging::stats(&*attacher, &mounter, "vol-1", &rw_target)
+    let staging::Stats {
+        usage: stats,
+        problem,
+    } = staging::stats(&*attacher, &mounter, "vol-1", &rw_target)
         .await
         .expect("stats");
+    assert_eq!(problem, None, "nbdfuse serves the volume");
     assert!(
         stats.total_bytes > 200 << 20 && stats.total_bytes <= 256 << 20,
         "{stats:?}"
@@ -502,7 +506,8 @@ async fn nbdfuse_raw_block_publish() {
 
     let stats = staging::stats(&attacher, &mounter, "blk", &target)
         .await
-        .expect("stats");
+        .expect("stats")
+        .usage;
     assert_eq!(stats.total_bytes, 64 << 20);
     assert!(stats.inodes.is_none());
 
@@ -617,20 +622,37 @@ async fn online_grow_ext4_and_xfs() {
             // even if a caller forgot to probe.
             assert!(mounter.mkfs(&device, FsType::Xfs).await.is_err());
         }
+        let geometry = mounter.fs_geometry(&device, fs).await.expect("geometry");
+        assert_eq!(geometry.bytes(), small, "{fs} fills its device");
         let mnt = scratch.join(&format!("{fs}-mnt"));
         std::fs::create_dir_all(&mnt).expect("mount point");
         mounter
             .mount(&device, &mnt, fs.as_str(), &["noatime".to_string()], false)
             .await
             .expect("mount");
+        mounter
+            .grow(&device, &mnt, fs.as_str())
+            .await
+            .expect("growing a filesystem that fills its device is a no-op");
         let before = mounter.fs_stats(&mnt).await.expect("stats").total_bytes;
         grow_loop(&image, &device, big);
         assert_eq!(mounter.block_size_bytes(&device).await.expect("size"), big);
         let grown = mounter.grow(&device, &mnt, fs.as_str()).await;
         if fs == FsType::Ext4 && !sys_resource {
             let e = grown.expect_err("ext4 online resize without CAP_SYS_RESOURCE");
-            eprintln!("NOT TESTED: ext4 online grow needs CAP_SYS_RESOURCE ({e:?})");
+            assert!(
+                matches!(e, super::mount::Error::OnlineResizeNotPermitted { .. }),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains("CAP_SYS_RESOURCE"), "{e}");
+            eprintln!("NOT TESTED: ext4 online grow needs CAP_SYS_RESOURCE; growing offline");
             mounter.unmount(&mnt).await.expect("unmount");
+            mounter
+                .grow_offline(&device, fs)
+                .await
+                .expect("offline growth");
+            let after = mounter.fs_geometry(&device, fs).await.expect("geometry");
+            assert_eq!(after.bytes(), big, "ext4 fills the grown device");
             let st = Command::new("losetup")
                 .arg("-d")
                 .arg(&device)
@@ -646,6 +668,12 @@ async fn online_grow_ext4_and_xfs() {
             "{fs}: {before} -> {after} bytes after growing the device to {big}"
         );
         mounter.unmount(&mnt).await.expect("unmount");
+        if fs == FsType::Xfs {
+            assert!(matches!(
+                mounter.grow_offline(&device, fs).await,
+                Err(super::mount::Error::ResizeUnsupported(_))
+            ));
+        }
         let st = Command::new("losetup")
             .arg("-d")
             .arg(&device)

@@ -32,9 +32,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 /// the name must be at most 63 characters of DNS label characters and dots).
 pub const DRIVER_NAME: &str = "csi.ballast.io";
 
-/// The topology key of a node: every node is its own topology segment
-/// (CSI spec, "NodeGetInfo": `accessible_topology`).
-pub const TOPOLOGY_NODE_KEY: &str = "topology.ballast.io/node";
+pub use crate::controller::node::TOPOLOGY_NODE_KEY;
 
 /// Errors of binding a CSI endpoint.
 #[derive(Debug, thiserror::Error)]

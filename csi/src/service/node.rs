@@ -227,9 +227,10 @@ impl csi::node_server::Node for Node {
         Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
     }
 
-    /// CSI spec, NodeGetVolumeStats: bytes (and inodes for a filesystem);
-    /// the condition is normal whenever the path answers (the replicas'
-    /// health is the controller's ControllerGetVolume).
+    /// CSI spec, NodeGetVolumeStats: bytes (and inodes for a filesystem)
+    /// and the volume's condition from this node: abnormal when its
+    /// attachment cannot serve I/O (the replicas' health is the
+    /// controller's ControllerGetVolume).
     #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
     async fn node_get_volume_stats(
         &self,
@@ -237,7 +238,10 @@ impl csi::node_server::Node for Node {
     ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
         use csi::volume_usage::Unit;
         let req = request.get_ref();
-        let stats = staging::stats(
+        let staging::Stats {
+            usage: stats,
+            problem,
+        } = staging::stats(
             self.attacher.as_ref(),
             self.mounter.as_ref(),
             &req.volume_id,
@@ -259,27 +263,44 @@ impl csi::node_server::Node for Node {
                 unit: Unit::Inodes.into(),
             });
         }
+        let volume_condition = Some(match problem {
+            Some(message) => csi::VolumeCondition {
+                abnormal: true,
+                message,
+            },
+            None => csi::VolumeCondition {
+                abnormal: false,
+                message: "The volume's attachment serves I/O".to_string(),
+            },
+        });
         Ok(Response::new(csi::NodeGetVolumeStatsResponse {
             usage,
-            volume_condition: Some(csi::VolumeCondition {
-                abnormal: false,
-                message: "The volume is attached and mounted".to_string(),
-            }),
+            volume_condition,
         }))
     }
 
+    /// CSI spec, NodeExpandVolume: grows the filesystem to its device
+    /// (see [`staging::expand`]); more than the device holds is
+    /// `OUT_OF_RANGE`.
     #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
     async fn node_expand_volume(
         &self,
         request: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
         let req = request.get_ref();
+        let required = req.capacity_range.as_ref().map_or(0, |r| r.required_bytes);
+        let required = u64::try_from(required).map_err(|_| {
+            Error::InvalidArgument(format!(
+                "capacity_range.required_bytes {required} is negative"
+            ))
+        })?;
         let _guard = self.guard(&req.volume_id)?;
         let bytes = staging::expand(
             self.attacher.as_ref(),
             self.mounter.as_ref(),
             &req.volume_id,
             Path::new(&req.volume_path),
+            required,
         )
         .await
         .map_err(Error::from)?;
@@ -410,6 +431,32 @@ mod tests {
             }))
             .await;
         assert_eq!(missing.err().map(|s| s.code()), Some(Code::InvalidArgument));
+    }
+
+    #[tokio::test]
+    async fn stats_report_the_attachment_problem_as_an_abnormal_condition() {
+        let fake = Fake::default();
+        let node = service(&fake);
+        node.node_stage_volume(Request::new(stage_request("ext4", None)))
+            .await
+            .expect("stage");
+        let stats = |node: Node| async move {
+            node.node_get_volume_stats(Request::new(csi::NodeGetVolumeStatsRequest {
+                volume_id: "vol-1".into(),
+                volume_path: "/staging/vol-1".into(),
+                ..Default::default()
+            }))
+            .await
+            .expect("stats")
+            .into_inner()
+            .volume_condition
+            .expect("VOLUME_CONDITION requires a condition")
+        };
+        assert!(!stats(node.clone()).await.abnormal);
+        fake.world().problem = Some("nbdfuse has exited".into());
+        let condition = stats(node).await;
+        assert!(condition.abnormal);
+        assert_eq!(condition.message, "nbdfuse has exited");
     }
 
     #[tokio::test]

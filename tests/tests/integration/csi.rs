@@ -18,8 +18,8 @@ use tonic::Code;
 
 use crate::harness::cluster::Cluster;
 use crate::harness::csi::{
-    MIB, NBD_URI_KEY, NodePlugin, channel, code, create_request, fs_type_at, has_cap_sys_resource,
-    mount_cap, mount_source, stage_and_publish, unpublish_and_unstage,
+    MIB, NBD_URI_KEY, NodePlugin, channel, code, create_request, fs_type_at, mount_cap,
+    mount_source, stage_and_publish, unpublish_and_unstage,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,6 +274,22 @@ async fn a_volume_follows_its_pod_to_another_node() -> Result<()> {
         (128 * MIB).to_string(),
         "the device on node-2 has the new size"
     );
+    // ext4 cannot grow online here (no CAP_SYS_RESOURCE in containers):
+    // NodeStageVolume grew it offline before mounting it.
+    let staged = node2
+        .client
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: "pvc-flow".into(),
+            volume_path: target2.display().to_string(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let total = staged.usage.first().map_or(0, |u| u.total);
+    assert!(
+        total > 100 * MIB && total <= 128 * MIB,
+        "the filesystem on node-2 sees the new size: {staged:?}"
+    );
     let grown = node2
         .client
         .node_expand_volume(csi::NodeExpandVolumeRequest {
@@ -285,29 +301,13 @@ async fn a_volume_follows_its_pod_to_another_node() -> Result<()> {
             }),
             ..Default::default()
         })
-        .await;
-    if has_cap_sys_resource() {
-        assert_eq!(grown?.into_inner().capacity_bytes, 128 * MIB);
-        let stats = node2
-            .client
-            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
-                volume_id: "pvc-flow".into(),
-                volume_path: target2.display().to_string(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        assert!(
-            stats.usage.first().is_some_and(|u| u.total > 100 * MIB),
-            "the filesystem grew online: {stats:?}"
-        );
-    } else {
-        // ext4's online resize ioctl needs CAP_SYS_RESOURCE, which
-        // containers often drop: the error must say so.
-        let err = grown.err().context("ext4 grew without CAP_SYS_RESOURCE")?;
-        assert!(err.message().contains("resize2fs"), "{err:?}");
-        eprintln!("NOT TESTED: NodeExpandVolume of ext4 needs CAP_SYS_RESOURCE ({err:?})");
-    }
+        .await?
+        .into_inner();
+    assert_eq!(
+        grown.capacity_bytes,
+        128 * MIB,
+        "a filesystem that fills its device needs no online growth"
+    );
     let read = std::fs::read(target2.join("data.bin"))?;
     assert!(read == payload, "the file survived the growth");
 

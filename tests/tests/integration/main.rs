@@ -9,6 +9,8 @@ mod bad_input;
 mod cluster;
 mod crash;
 mod csi;
+mod csi_controller;
+mod csi_node;
 mod demo;
 mod filesystem;
 mod harness;

@@ -60,13 +60,29 @@ impl From<Error> for tonic::Status {
     }
 }
 
+/// The topology key of a node: every node carries it with its own id as
+/// value, so each node is its own topology segment (CSI spec,
+/// NodeGetInfo `accessible_topology`).
+pub const TOPOLOGY_NODE_KEY: &str = "topology.ballast.io/node";
+
+/// Topology labels of a node, or a topology segment to match them
+/// against (CSI `Topology.segments`): key to value.
+pub type Topology = BTreeMap<String, String>;
+
+/// Whether a node with `labels` lies in `segment`: every key of the
+/// segment has the same value among the labels (CSI spec, Topology). An
+/// empty segment contains every node.
+pub fn in_segment(labels: &Topology, segment: &Topology) -> bool {
+    segment.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 /// A node as the store keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
     /// The node id.
     pub node_id: String,
-    /// Topology labels.
-    pub topology: BTreeMap<String, String>,
+    /// Topology labels; [`TOPOLOGY_NODE_KEY`] is always among them.
+    pub topology: Topology,
     /// The agent's gRPC API (`http://HOST:PORT`).
     pub agent_address: String,
     /// The agent's replica protocol listener (`HOST:PORT`), may be empty.
@@ -110,6 +126,16 @@ impl PoolCapacity {
     /// Bytes that may still be provisioned (limit minus provisioned).
     pub fn headroom_bytes(&self) -> u64 {
         self.limit_bytes().saturating_sub(self.provisioned_bytes)
+    }
+
+    /// The largest replica that [`fits`](Self::fits): the headroom, and
+    /// for a thick replica no more than the free space.
+    pub fn room_bytes(&self, thin: bool) -> u64 {
+        if thin {
+            self.headroom_bytes()
+        } else {
+            self.headroom_bytes().min(self.free_bytes)
+        }
     }
 
     fn from_proto(pool: &pb::Pool) -> Self {

@@ -1,14 +1,16 @@
 //! What the node registry does: register, heartbeat, list, and the
 //! liveness and capacity questions placement and reconcilers ask.
 
-use std::collections::BTreeMap;
 use std::sync::{MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use ballast_proto::controller as pb;
 use tracing::info;
 
-use super::{Error, Liveness, NodeRecord, NodeState, NodeView, PoolCapacity, Registry};
+use super::{
+    Error, Liveness, NodeRecord, NodeState, NodeView, PoolCapacity, Registry, TOPOLOGY_NODE_KEY,
+    Topology,
+};
 use crate::controller::now_unix_ms;
 use crate::store::{ClusterStoreExt, keys};
 
@@ -53,13 +55,17 @@ impl Registry {
             });
         }
         let pools: Vec<PoolCapacity> = node.pools.iter().map(PoolCapacity::from_proto).collect();
+        let mut topology: Topology = node
+            .topology
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        // The agent adds it itself; a node must be its own segment even
+        // if one does not.
+        topology.insert(TOPOLOGY_NODE_KEY.to_string(), node.node_id.clone());
         let record = NodeRecord {
             node_id: node.node_id.clone(),
-            topology: node
-                .topology
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect::<BTreeMap<_, _>>(),
+            topology,
             agent_address: node.agent_address.clone(),
             data_address: node.data_address.clone(),
             pools: pools.clone(),

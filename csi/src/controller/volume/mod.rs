@@ -57,7 +57,8 @@ use crate::store;
 ///
 /// For gRPC (see `From<Error> for tonic::Status`): arguments are
 /// `INVALID_ARGUMENT`; missing volumes, nodes and replicas `NOT_FOUND`; a
-/// name reused with other parameters `ALREADY_EXISTS`; a concurrent
+/// name reused with other parameters, or a publication repeated with
+/// another capability, `ALREADY_EXISTS`; a concurrent
 /// operation, or a volume still being created or deleted, `ABORTED` (retry
 /// later); states that forbid the request (published, stale epoch, last
 /// in-sync replica) `FAILED_PRECONDITION`; a node that is down
@@ -88,14 +89,27 @@ pub enum Error {
         /// The node id.
         node: String,
     },
-    /// The name exists with other parameters.
-    #[error("Volume {volume} already exists with {existing}; requested {requested}")]
+    /// The name exists and is not compatible with the request.
+    #[error("Volume {volume} already exists but is incompatible: {reasons}")]
     VolumeMismatch {
         /// The volume id.
         volume: String,
-        /// The existing parameters, for people.
+        /// What differs, for people.
+        reasons: String,
+    },
+    /// The volume is published on the node with another capability (CSI
+    /// ControllerPublishVolume: "Volume published but is incompatible").
+    #[error(
+        "Volume {volume} is already published on node {node} as {existing}, not as {requested}"
+    )]
+    PublishedIncompatible {
+        /// The volume id.
+        volume: String,
+        /// The node.
+        node: String,
+        /// The capability it is published with.
         existing: String,
-        /// The requested parameters, for people.
+        /// The capability asked for.
         requested: String,
     },
     /// Another operation on the volume is in progress.
@@ -198,7 +212,9 @@ impl From<Error> for tonic::Status {
             | Error::NodeNotFound { .. }
             | Error::ReplicaNotFound { .. } => Code::NotFound,
             Error::NodeDown { .. } => Code::Unavailable,
-            Error::VolumeMismatch { .. } => Code::AlreadyExists,
+            Error::VolumeMismatch { .. } | Error::PublishedIncompatible { .. } => {
+                Code::AlreadyExists
+            }
             Error::Busy { .. } | Error::Creating { .. } | Error::Deleting { .. } => Code::Aborted,
             Error::Published { .. }
             | Error::PublishedElsewhere { .. }
@@ -253,6 +269,15 @@ impl RebuildProgress {
     fn lock(&self) -> MutexGuard<'_, HashMap<(String, String), Progress>> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Whether a volume has all the redundancy it asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    /// Fewer replicas are in sync than the volume asks for.
+    pub abnormal: bool,
+    /// Which replicas are not in sync and why, or that all are.
+    pub message: String,
 }
 
 /// The volume operations, shared by the services and the reconcilers.
@@ -331,6 +356,36 @@ impl Volumes {
         if record.is_healthy() {
             return ("healthy", String::new());
         }
+        (
+            "degraded",
+            capitalise(&self.replica_issues(record).join("; ")),
+        )
+    }
+
+    /// The volume's condition (CSI VolumeCondition): abnormal while fewer
+    /// replicas are in sync than the volume asks for, saying which
+    /// replicas are not and why.
+    pub fn condition(&self, record: &VolumeRecord) -> Condition {
+        let in_sync = record.in_sync_count();
+        let wanted = usize::try_from(record.replica_count).unwrap_or(usize::MAX);
+        if in_sync >= wanted {
+            return Condition {
+                abnormal: false,
+                message: format!("All {wanted} replicas are in sync"),
+            };
+        }
+        Condition {
+            abnormal: true,
+            message: format!(
+                "{in_sync} of {wanted} replicas are in sync: {}",
+                self.replica_issues(record).join("; ")
+            ),
+        }
+    }
+
+    /// What keeps each replica that is not in sync out of the in-sync set,
+    /// and missing replicas.
+    fn replica_issues(&self, record: &VolumeRecord) -> Vec<String> {
         let published = record.target.is_some();
         let nodes = &self.context.nodes;
         let down_after = self.context.config.node_down_after;
@@ -371,7 +426,7 @@ impl Volumes {
                 record.replicas.len()
             ));
         }
-        ("degraded", capitalise(&issues.join("; ")))
+        issues
     }
 }
 

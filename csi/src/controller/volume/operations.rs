@@ -18,17 +18,21 @@
 //! Nothing here changes a replica's membership of the in-sync set (that is
 //! [`super::control`], on a target's request) or lowers an epoch.
 
+use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
+
 use ballast_proto::agent as agent_pb;
 use tracing::{info, instrument, warn};
 
 use super::record::{
-    self, Change, ReplicaRecord, ReplicaState, TargetRecord, VolumeRecord, VolumeState,
+    self, CapabilityRecord, Change, ReplicaRecord, ReplicaState, TargetRecord, VolumeRecord,
+    VolumeState,
 };
 use super::scheduling::{self, Candidate};
 use super::{Error, Volumes};
 use crate::controller::agents::AgentError;
 use crate::controller::guard::OpGuard;
-use crate::controller::node::NodeView;
+use crate::controller::node::{NodeView, Topology};
 use crate::controller::now_unix_ms;
 
 /// Longest volume name, in bytes (the agents' replica name limit).
@@ -45,12 +49,25 @@ pub struct CreateRequest {
     pub name: String,
     /// Size in bytes, a positive multiple of [`SIZE_ALIGN_BYTES`].
     pub size_bytes: u64,
+    /// Sizes in bytes an existing volume of that name may have and still
+    /// be the volume asked for (CSI `capacity_range`).
+    pub compatible_sizes: RangeInclusive<u64>,
     /// Number of replicas, at least 1.
     pub replica_count: u32,
     /// Sparse replicas.
     pub thin: bool,
-    /// A node that must hold one replica.
+    /// A node that must hold one replica (the operator's explicit choice).
     pub preferred_node: Option<String>,
+    /// Segments tried in order for one replica (CSI preferred topology);
+    /// none fitting is not an error.
+    pub preferred_topology: Vec<Topology>,
+    /// Segments every replica must lie in one of (CSI requisite
+    /// topology); empty: any node.
+    pub requisite_topology: Vec<Topology>,
+    /// The capabilities the volume must serve; kept in the record.
+    pub capabilities: Vec<CapabilityRecord>,
+    /// The StorageClass parameters; kept in the record.
+    pub parameters: BTreeMap<String, String>,
 }
 
 /// Where a published volume is served.
@@ -109,6 +126,23 @@ fn required(field: &str, value: &str) -> Result<(), Error> {
 }
 
 impl CreateRequest {
+    /// A request for exactly `size_bytes`, with no topology, capabilities
+    /// or parameters (the management API's).
+    pub fn new(name: &str, size_bytes: u64, replica_count: u32, thin: bool) -> Self {
+        Self {
+            name: name.to_string(),
+            size_bytes,
+            compatible_sizes: size_bytes..=size_bytes,
+            replica_count,
+            thin,
+            preferred_node: None,
+            preferred_topology: Vec::new(),
+            requisite_topology: Vec::new(),
+            capabilities: Vec::new(),
+            parameters: BTreeMap::new(),
+        }
+    }
+
     /// Checks every argument.
     ///
     /// # Errors
@@ -140,22 +174,70 @@ impl CreateRequest {
         Ok(())
     }
 
-    fn describe(size_bytes: u64, replica_count: u32, thin: bool) -> String {
-        format!(
-            "size {} ({size_bytes} bytes), {replica_count} replica(s), {}",
-            scheduling::bytes(size_bytes),
-            if thin { "thin" } else { "thick" }
-        )
+    /// Why `existing`, a volume of the same name, is not the volume this
+    /// request asks for (CSI spec, CreateVolume: "Volume already exists
+    /// but is incompatible"); empty if it is. `nodes` give the replicas'
+    /// topology. The preferred topology is not compared: it is a wish.
+    fn incompatibilities(&self, existing: &VolumeRecord, nodes: &[Candidate]) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if !self.compatible_sizes.contains(&existing.size_bytes) {
+            let (low, high) = (*self.compatible_sizes.start(), *self.compatible_sizes.end());
+            let wanted = if low == high {
+                format!("{low} bytes")
+            } else if high == u64::MAX {
+                format!("at least {low} bytes")
+            } else {
+                format!("{low} to {high} bytes")
+            };
+            reasons.push(format!(
+                "its size is {} bytes, not {wanted}",
+                existing.size_bytes
+            ));
+        }
+        if existing.replica_count != self.replica_count {
+            reasons.push(format!(
+                "it has {} replica(s), not {}",
+                existing.replica_count, self.replica_count
+            ));
+        }
+        if existing.thin != self.thin {
+            reasons.push(if existing.thin {
+                "it is thin, not thick".to_string()
+            } else {
+                "it is thick, not thin".to_string()
+            });
+        }
+        reasons.extend(
+            self.capabilities
+                .iter()
+                .filter_map(|c| existing.supports(c).err()),
+        );
+        if !self.requisite_topology.is_empty() {
+            for replica in &existing.replicas {
+                let inside = nodes
+                    .iter()
+                    .find(|n| n.node_id == replica.node_id)
+                    .is_some_and(|n| n.in_any(&self.requisite_topology));
+                if !inside {
+                    reasons.push(format!(
+                        "its replica on {} lies outside the requisite topology",
+                        replica.node_id
+                    ));
+                }
+            }
+        }
+        reasons
     }
 }
 
 impl Volumes {
-    /// Creates a volume, or returns it if it exists with the same size,
-    /// replica count and thinness (idempotent by name).
+    /// Creates a volume, or returns it if it exists and is compatible
+    /// with the request (idempotent by name).
     ///
     /// # Errors
     ///
-    /// [`Error::VolumeMismatch`] if the name exists with other parameters;
+    /// [`Error::VolumeMismatch`] if the name exists and is not compatible
+    /// (see [`CreateRequest::incompatibilities`]);
     /// [`Error::Placement`] if not enough nodes have room;
     /// [`Error::Deleting`] while a volume of that name is being deleted;
     /// [`Error::Agent`] if a replica cannot be created (everything created
@@ -167,21 +249,16 @@ impl Volumes {
         let store = &self.context.store;
         if let Some(existing) = record::read(store, &request.name).await? {
             let existing = existing.value;
-            if (existing.size_bytes, existing.replica_count, existing.thin)
-                != (request.size_bytes, request.replica_count, request.thin)
-            {
+            let nodes = if request.requisite_topology.is_empty() {
+                Vec::new()
+            } else {
+                self.candidates().await?
+            };
+            let reasons = request.incompatibilities(&existing, &nodes);
+            if !reasons.is_empty() {
                 return Err(Error::VolumeMismatch {
                     volume: request.name.clone(),
-                    existing: CreateRequest::describe(
-                        existing.size_bytes,
-                        existing.replica_count,
-                        existing.thin,
-                    ),
-                    requested: CreateRequest::describe(
-                        request.size_bytes,
-                        request.replica_count,
-                        request.thin,
-                    ),
+                    reasons: reasons.join("; "),
                 });
             }
             return match existing.state {
@@ -201,6 +278,8 @@ impl Volumes {
                 thin: request.thin,
                 count,
                 preferred_node: request.preferred_node.as_deref(),
+                preferred: &request.preferred_topology,
+                requisite: &request.requisite_topology,
                 exclude: &[],
             },
         )?;
@@ -226,6 +305,9 @@ impl Volumes {
                 .collect(),
             retired: Vec::new(),
             created_unix_ms: now_unix_ms(),
+            capabilities: request.capabilities.clone(),
+            parameters: request.parameters.clone(),
+            requisite_topology: request.requisite_topology.clone(),
         };
         record::create(store, &planned).await?;
         info!(nodes = ?nodes, "Volume record created; creating replicas");
@@ -360,12 +442,42 @@ impl Volumes {
     /// [`Error::PublishedElsewhere`] if published on another node and
     /// `force` is not set; [`Error::NodeDown`]; [`Error::Agent`] if the
     /// target does not start (the volume is then not published).
-    #[instrument(err, skip(self), fields(volume.id = %volume_id, node.id = %node_id, epoch = tracing::field::Empty))]
     pub async fn publish(
         &self,
         volume_id: &str,
         node_id: &str,
         force: bool,
+    ) -> Result<Publication, Error> {
+        self.publish_as(volume_id, node_id, force, None).await
+    }
+
+    /// Publishes a volume on a node for `capability` (CSI
+    /// ControllerPublishVolume), never moving it: as [`Volumes::publish`]
+    /// without force, and the capability is recorded with the target.
+    ///
+    /// # Errors
+    ///
+    /// As [`Volumes::publish`]; [`Error::InvalidArgument`] if the volume
+    /// was not created for the capability's access type;
+    /// [`Error::PublishedIncompatible`] if it is published on the node
+    /// with another capability.
+    pub async fn publish_with(
+        &self,
+        volume_id: &str,
+        node_id: &str,
+        capability: &CapabilityRecord,
+    ) -> Result<Publication, Error> {
+        self.publish_as(volume_id, node_id, false, Some(capability))
+            .await
+    }
+
+    #[instrument(err, skip(self, capability), fields(volume.id = %volume_id, node.id = %node_id, epoch = tracing::field::Empty))]
+    async fn publish_as(
+        &self,
+        volume_id: &str,
+        node_id: &str,
+        force: bool,
+        capability: Option<&CapabilityRecord>,
     ) -> Result<Publication, Error> {
         required("volume_id", volume_id)?;
         required("node_id", node_id)?;
@@ -375,11 +487,26 @@ impl Volumes {
             .await?
             .ok_or_else(|| not_found(volume_id))?
             .value;
+        if let Some(capability) = capability {
+            current
+                .supports(capability)
+                .map_err(|reason| Error::InvalidArgument { reason })?;
+        }
         check_publishable(&current)?;
         let node = self.up_node(node_id).await?;
         let previous = current.target.clone();
         if let Some(target) = &previous {
             if target.node_id == node_id {
+                if let (Some(existing), Some(requested)) = (&target.capability, capability)
+                    && existing != requested
+                {
+                    return Err(Error::PublishedIncompatible {
+                        volume: volume_id.to_string(),
+                        node: node_id.to_string(),
+                        existing: existing.to_string(),
+                        requested: requested.to_string(),
+                    });
+                }
                 if let Some(publication) = self.running_target(&current, &node).await? {
                     // A publish interrupted after the target started (a
                     // crash) left the socket unrecorded: record it now.
@@ -404,10 +531,18 @@ impl Volumes {
         let raised = record::update(store, volume_id, |r| {
             check_publishable(r)?;
             r.epoch += 1;
+            // A restart on the same node without a capability (the
+            // management API) keeps the one CSI published with.
+            let kept = r
+                .target
+                .as_ref()
+                .filter(|t| t.node_id == node_id)
+                .and_then(|t| t.capability.clone());
             r.target = Some(TargetRecord {
                 node_id: node_id.to_string(),
                 socket_path: String::new(),
                 nbd_uri: String::new(),
+                capability: capability.cloned().or(kept),
             });
             Ok::<_, Error>(Change::Write)
         })
@@ -610,6 +745,7 @@ impl Volumes {
             .map(|view| Candidate {
                 up: view.is_up(),
                 node_id: view.record.node_id,
+                topology: view.record.topology,
                 pools: view.pools,
             })
             .collect())

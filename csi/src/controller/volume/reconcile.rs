@@ -10,7 +10,8 @@
 //!   (`AddReplica(full_rebuild=false)`), and its state becomes
 //!   `rebuilding`. One whose node has been silent for longer than
 //!   `--node-down-after` is replaced: a new replica on another node that
-//!   holds none of the volume, recorded first (the old one becomes
+//!   holds none of the volume (and lies in its requisite topology, if
+//!   CreateVolume gave one), recorded first (the old one becomes
 //!   retired), then created, then rebuilt in full. A volume that is not
 //!   published has no target, so nothing can rebuild it: its replicas stay
 //!   faulted (replacements are still placed and created) and its status
@@ -217,6 +218,8 @@ impl ReplicaRepair {
                     thin: volume.thin,
                     count: 1,
                     preferred_node: None,
+                    preferred: &[],
+                    requisite: &volume.requisite_topology,
                     exclude: &occupied,
                 },
             );

@@ -11,10 +11,12 @@
 //! Fields added later must be `#[serde(default)]` so records written by an
 //! older controller still load.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::controller::node::Topology;
 use crate::store::{self, ClusterStore, ClusterStoreExt, Expect, Versioned, keys};
 
 /// Most attempts of one compare-and-set before giving up with the
@@ -89,6 +91,33 @@ pub struct ReplicaRecord {
     pub full_rebuild: bool,
 }
 
+/// One way to use a volume (CSI `VolumeCapability`) as CreateVolume or
+/// ControllerPublishVolume asked for it, with the filesystem resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapabilityRecord {
+    /// The access mode as the CSI spec spells it (`SINGLE_NODE_WRITER`).
+    pub access_mode: String,
+    /// The filesystem of mount access (`ext4`, `xfs`); `None` for block
+    /// access.
+    pub fs_type: Option<String>,
+}
+
+impl CapabilityRecord {
+    /// The access type for people: "block" or "mount (ext4)".
+    pub fn access_type(&self) -> String {
+        match &self.fs_type {
+            None => "block".to_string(),
+            Some(fs) => format!("mount ({fs})"),
+        }
+    }
+}
+
+impl std::fmt::Display for CapabilityRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.access_mode, self.access_type())
+    }
+}
+
 /// Where a volume is published.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TargetRecord {
@@ -100,6 +129,11 @@ pub struct TargetRecord {
     /// The target's NBD URI; empty while it is being started.
     #[serde(default)]
     pub nbd_uri: String,
+    /// The capability ControllerPublishVolume published it with; `None`
+    /// when published through the management API, which any capability
+    /// may then reuse.
+    #[serde(default)]
+    pub capability: Option<CapabilityRecord>,
 }
 
 /// A replica that is no longer part of the volume but still exists on a
@@ -137,6 +171,23 @@ pub struct VolumeRecord {
     pub retired: Vec<RetiredReplica>,
     /// When the volume was created (Unix ms).
     pub created_unix_ms: i64,
+    /// The capabilities CreateVolume asked for (CSI
+    /// `volume_capabilities`), which decide what the volume may be used
+    /// as later. Empty for a volume created through the management API
+    /// or by an older controller: any supported capability may use it.
+    #[serde(default)]
+    pub capabilities: Vec<CapabilityRecord>,
+    /// The StorageClass parameters CreateVolume was given (CSI
+    /// `parameters`) without the external-provisioner's
+    /// `csi.storage.k8s.io/` keys, as given: what a restore or clone of
+    /// the volume must be compared with, and what operators read.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    /// Topology segments every replica must lie in one of (CSI
+    /// `accessibility_requirements.requisite`), also when a reconciler
+    /// replaces a replica. Empty: any node.
+    #[serde(default)]
+    pub requisite_topology: Vec<Topology>,
 }
 
 impl VolumeRecord {
@@ -162,6 +213,44 @@ impl VolumeRecord {
     pub fn is_healthy(&self) -> bool {
         self.in_sync_count() == self.replicas.len()
             && self.replicas.len() >= usize::try_from(self.replica_count).unwrap_or(usize::MAX)
+    }
+
+    /// The filesystem a mount of the volume holds, `None` if it was not
+    /// created for mount access.
+    pub fn fs_type(&self) -> Option<&str> {
+        self.capabilities.iter().find_map(|c| c.fs_type.as_deref())
+    }
+
+    /// Whether `capability` may use the volume: its access type (block,
+    /// or mount with the same filesystem) must be one CreateVolume asked
+    /// for. Access modes are not compared: any supported one works on any
+    /// volume, which one target on one node serves. A volume with no
+    /// recorded capabilities accepts every one.
+    ///
+    /// # Errors
+    ///
+    /// Why not, for people.
+    pub fn supports(&self, capability: &CapabilityRecord) -> Result<(), String> {
+        if self.capabilities.is_empty()
+            || self
+                .capabilities
+                .iter()
+                .any(|c| c.fs_type == capability.fs_type)
+        {
+            return Ok(());
+        }
+        let mut created_for: Vec<String> = self
+            .capabilities
+            .iter()
+            .map(CapabilityRecord::access_type)
+            .collect();
+        created_for.dedup();
+        Err(format!(
+            "volume {} was created for {} access, not {}",
+            self.volume_id,
+            created_for.join(" and "),
+            capability.access_type()
+        ))
     }
 
     /// Nodes that hold or held a replica of the volume and still may have
@@ -312,6 +401,9 @@ mod tests {
             }],
             retired: Vec::new(),
             created_unix_ms: 1,
+            capabilities: Vec::new(),
+            parameters: BTreeMap::new(),
+            requisite_topology: Vec::new(),
         }
     }
 
@@ -363,5 +455,37 @@ mod tests {
         let record: VolumeRecord = serde_json::from_str(json).expect("decode");
         assert_eq!(record.epoch, 3);
         assert!(record.target.is_none() && record.retired.is_empty());
+        assert!(record.capabilities.is_empty() && record.requisite_topology.is_empty());
+        let cap = CapabilityRecord {
+            access_mode: "SINGLE_NODE_WRITER".into(),
+            fs_type: None,
+        };
+        assert_eq!(record.supports(&cap), Ok(()), "anything goes");
+    }
+
+    #[test]
+    fn capabilities_must_match_the_access_type_created_for() {
+        let mut record = record();
+        let mount = |fs: &str| CapabilityRecord {
+            access_mode: "SINGLE_NODE_WRITER".into(),
+            fs_type: Some(fs.into()),
+        };
+        record.capabilities = vec![mount("xfs")];
+        assert_eq!(record.fs_type(), Some("xfs"));
+        let mut reader = mount("xfs");
+        reader.access_mode = "SINGLE_NODE_READER_ONLY".into();
+        assert_eq!(record.supports(&reader), Ok(()), "modes are not compared");
+        let err = record.supports(&mount("ext4")).expect_err("other fs");
+        assert_eq!(
+            err,
+            "volume v1 was created for mount (xfs) access, not mount (ext4)"
+        );
+        let block = CapabilityRecord {
+            access_mode: "SINGLE_NODE_WRITER".into(),
+            fs_type: None,
+        };
+        assert!(record.supports(&block).is_err());
+        record.capabilities.push(block.clone());
+        assert_eq!(record.supports(&block), Ok(()));
     }
 }

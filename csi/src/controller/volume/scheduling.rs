@@ -1,23 +1,29 @@
 //! Replica placement: which nodes get a volume's replicas.
 //!
-//! A pure function of the nodes' liveness and pool figures ([`place`]), so
-//! it is tested without any process. The rules:
+//! A pure function of the nodes' liveness, topology and pool figures
+//! ([`place`]), so it is tested without any process. The rules:
 //!
 //! - every replica on a distinct node that is up;
+//! - with requisite topology segments (CSI `accessibility_requirements`),
+//!   only nodes in one of them; too few such nodes is an error, never a
+//!   silent widening;
 //! - a node fits if one of its pools does, by the agent's own rule (the
 //!   provisioned sum stays within the pool's overcommit limit; a thick
 //!   replica also needs that much free space), so the agent will not refuse
 //!   what placement chose unless the figures changed since the heartbeat;
-//! - the preferred node, if any, must fit and gets the first replica;
+//! - the preferred node (the operator's explicit choice) must fit and gets
+//!   the first replica; otherwise the preferred segments (CSI preferred
+//!   topology, data locality) are tried in order and the first one with a
+//!   fitting node gets the first replica, on its roomiest node. None
+//!   fitting is not an error: the volume is reachable from every node;
 //! - the others are taken by most headroom (overcommit limit minus
 //!   provisioned) of their best pool, then by node id, so placement is
 //!   deterministic and spreads volumes over emptier nodes.
 //!
-//! Topology beyond the node (zones, racks) is not considered yet: nodes
-//! are the failure domains. This module must never read the store or call
-//! agents.
+//! Nodes are the failure domains: replicas are not spread over zones or
+//! racks yet. This module must never read the store or call agents.
 
-use crate::controller::node::PoolCapacity;
+use crate::controller::node::{PoolCapacity, Topology, in_segment};
 
 /// Errors of placement.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,7 +37,7 @@ pub enum Error {
         needed: usize,
         /// Nodes that could take one.
         fitting: usize,
-        /// Nodes that are up and not excluded.
+        /// Nodes that are up, allowed and not excluded.
         up: usize,
         /// Nodes registered.
         registered: usize,
@@ -39,7 +45,8 @@ pub enum Error {
         size: String,
         /// "thin" or "thick".
         kind: &'static str,
-        /// A note on nodes left out because they already hold the volume.
+        /// A note on up nodes left out because they already hold the
+        /// volume or lie outside the requisite topology.
         excluded: String,
     },
     /// The preferred node cannot take a replica.
@@ -55,6 +62,8 @@ pub enum Error {
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         match err {
+            // CSI spec, CreateVolume: "Unable to provision in
+            // accessible_topology" is RESOURCE_EXHAUSTED, and so is no room.
             Error::NotEnoughNodes { .. } | Error::PreferredNode { .. } => {
                 tonic::Status::resource_exhausted(err.to_string())
             }
@@ -69,8 +78,27 @@ pub struct Candidate {
     pub node_id: String,
     /// Whether its heartbeats arrive.
     pub up: bool,
+    /// Its topology labels.
+    pub topology: Topology,
     /// Its pools' latest figures.
     pub pools: Vec<PoolCapacity>,
+}
+
+impl Candidate {
+    /// Whether the node lies in one of `segments`; every node does when
+    /// there are none.
+    pub fn in_any(&self, segments: &[Topology]) -> bool {
+        segments.is_empty() || segments.iter().any(|s| in_segment(&self.topology, s))
+    }
+
+    /// The largest replica one of its pools can take.
+    pub fn room_bytes(&self, thin: bool) -> u64 {
+        self.pools
+            .iter()
+            .map(|p| p.room_bytes(thin))
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// What to place.
@@ -84,6 +112,11 @@ pub struct Request<'a> {
     pub count: usize,
     /// A node that must get one of them.
     pub preferred_node: Option<&'a str>,
+    /// Segments tried in order for the first replica when there is no
+    /// preferred node.
+    pub preferred: &'a [Topology],
+    /// Segments every replica must lie in one of; empty: anywhere.
+    pub requisite: &'a [Topology],
     /// Nodes that must not get any (they already hold one).
     pub exclude: &'a [String],
 }
@@ -93,17 +126,21 @@ pub struct Request<'a> {
 /// # Errors
 ///
 /// [`Error::PreferredNode`] if the preferred node is unknown, down,
-/// excluded or full; [`Error::NotEnoughNodes`] if fewer nodes fit than
-/// replicas are needed.
+/// excluded, outside the requisite topology or full;
+/// [`Error::NotEnoughNodes`] if fewer nodes fit than replicas are needed.
 pub fn place(candidates: &[Candidate], request: &Request<'_>) -> Result<Vec<String>, Error> {
     let excluded = |id: &str| request.exclude.iter().any(|e| e == id);
-    let mut chosen = Vec::with_capacity(request.count);
+    let usable = |c: &Candidate| c.up && !excluded(&c.node_id) && c.in_any(request.requisite);
+    let mut chosen: Vec<String> = Vec::with_capacity(request.count);
     if let Some(preferred) = request.preferred_node {
         let reason = match candidates.iter().find(|c| c.node_id == preferred) {
             None => Some("it is not registered".to_string()),
             Some(c) if !c.up => Some("it is down".to_string()),
             Some(_) if excluded(preferred) => {
                 Some("it already holds a replica of the volume".to_string())
+            }
+            Some(c) if !c.in_any(request.requisite) => {
+                Some("it lies outside the requisite topology".to_string())
             }
             Some(c) if best_headroom(c, request).is_none() => Some(format!(
                 "none of its pools has room for {}",
@@ -119,24 +156,41 @@ pub fn place(candidates: &[Candidate], request: &Request<'_>) -> Result<Vec<Stri
         }
         chosen.push(preferred.to_string());
     }
-    let mut fitting: Vec<(u64, &str)> = candidates
+    let mut fitting: Vec<(u64, &Candidate)> = candidates
         .iter()
-        .filter(|c| c.up && !excluded(&c.node_id))
-        .filter(|c| Some(c.node_id.as_str()) != request.preferred_node)
-        .filter_map(|c| best_headroom(c, request).map(|h| (h, c.node_id.as_str())))
+        .filter(|c| usable(c))
+        .filter_map(|c| best_headroom(c, request).map(|h| (h, c)))
         .collect();
     // Most headroom first; ties by node id for a deterministic choice.
-    fitting.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+    fitting.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.node_id.cmp(&b.1.node_id)));
+    if chosen.is_empty() && request.count > 0 {
+        let local = request.preferred.iter().find_map(|segment| {
+            fitting
+                .iter()
+                .find(|(_, c)| in_segment(&c.topology, segment))
+                .map(|(_, c)| c.node_id.clone())
+        });
+        chosen.extend(local);
+    }
+    fitting.retain(|(_, c)| !chosen.contains(&c.node_id));
     let missing = request.count.saturating_sub(chosen.len());
     if fitting.len() < missing {
-        let up = candidates
-            .iter()
-            .filter(|c| c.up && !excluded(&c.node_id))
-            .count();
-        let excluded_up = candidates
-            .iter()
-            .filter(|c| c.up && excluded(&c.node_id))
-            .count();
+        let up = candidates.iter().filter(|c| usable(c)).count();
+        let count_up =
+            |f: &dyn Fn(&Candidate) -> bool| candidates.iter().filter(|c| c.up && f(c)).count();
+        let excluded_up = count_up(&|c| excluded(&c.node_id));
+        let outside_up = count_up(&|c| !excluded(&c.node_id) && !c.in_any(request.requisite));
+        let mut notes = String::new();
+        if excluded_up > 0 {
+            notes.push_str(&format!(
+                "; {excluded_up} other up node(s) already hold a replica of the volume"
+            ));
+        }
+        if outside_up > 0 {
+            notes.push_str(&format!(
+                "; {outside_up} other up node(s) lie outside the requisite topology"
+            ));
+        }
         return Err(Error::NotEnoughNodes {
             needed: request.count,
             fitting: fitting.len() + chosen.len(),
@@ -144,15 +198,80 @@ pub fn place(candidates: &[Candidate], request: &Request<'_>) -> Result<Vec<Stri
             registered: candidates.len(),
             size: bytes(request.size_bytes),
             kind: if request.thin { "thin" } else { "thick" },
-            excluded: if excluded_up > 0 {
-                format!("; {excluded_up} other up node(s) already hold a replica of the volume")
-            } else {
-                String::new()
-            },
+            excluded: notes,
         });
     }
-    chosen.extend(fitting.iter().take(missing).map(|(_, id)| id.to_string()));
+    chosen.extend(fitting.iter().take(missing).map(|(_, c)| c.node_id.clone()));
     Ok(chosen)
+}
+
+/// What can still be provisioned (CSI GetCapacity), in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// What new volumes may still take: in a segment, the room of its up
+    /// nodes together; cluster-wide, the room of every up node together
+    /// divided by the replica count (each volume byte is stored that many
+    /// times).
+    pub available_bytes: u64,
+    /// The largest volume that can be created now (with one replica in
+    /// the segment, if one is given).
+    pub largest_volume_bytes: u64,
+}
+
+/// The capacity for volumes of `replicas` replicas, thin or thick, with
+/// one replica in `segment` (anywhere if `None`). A node's room is what
+/// its pools may still take by the agent's rule ([`PoolCapacity::fits`]).
+/// Both figures are 0 when no volume fits at all, and multiples of `align`.
+pub fn capacity(
+    candidates: &[Candidate],
+    segment: Option<&Topology>,
+    replicas: usize,
+    thin: bool,
+    align: u64,
+) -> Capacity {
+    let up: Vec<&Candidate> = candidates.iter().filter(|c| c.up).collect();
+    let in_scope = |c: &Candidate| segment.is_none_or(|s| in_segment(&c.topology, s));
+    // The largest volume with one replica on `m`: `m`'s best pool, and
+    // the (replicas-1)-th best among the other nodes.
+    let largest = up
+        .iter()
+        .filter(|m| in_scope(m))
+        .map(|m| {
+            let mut others: Vec<u64> = up
+                .iter()
+                .filter(|o| o.node_id != m.node_id)
+                .map(|o| o.room_bytes(thin))
+                .collect();
+            others.sort_unstable_by(|a, b| b.cmp(a));
+            let rest = match replicas.checked_sub(2) {
+                None => u64::MAX,
+                Some(i) => others.get(i).copied().unwrap_or(0),
+            };
+            m.room_bytes(thin).min(rest)
+        })
+        .max()
+        .unwrap_or(0);
+    let largest = largest - largest % align.max(1);
+    if largest == 0 || replicas == 0 {
+        return Capacity {
+            available_bytes: 0,
+            largest_volume_bytes: 0,
+        };
+    }
+    let total: u64 = up
+        .iter()
+        .filter(|c| in_scope(c))
+        .flat_map(|c| c.pools.iter().map(|p| p.room_bytes(thin)))
+        .fold(0, u64::saturating_add);
+    let available = if segment.is_some() {
+        total
+    } else {
+        total / u64::try_from(replicas).unwrap_or(u64::MAX)
+    };
+    Capacity {
+        available_bytes: available - available % align.max(1),
+        largest_volume_bytes: largest,
+    }
 }
 
 /// The headroom of the candidate's roomiest pool that fits the request,
@@ -189,6 +308,7 @@ mod tests {
         Candidate {
             node_id: id.to_string(),
             up,
+            topology: segment(id),
             pools: vec![PoolCapacity {
                 name: "pool0".into(),
                 total_bytes: total,
@@ -205,8 +325,17 @@ mod tests {
             thin,
             count,
             preferred_node: None,
+            preferred: &[],
+            requisite: &[],
             exclude: &[],
         }
+    }
+
+    fn segment(node: &str) -> Topology {
+        Topology::from([(
+            crate::controller::node::TOPOLOGY_NODE_KEY.to_string(),
+            node.to_string(),
+        )])
     }
 
     #[test]
@@ -325,5 +454,91 @@ mod tests {
             place(&[candidate], &request(1, 4 * GIB, false)).expect("fits"),
             ["a"]
         );
+    }
+
+    #[test]
+    fn requisite_segments_limit_every_replica() {
+        let mut nodes = vec![
+            node("a", true, 4 * GIB, 4 * GIB, 0),
+            node("b", true, 4 * GIB, 4 * GIB, 3 * GIB),
+            node("c", true, 4 * GIB, 4 * GIB, 0),
+        ];
+        nodes[1].topology.insert("zone".into(), "z1".into());
+        nodes[2].topology.insert("zone".into(), "z1".into());
+        let requisite = [Topology::from([("zone".to_string(), "z1".to_string())])];
+        let mut req = request(2, GIB, true);
+        req.requisite = &requisite;
+        assert_eq!(place(&nodes, &req).expect("placement"), ["c", "b"]);
+        req.count = 3;
+        let err = place(&nodes, &req).expect_err("only two nodes in z1");
+        assert!(
+            err.to_string().contains("1 other up node(s) lie outside"),
+            "{err}"
+        );
+        let mut strict = request(1, GIB, true);
+        strict.requisite = &requisite;
+        strict.preferred_node = Some("a");
+        assert!(matches!(
+            place(&nodes, &strict),
+            Err(Error::PreferredNode { .. })
+        ));
+    }
+
+    #[test]
+    fn preferred_segments_are_tried_in_order_and_may_all_fail() {
+        let nodes = [
+            node("a", true, 4 * GIB, 4 * GIB, 0),
+            node("b", true, 4 * GIB, 4 * GIB, 7 * GIB),
+            node("c", true, 4 * GIB, 4 * GIB, 3 * GIB),
+            node("d", false, 4 * GIB, 4 * GIB, 0),
+        ];
+        // d is down and b is full: c, the first preferred node that fits,
+        // gets the first replica even though a has more headroom.
+        let preferred = [segment("d"), segment("b"), segment("c")];
+        let mut req = request(2, 2 * GIB, true);
+        req.preferred = &preferred;
+        assert_eq!(place(&nodes, &req).expect("placement"), ["c", "a"]);
+        let preferred = [segment("d"), segment("b")];
+        req.preferred = &preferred;
+        req.count = 1;
+        assert_eq!(
+            place(&nodes, &req).expect("no preferred node fits"),
+            ["a"],
+            "a preference that cannot be met is not an error"
+        );
+    }
+
+    #[test]
+    fn capacity_per_segment_and_for_the_cluster() {
+        let nodes = [
+            node("a", true, 4 * GIB, 4 * GIB, 0),
+            node("b", true, 4 * GIB, GIB, 6 * GIB),
+            node("c", true, 4 * GIB, 4 * GIB, 4 * GIB),
+            node("d", false, 4 * GIB, 4 * GIB, 0),
+        ];
+        // Thin room (overcommit limit 8 GiB minus provisioned): a 8, b 2,
+        // c 4; d is down. Thick room is also capped by free space: a 4,
+        // b 1, c 4.
+        let thin = capacity(&nodes, None, 2, true, 4096);
+        assert_eq!(thin.largest_volume_bytes, 4 * GIB, "second best node");
+        assert_eq!(thin.available_bytes, 7 * GIB, "14 GiB of room, 2 copies");
+        let thick = capacity(&nodes, None, 2, false, 4096);
+        assert_eq!(thick.largest_volume_bytes, 4 * GIB);
+        assert_eq!(thick.available_bytes, 9 * GIB / 2);
+        let on_b = capacity(&nodes, Some(&segment("b")), 2, true, 4096);
+        assert_eq!(on_b.largest_volume_bytes, 2 * GIB, "b's own room");
+        assert_eq!(on_b.available_bytes, 2 * GIB);
+        let on_a = capacity(&nodes, Some(&segment("a")), 3, true, 4096);
+        assert_eq!(
+            on_a.largest_volume_bytes,
+            2 * GIB,
+            "b and c hold the others"
+        );
+        assert_eq!(on_a.available_bytes, 8 * GIB);
+        let down = capacity(&nodes, Some(&segment("d")), 1, true, 4096);
+        assert_eq!(down.available_bytes, 0, "a down node has no capacity");
+        let too_many = capacity(&nodes, None, 4, true, 4096);
+        assert_eq!(too_many.available_bytes, 0, "only three nodes are up");
+        assert_eq!(too_many.largest_volume_bytes, 0);
     }
 }

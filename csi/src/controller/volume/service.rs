@@ -40,11 +40,13 @@ impl VolumeService for VolumeApi {
         let volume = self
             .volumes
             .create(&CreateRequest {
-                name: request.name,
-                size_bytes: request.size_bytes,
-                replica_count: request.replica_count,
-                thin: request.thin,
                 preferred_node: Some(request.preferred_node_id).filter(|n| !n.is_empty()),
+                ..CreateRequest::new(
+                    &request.name,
+                    request.size_bytes,
+                    request.replica_count,
+                    request.thin,
+                )
             })
             .await?;
         Ok(Response::new(self.volumes.to_proto(&volume)))

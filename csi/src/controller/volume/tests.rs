@@ -14,13 +14,7 @@ use crate::controller::reconciler::Reconciler;
 use crate::controller::testing::{Fixture, GIB};
 
 fn request(name: &str, size: u64, replicas: u32) -> CreateRequest {
-    CreateRequest {
-        name: name.to_string(),
-        size_bytes: size,
-        replica_count: replicas,
-        thin: true,
-        preferred_node: None,
-    }
+    CreateRequest::new(name, size, replicas, true)
 }
 
 fn code(err: Error) -> Code {
@@ -657,6 +651,43 @@ async fn a_replica_on_a_node_down_too_long_is_replaced_elsewhere() {
 }
 
 #[tokio::test]
+async fn a_replacement_stays_in_the_requisite_topology() {
+    use crate::controller::node::{TOPOLOGY_NODE_KEY, Topology};
+    let fixture =
+        Fixture::with_timing(3, Duration::from_millis(300), Duration::from_millis(800)).await;
+    let volumes = Volumes::new(fixture.context.clone());
+    let mut req = request("v", GIB, 2);
+    req.requisite_topology = ["node-1", "node-2"]
+        .iter()
+        .map(|n| Topology::from([(TOPOLOGY_NODE_KEY.to_string(), n.to_string())]))
+        .collect();
+    volumes.create(&req).await.expect("create");
+    let epoch = volumes
+        .publish("v", "node-1", false)
+        .await
+        .expect("publish")
+        .epoch;
+    volumes
+        .drop_replica("v", epoch, "node-2", "node lost")
+        .await
+        .expect("drop");
+    mark_faulted_at_target(&fixture, "node-1", "v", "node-2");
+    fixture.set_alive("node-2", false);
+    fixture.wait_node("node-2", NodeState::Down).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    ReplicaRepair::new(fixture.context.clone())
+        .reconcile()
+        .await
+        .expect("pass");
+    let record = stored(&fixture, "v").await.expect("record");
+    assert!(
+        record.replica("node-3").is_none() && record.replica("node-2").is_some(),
+        "node-3 lies outside the requisite topology: {record:?}"
+    );
+    assert!(fixture.agent("node-3").replica_names().is_empty());
+}
+
+#[tokio::test]
 async fn a_replica_left_rebuilding_on_a_node_that_died_is_replaced() {
     // The repair reconciler handed the replica to the target just before
     // its node died (the node still counted as up): the record says
@@ -733,6 +764,9 @@ async fn an_interrupted_create_is_rolled_back_by_a_reconciler() {
             .collect(),
         retired: Vec::new(),
         created_unix_ms: 0,
+        capabilities: Vec::new(),
+        parameters: Default::default(),
+        requisite_topology: Vec::new(),
     };
     record::create(&fixture.context.store, &leftover)
         .await

@@ -239,6 +239,9 @@ impl Attacher for KernelNbd {
                     volume_id: v,
                     device: Some(Path::new("/dev").join(name)),
                     uri: Some(uri),
+                    // The kernel drops a dead connection's size to 0, so a
+                    // connected device is all that can be told.
+                    problem: None,
                 })
             })
             .collect();

@@ -249,6 +249,9 @@ pub struct Attachment {
     pub device: Option<PathBuf>,
     /// The export it is attached from, when recorded.
     pub uri: Option<String>,
+    /// Why the attachment cannot serve I/O, as far as the system shows (its
+    /// nbdfuse process has exited); `None` when it looks healthy.
+    pub problem: Option<String>,
 }
 
 /// Turns NBD exports into block devices and back.

@@ -20,13 +20,15 @@
 //! manual asks, by unmounting its FUSE mount, and killed only if it has not
 //! exited a while after that.
 
+use std::collections::HashMap;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 use tracing::{info, warn};
 
 use super::{
@@ -47,9 +49,11 @@ const NBDFUSE_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct NbdfuseLoop {
     root: PathBuf,
-    /// Serialises attach and detach on this node (they are rare; losetup's
-    /// own locking covers other users of loop devices).
-    lock: Mutex<()>,
+    /// One lock per volume, serialising its attach and detach. Volumes do
+    /// not wait for each other: an export slow to answer nbdfuse's
+    /// handshake must not hold up every other volume of the node
+    /// (`losetup --find` picks free loop devices safely on its own).
+    locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 /// The files of one volume.
@@ -87,13 +91,27 @@ impl NbdfuseLoop {
         })?;
         Ok(NbdfuseLoop {
             root,
-            lock: Mutex::new(()),
+            locks: std::sync::Mutex::default(),
         })
     }
 
     /// The directory holding every volume's files.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Takes the lock of `volume_id`, forgetting the locks nobody holds.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it completes takes nothing.
+    async fn lock(&self, volume_id: &str) -> OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+            Arc::clone(locks.entry(volume_id.to_string()).or_default())
+        };
+        lock.lock_owned().await
     }
 
     fn paths(&self, volume_id: &str) -> Paths {
@@ -339,7 +357,7 @@ impl Attacher for NbdfuseLoop {
 
     async fn attach(&self, volume_id: &str, uri: &NbdUri) -> Result<PathBuf> {
         validate_volume_id(volume_id)?;
-        let _guard = self.lock.lock().await;
+        let _guard = self.lock(volume_id).await;
         let p = self.paths(volume_id);
         let state = self.state(&p)?;
         if state.fuse_mounted {
@@ -374,7 +392,7 @@ impl Attacher for NbdfuseLoop {
 
     async fn detach(&self, volume_id: &str) -> Result<()> {
         validate_volume_id(volume_id)?;
-        let _guard = self.lock.lock().await;
+        let _guard = self.lock(volume_id).await;
         let p = self.paths(volume_id);
         self.teardown(volume_id, &p).await
     }
@@ -394,6 +412,7 @@ impl Attacher for NbdfuseLoop {
                 volume_id,
                 device,
                 uri: None,
+                problem: None,
             }),
         };
         for m in read_mounts()? {
@@ -407,9 +426,19 @@ impl Attacher for NbdfuseLoop {
             }
         }
         for a in &mut found {
-            a.uri = std::fs::read_to_string(self.paths(&a.volume_id).urifile)
+            let p = self.paths(&a.volume_id);
+            a.uri = std::fs::read_to_string(&p.urifile)
                 .ok()
                 .map(|s| s.trim().to_string());
+            a.problem = match read_pid(&p.pidfile) {
+                Some(pid) if is_our_nbdfuse(pid, &p.file) && process_alive(pid) => None,
+                Some(pid) => Some(format!(
+                    "nbdfuse (pid {pid}), which serves the export, has exited: I/O fails until the volume is unstaged and staged again"
+                )),
+                None => {
+                    Some("nbdfuse has not recorded its pid: the attachment is incomplete".into())
+                }
+            };
         }
         found.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
         Ok(found)

@@ -22,8 +22,17 @@
 //! [`Mounter`] is a small trait so the stage and publish logic
 //! (`node::staging`) can be unit-tested with a fake; [`SystemMounter`] is
 //! the real one: `nix::mount` for mount and unmount, `blkid`, `mkfs.*`,
-//! `resize2fs` and `xfs_growfs` as child processes with deadlines, and
-//! blocking system calls on tokio's blocking pool.
+//! `dumpe2fs`, `xfs_db`, `e2fsck`, `resize2fs` and `xfs_growfs` as child
+//! processes with deadlines, and blocking system calls on tokio's blocking
+//! pool.
+//!
+//! # Growing
+//!
+//! ext4 grows online only with CAP_SYS_RESOURCE (the kernel's resize ioctl
+//! checks it), which containers often drop; it always grows offline, on
+//! the unmounted device ([`Mounter::grow_offline`]: `e2fsck -f -p`, then
+//! `resize2fs`). XFS grows only mounted (`xfs_growfs`), with
+//! CAP_SYS_ADMIN, which a node plugin has anyway.
 //!
 //! # Extending
 //!
@@ -101,6 +110,29 @@ pub enum TargetKind {
     File,
 }
 
+/// The size of a filesystem as its superblock records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsGeometry {
+    /// Filesystem blocks.
+    pub blocks: u64,
+    /// Bytes per filesystem block.
+    pub block_size: u64,
+}
+
+impl FsGeometry {
+    /// The filesystem's size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.blocks.saturating_mul(self.block_size)
+    }
+
+    /// True when a device of `device_bytes` has room for at least one more
+    /// whole block than the filesystem uses: growing would change
+    /// something.
+    pub fn smaller_than(&self, device_bytes: u64) -> bool {
+        device_bytes >= self.bytes().saturating_add(self.block_size)
+    }
+}
+
 /// Capacity of a mounted filesystem or a block device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct VolumeStats {
@@ -168,9 +200,42 @@ pub enum Error {
         /// What it printed.
         output: String,
     },
-    /// Growing was asked for a filesystem type the plugin cannot grow.
-    #[error("Cannot grow a {0} filesystem")]
+    /// A filesystem tool printed something the plugin cannot read.
+    #[error("Unexpected {tool} output for {device}: {output}")]
+    ToolOutput {
+        /// The tool.
+        tool: &'static str,
+        /// The device it ran on.
+        device: PathBuf,
+        /// What it printed.
+        output: String,
+    },
+    /// Growing was asked for a filesystem type the plugin cannot grow (or
+    /// cannot grow in that state: XFS only grows mounted). The text names
+    /// what, in the plural ("xfs filesystems while unmounted").
+    #[error("Growing {0} is not supported")]
     ResizeUnsupported(String),
+    /// The kernel refused ext4's online resize: the plugin lacks
+    /// CAP_SYS_RESOURCE.
+    #[error(
+        "Growing the mounted ext4 filesystem on {device} needs CAP_SYS_RESOURCE, which this node plugin lacks; unstage and stage the volume again to grow it offline"
+    )]
+    OnlineResizeNotPermitted {
+        /// The device.
+        device: PathBuf,
+        /// resize2fs's failure.
+        #[source]
+        source: command::Error,
+    },
+    /// `e2fsck -f -p` found damage it cannot repair without a human; the
+    /// filesystem is neither grown nor mounted.
+    #[error("The filesystem check of {device} found errors it cannot fix: {output}")]
+    Fsck {
+        /// The device.
+        device: PathBuf,
+        /// e2fsck's exit code and output.
+        output: String,
+    },
     /// A blocking task panicked or was cancelled.
     #[error("Blocking task failed")]
     Join(#[source] tokio::task::JoinError),
@@ -184,12 +249,18 @@ impl From<Error> for tonic::Status {
         let msg = crate::error_chain(&e);
         match e {
             Error::MountFlag(_) => tonic::Status::invalid_argument(msg),
-            Error::ResizeUnsupported(_) => tonic::Status::failed_precondition(msg),
+            // CSI spec, NodeExpandVolume: "Volume in use": the filesystem
+            // cannot be grown while staged.
+            Error::ResizeUnsupported(_) | Error::OnlineResizeNotPermitted { .. } => {
+                tonic::Status::failed_precondition(msg)
+            }
             Error::Io { .. }
             | Error::Sys { .. }
             | Error::Command(_)
             | Error::MountInfo(_)
             | Error::Probe { .. }
+            | Error::ToolOutput { .. }
+            | Error::Fsck { .. }
             | Error::Join(_) => tonic::Status::internal(msg),
         }
     }
@@ -240,8 +311,19 @@ pub trait Mounter: Send + Sync {
     async fn remove_target(&self, path: &Path) -> Result<()>;
 
     /// Grows the filesystem of `fs_type` on `device`, mounted at
-    /// `mount_path`, to fill the device, online.
+    /// `mount_path`, to fill the device, online. A filesystem that already
+    /// fills its device is left as it is. ext4 without CAP_SYS_RESOURCE is
+    /// [`Error::OnlineResizeNotPermitted`].
     async fn grow(&self, device: &Path, mount_path: &Path, fs_type: &str) -> Result<()>;
+
+    /// The size of the filesystem `fs` on the unmounted `device`, from its
+    /// superblock (a mounted filesystem's on-disk superblock may lag).
+    async fn fs_geometry(&self, device: &Path, fs: FsType) -> Result<FsGeometry>;
+
+    /// Grows the filesystem `fs` on the unmounted `device` to fill it:
+    /// `e2fsck -f -p` (resize2fs insists on a checked filesystem), then
+    /// `resize2fs`. Only ext4; XFS is [`Error::ResizeUnsupported`].
+    async fn grow_offline(&self, device: &Path, fs: FsType) -> Result<()>;
 
     /// Bytes and inodes of the filesystem mounted at `path` (statvfs).
     async fn fs_stats(&self, path: &Path) -> Result<VolumeStats>;

@@ -3,15 +3,15 @@
 
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::MetadataExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use nix::mount::{MntFlags, MsFlags};
 
 use super::{
-    Error, FsType, InodeStats, MountEntry, Mounter, Result, Signature, TargetKind, VolumeStats,
-    command, mountinfo,
+    Error, FsGeometry, FsType, InodeStats, MountEntry, Mounter, Result, Signature, TargetKind,
+    VolumeStats, command, mountinfo,
 };
 
 /// Deadline for `blkid`.
@@ -22,6 +22,12 @@ const FS_TOOL_TIMEOUT: Duration = Duration::from_secs(600);
 const BLKID_NOTHING_FOUND: i32 = 2;
 /// blkid's exit code when probing was ambivalent (several signatures).
 const BLKID_AMBIVALENT: i32 = 8;
+/// e2fsck's exit codes below this mean "clean" (0), "errors corrected"
+/// (1) or "corrected, reboot" (2, only meaningful for a mounted root).
+const E2FSCK_UNCORRECTED: i32 = 4;
+/// What resize2fs prints when the kernel refuses the online resize ioctl
+/// (EPERM without CAP_SYS_RESOURCE).
+const RESIZE2FS_EPERM: &str = "Permission denied to resize filesystem";
 
 nix::ioctl_read!(
     /// `BLKGETSIZE64`: the size of a block device in bytes.
@@ -110,6 +116,31 @@ pub(super) fn parse_blkid_export(device: &Path, output: &str) -> Result<Signatur
             });
         }
     })
+}
+
+/// The value of the first line `<key><separator><number>` in a tool's
+/// output (`Block count:   65536`, `dblocks = 81920`).
+fn field(output: &str, key: &str, separator: char) -> Option<u64> {
+    output.lines().find_map(|line| {
+        let (k, v) = line.split_once(separator)?;
+        (k.trim() == key).then(|| v.trim().parse().ok())?
+    })
+}
+
+/// Reads the geometry of an ext4 filesystem from `dumpe2fs -h` or of an
+/// XFS one from `xfs_db -r -c 'sb 0' -c 'print dblocks blocksize'`.
+pub(super) fn parse_geometry(fs: FsType, output: &str) -> Option<FsGeometry> {
+    let (blocks, block_size) = match fs {
+        FsType::Ext4 => (
+            field(output, "Block count", ':')?,
+            field(output, "Block size", ':')?,
+        ),
+        FsType::Xfs => (
+            field(output, "dblocks", '=')?,
+            field(output, "blocksize", '=')?,
+        ),
+    };
+    (block_size > 0).then_some(FsGeometry { blocks, block_size })
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -311,12 +342,88 @@ impl Mounter for SystemMounter {
     }
 
     async fn grow(&self, device: &Path, mount_path: &Path, fs_type: &str) -> Result<()> {
-        let (program, target): (&str, PathBuf) = match FsType::parse(fs_type) {
-            Some(FsType::Ext4) => ("resize2fs", device.to_path_buf()),
-            Some(FsType::Xfs) => ("xfs_growfs", mount_path.to_path_buf()),
-            None => return Err(Error::ResizeUnsupported(fs_type.to_string())),
+        // Both tools leave a filesystem that already fills its device
+        // alone and exit 0.
+        match FsType::parse(fs_type) {
+            Some(FsType::Ext4) => {
+                command::run("resize2fs", [device.as_os_str()], FS_TOOL_TIMEOUT)
+                    .await
+                    .map_err(|e| match e {
+                        command::Error::Failed { ref stderr, .. }
+                            if stderr.contains(RESIZE2FS_EPERM) =>
+                        {
+                            Error::OnlineResizeNotPermitted {
+                                device: device.to_path_buf(),
+                                source: e,
+                            }
+                        }
+                        other => Error::Command(other),
+                    })?;
+            }
+            Some(FsType::Xfs) => {
+                command::run("xfs_growfs", [mount_path.as_os_str()], FS_TOOL_TIMEOUT)
+                    .await
+                    .map_err(Error::Command)?;
+            }
+            None => {
+                return Err(Error::ResizeUnsupported(format!("{fs_type} filesystems")));
+            }
+        }
+        Ok(())
+    }
+
+    async fn fs_geometry(&self, device: &Path, fs: FsType) -> Result<FsGeometry> {
+        let (tool, args): (&'static str, Vec<&std::ffi::OsStr>) = match fs {
+            FsType::Ext4 => ("dumpe2fs", vec!["-h".as_ref(), device.as_os_str()]),
+            FsType::Xfs => (
+                "xfs_db",
+                vec![
+                    "-r".as_ref(),
+                    "-c".as_ref(),
+                    "sb 0".as_ref(),
+                    "-c".as_ref(),
+                    "print dblocks blocksize".as_ref(),
+                    device.as_os_str(),
+                ],
+            ),
         };
-        command::run(program, [target.as_os_str()], FS_TOOL_TIMEOUT)
+        let output = command::run(tool, args, PROBE_TIMEOUT)
+            .await
+            .map_err(Error::Command)?;
+        parse_geometry(fs, &output).ok_or_else(|| Error::ToolOutput {
+            tool,
+            device: device.to_path_buf(),
+            output,
+        })
+    }
+
+    async fn grow_offline(&self, device: &Path, fs: FsType) -> Result<()> {
+        if fs != FsType::Ext4 {
+            return Err(Error::ResizeUnsupported(format!(
+                "{fs} filesystems while unmounted"
+            )));
+        }
+        let out = command::output(
+            "e2fsck",
+            ["-f".as_ref(), "-p".as_ref(), device.as_os_str()],
+            FS_TOOL_TIMEOUT,
+        )
+        .await
+        .map_err(Error::Command)?;
+        match out.status.code() {
+            Some(code) if code < E2FSCK_UNCORRECTED => {}
+            code => {
+                return Err(Error::Fsck {
+                    device: device.to_path_buf(),
+                    output: format!(
+                        "exit code {code:?}: {} {}",
+                        String::from_utf8_lossy(&out.stdout).trim(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                });
+            }
+        }
+        command::run("resize2fs", [device.as_os_str()], FS_TOOL_TIMEOUT)
             .await
             .map_err(Error::Command)?;
         Ok(())
@@ -393,6 +500,34 @@ mod tests {
                 "{bad:?} should be refused"
             );
         }
+    }
+
+    #[test]
+    fn filesystem_geometry_is_read_from_the_tools_output() {
+        let dumpe2fs = "Filesystem volume name:   <none>\n\
+                        Block count:              65536\n\
+                        Reserved block count:     3276\n\
+                        Block size:               1024\n";
+        let ext4 = parse_geometry(FsType::Ext4, dumpe2fs).expect("ext4");
+        assert_eq!((ext4.blocks, ext4.block_size), (65536, 1024));
+        assert_eq!(ext4.bytes(), 64 << 20);
+        assert!(!ext4.smaller_than(64 << 20));
+        assert!(
+            !ext4.smaller_than((64 << 20) + 1023),
+            "not a whole block more"
+        );
+        assert!(ext4.smaller_than((64 << 20) + 1024));
+        let xfs = parse_geometry(FsType::Xfs, "dblocks = 81920\nblocksize = 4096\n").expect("xfs");
+        assert_eq!(xfs.bytes(), 320 << 20);
+        assert_eq!(parse_geometry(FsType::Xfs, "dblocks = 81920\n"), None);
+        assert_eq!(
+            parse_geometry(FsType::Ext4, "Block count: x\nBlock size: 1024\n"),
+            None
+        );
+        assert_eq!(
+            parse_geometry(FsType::Ext4, "Block count: 1\nBlock size: 0\n"),
+            None
+        );
     }
 
     #[test]

@@ -12,16 +12,20 @@
 //!   that is already published at the same target compatibly, succeeds and
 //!   changes nothing; unstage and unpublish of something that is not there
 //!   succeed.
-//! - Incompatible repeats are `ALREADY_EXISTS` ("Volume published but is
-//!   incompatible"); capabilities the volume cannot satisfy — a filesystem
-//!   type other than the one on the device, a device with a foreign
-//!   signature — are `FAILED_PRECONDITION` ("Exceeds capabilities"); a
-//!   publish without staging path is `FAILED_PRECONDITION` ("Staging target
-//!   path not set").
+//! - Incompatible repeats, and staging a volume at a second path, are
+//!   `ALREADY_EXISTS` ("Volume published but is incompatible");
+//!   capabilities the volume cannot satisfy — a filesystem type other than
+//!   the one on the device, a device with a foreign signature — are
+//!   `FAILED_PRECONDITION` ("Exceeds capabilities"); a publish without
+//!   staging path is `FAILED_PRECONDITION` ("Staging target path not
+//!   set").
 //! - A failed stage leaves nothing attached: any error after the attach
 //!   detaches again (unless the device is in use by someone else).
 //! - A device is formatted only when `blkid -p` finds no signature at all
-//!   (see `node::mount`); an existing filesystem is mounted as it is.
+//!   (see `node::mount`); an existing filesystem is mounted as it is,
+//!   after growing it if the device has grown (ControllerExpandVolume is
+//!   offline, so the node learns a new size at stage): ext4 offline before
+//!   the mount, XFS online right after it. A read-only stage grows nothing.
 //!
 //! These functions never keep state: everything is read back from the
 //! attacher and the mount table on every call.
@@ -131,6 +135,20 @@ pub enum Error {
     /// read-only mount on a device node, so it cannot be honoured yet.
     #[error("Read-only publishing of raw block volumes is not supported")]
     ReadOnlyBlock,
+    /// NodeExpandVolume asked for more than the attached device holds: the
+    /// volume was not expanded (ControllerExpandVolume) before it was
+    /// staged here.
+    #[error(
+        "Volume {volume_id} needs {required_bytes} bytes but its device holds {device_bytes}; expansion is offline: unstage, ControllerExpandVolume, stage again"
+    )]
+    BeyondDevice {
+        /// The volume.
+        volume_id: String,
+        /// The capacity asked for.
+        required_bytes: u64,
+        /// The attached device's size.
+        device_bytes: u64,
+    },
     /// No volume is staged or published at the given path.
     #[error("Volume {volume_id} is not staged or published at {path}")]
     VolumeNotFound {
@@ -157,15 +175,19 @@ impl From<Error> for tonic::Status {
             Error::MissingField(_) | Error::InvalidField { .. } | Error::UnsupportedFsType(_) => {
                 tonic::Status::invalid_argument(msg)
             }
-            Error::StagedIncompatible { .. } | Error::PublishedIncompatible { .. } => {
-                tonic::Status::already_exists(msg)
-            }
+            // CSI spec, NodeStageVolume: "Volume published but is
+            // incompatible"; a second staging path is an incompatible
+            // argument too (the CO "SHALL ensure that there is only one
+            // staging_target_path per volume").
+            Error::StagedIncompatible { .. }
+            | Error::PublishedIncompatible { .. }
+            | Error::InUseElsewhere { .. } => tonic::Status::already_exists(msg),
+            Error::BeyondDevice { .. } => tonic::Status::out_of_range(msg),
             Error::UnsupportedAccessMode(_)
             | Error::StagingPathNotSet
             | Error::NotStaged { .. }
             | Error::FsTypeMismatch { .. }
             | Error::ForeignSignature { .. }
-            | Error::InUseElsewhere { .. }
             | Error::StillPublished { .. }
             | Error::ReadOnlyBlock => tonic::Status::failed_precondition(msg),
             Error::VolumeNotFound { .. } => tonic::Status::not_found(msg),
@@ -397,6 +419,10 @@ pub async fn stage(
     Ok(())
 }
 
+/// Creates a filesystem on a blank device or checks the one on it, grows
+/// an existing one that is smaller than its device (ControllerExpandVolume
+/// is offline, so a volume comes back here bigger), and mounts it. On an
+/// error after the mount, unmounts again.
 async fn format_and_mount(
     mounter: &dyn Mounter,
     device: &Path,
@@ -404,12 +430,12 @@ async fn format_and_mount(
     flags: &[String],
     req: &StageRequest,
 ) -> Result<()> {
-    let fs = match mounter.probe(device).await? {
+    let (fs, created) = match mounter.probe(device).await? {
         Signature::Blank => {
             let fs = requested.unwrap_or(FsType::DEFAULT);
             info!(device = %device.display(), fs = %fs, "device is blank; creating a filesystem");
             mounter.mkfs(device, fs).await?;
-            fs.as_str().to_string()
+            (fs.as_str().to_string(), true)
         }
         Signature::Filesystem(existing) => {
             if let Some(requested) = requested.filter(|r| r.as_str() != existing) {
@@ -419,7 +445,7 @@ async fn format_and_mount(
                     requested,
                 });
             }
-            existing
+            (existing, false)
         }
         Signature::Other(what) => {
             return Err(Error::ForeignSignature {
@@ -428,6 +454,19 @@ async fn format_and_mount(
             });
         }
     };
+    // A filesystem just made fills its device; a read-only stage must not
+    // write; a type the plugin does not make (ext3 found on the device) is
+    // mounted as it is.
+    let grow = match FsType::parse(&fs) {
+        Some(fs) if !created && !req.capability.reader_only => {
+            smaller_than_device(mounter, device, fs).await?
+        }
+        _ => None,
+    };
+    if grow == Some(FsType::Ext4) {
+        mounter.grow_offline(device, FsType::Ext4).await?;
+        info!(device = %device.display(), "ext4 grown offline to fill the device");
+    }
     mounter
         .create_target(&req.staging_path, TargetKind::Directory)
         .await?;
@@ -440,7 +479,38 @@ async fn format_and_mount(
             req.capability.reader_only,
         )
         .await?;
+    if grow == Some(FsType::Xfs) {
+        if let Err(e) = mounter.grow(device, &req.staging_path, &fs).await {
+            if let Err(cleanup) = mounter.unmount(&req.staging_path).await {
+                warn!(error = %cleanup, "unmount after a failed growth failed");
+            }
+            return Err(e.into());
+        }
+        info!(device = %device.display(), "xfs grown online to fill the device");
+    }
     Ok(())
+}
+
+/// `Some(fs)` when the filesystem `fs` on the unmounted `device` has room
+/// to grow into.
+async fn smaller_than_device(
+    mounter: &dyn Mounter,
+    device: &Path,
+    fs: FsType,
+) -> Result<Option<FsType>> {
+    let geometry = mounter.fs_geometry(device, fs).await?;
+    let device_bytes = mounter.block_size_bytes(device).await?;
+    if !geometry.smaller_than(device_bytes) {
+        return Ok(None);
+    }
+    info!(
+        device = %device.display(),
+        fs = %fs,
+        fs_bytes = geometry.bytes(),
+        device_bytes,
+        "the device is larger than its filesystem; growing it"
+    );
+    Ok(Some(fs))
 }
 
 /// Unmounts every mount stacked at `path`.
@@ -595,14 +665,18 @@ pub async fn unpublish(mounter: &dyn Mounter, volume: &str, target_path: &Path) 
 }
 
 /// NodeExpandVolume: grows the filesystem staged or published at
-/// `volume_path` online to fill its (already grown) device. Returns the
-/// device's size in bytes. A raw block volume needs no node work.
+/// `volume_path` online to fill its device, which ControllerExpandVolume
+/// (offline) grew before the volume was staged. Returns the device's size
+/// in bytes. A filesystem that already fills its device (stage grows it)
+/// and a raw block volume need no work. `required_bytes` beyond the
+/// device is [`Error::BeyondDevice`].
 #[instrument(skip_all, err, fields(volume.id = %volume, path = %volume_path.display()))]
 pub async fn expand(
     attacher: &dyn Attacher,
     mounter: &dyn Mounter,
     volume: &str,
     volume_path: &Path,
+    required_bytes: u64,
 ) -> Result<u64> {
     volume_id(volume)?;
     absolute("volume_path", volume_path)?;
@@ -618,47 +692,69 @@ pub async fn expand(
         .mounted_at(volume_path)
         .await?
         .ok_or_else(not_found)?;
-    if entry.dev() == rdev {
-        mounter.grow(&device, volume_path, &entry.fs_type).await?;
-        info!(fs = %entry.fs_type, "filesystem grown");
-    } else if mounter.device_number(volume_path).await.ok() != Some(rdev) {
+    if entry.dev() != rdev && mounter.device_number(volume_path).await.ok() != Some(rdev) {
         return Err(not_found());
     }
-    Ok(mounter.block_size_bytes(&device).await?)
+    let device_bytes = mounter.block_size_bytes(&device).await?;
+    if required_bytes > device_bytes {
+        return Err(Error::BeyondDevice {
+            volume_id: volume.to_string(),
+            required_bytes,
+            device_bytes,
+        });
+    }
+    if entry.dev() == rdev {
+        mounter.grow(&device, volume_path, &entry.fs_type).await?;
+        info!(fs = %entry.fs_type, device_bytes, "filesystem fills the device");
+    }
+    Ok(device_bytes)
+}
+
+/// NodeGetVolumeStats, answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes (and inodes of a filesystem).
+    pub usage: VolumeStats,
+    /// Why the volume is abnormal (its attachment cannot serve I/O);
+    /// `None` when it looks healthy from this node.
+    pub problem: Option<String>,
 }
 
 /// NodeGetVolumeStats: bytes and inodes of the filesystem at `volume_path`,
-/// or the size of the device bind-mounted there (block access).
+/// or the size of the device bind-mounted there (block access), and the
+/// health of the volume's attachment.
 #[instrument(skip_all, err, fields(volume.id = %volume, path = %volume_path.display()))]
 pub async fn stats(
     attacher: &dyn Attacher,
     mounter: &dyn Mounter,
     volume: &str,
     volume_path: &Path,
-) -> Result<VolumeStats> {
+) -> Result<Stats> {
     volume_id(volume)?;
     absolute("volume_path", volume_path)?;
     let not_found = || Error::VolumeNotFound {
         volume_id: volume.to_string(),
         path: volume_path.to_path_buf(),
     };
-    let device = attached_device(attacher, volume)
-        .await?
-        .ok_or_else(not_found)?;
+    let attachment = attacher.find(volume).await?.ok_or_else(not_found)?;
+    let device = attachment.device.clone().ok_or_else(not_found)?;
     let rdev = mounter.device_number(&device).await?;
     let entry = mounter
         .mounted_at(volume_path)
         .await?
         .ok_or_else(not_found)?;
-    if entry.dev() == rdev {
-        return Ok(mounter.fs_stats(volume_path).await?);
-    }
-    if mounter.device_number(volume_path).await.ok() == Some(rdev) {
-        let total = mounter.block_size_bytes(volume_path).await?;
-        return Ok(VolumeStats {
-            total_bytes: total,
+    let usage = if entry.dev() == rdev {
+        mounter.fs_stats(volume_path).await?
+    } else if mounter.device_number(volume_path).await.ok() == Some(rdev) {
+        VolumeStats {
+            total_bytes: mounter.block_size_bytes(volume_path).await?,
             ..VolumeStats::default()
-        });
-    }
-    Err(not_found())
+        }
+    } else {
+        return Err(not_found());
+    };
+    Ok(Stats {
+        usage,
+        problem: attachment.problem,
+    })
 }

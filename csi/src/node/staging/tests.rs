@@ -13,7 +13,7 @@ use tonic::Code;
 
 use super::*;
 use crate::node::attach::{self, Attachment};
-use crate::node::mount::{self, MountEntry};
+use crate::node::mount::{self, FsGeometry, MountEntry};
 
 const URI: &str = "nbd+unix:///vol-1?socket=/run/t/vol-1.sock";
 
@@ -32,8 +32,16 @@ pub(crate) struct World {
     pub(crate) mkfs: Vec<(PathBuf, FsType)>,
     attach_calls: usize,
     grown: Vec<PathBuf>,
+    /// device -> filesystem blocks (4 KiB) where the filesystem is
+    /// smaller than the device ([`DEVICE_BYTES`]).
+    fs_blocks: HashMap<PathBuf, u64>,
     fail_mount: bool,
+    /// The problem every attachment reports.
+    pub(crate) problem: Option<String>,
 }
+
+/// The size of every fake device.
+const DEVICE_BYTES: u64 = 1 << 30;
 
 /// An attacher and mounter in memory.
 #[derive(Clone, Default)]
@@ -120,14 +128,14 @@ impl Attacher for Fake {
     }
 
     async fn list(&self) -> attach::Result<Vec<Attachment>> {
-        Ok(self
-            .world()
-            .attached
+        let w = self.world();
+        Ok(w.attached
             .iter()
             .map(|(v, (d, u))| Attachment {
                 volume_id: v.clone(),
                 device: Some(d.clone()),
                 uri: Some(u.clone()),
+                problem: w.problem.clone(),
             })
             .collect())
     }
@@ -254,8 +262,41 @@ impl Mounter for Fake {
         Ok(())
     }
 
-    async fn grow(&self, device: &Path, _mount_path: &Path, _fs_type: &str) -> mount::Result<()> {
-        self.world().grown.push(device.to_path_buf());
+    async fn grow(&self, device: &Path, mount_path: &Path, _fs_type: &str) -> mount::Result<()> {
+        let mut w = self.world();
+        assert!(
+            w.mounts.iter().any(|m| m.mount_point == mount_path),
+            "online growth of an unmounted filesystem"
+        );
+        w.grown.push(device.to_path_buf());
+        w.fs_blocks.remove(device);
+        Ok(())
+    }
+
+    async fn fs_geometry(&self, device: &Path, _fs: FsType) -> mount::Result<FsGeometry> {
+        let w = self.world();
+        let blocks = w
+            .fs_blocks
+            .get(device)
+            .copied()
+            .unwrap_or(DEVICE_BYTES >> 12);
+        Ok(FsGeometry {
+            blocks,
+            block_size: 4096,
+        })
+    }
+
+    async fn grow_offline(&self, device: &Path, fs: FsType) -> mount::Result<()> {
+        let mut w = self.world();
+        assert!(
+            !w.mounts
+                .iter()
+                .any(|m| m.source == device.to_string_lossy()),
+            "offline growth of a mounted device"
+        );
+        assert_eq!(fs, FsType::Ext4, "only ext4 grows offline");
+        w.grown.push(device.to_path_buf());
+        w.fs_blocks.remove(device);
         Ok(())
     }
 
@@ -269,7 +310,7 @@ impl Mounter for Fake {
     }
 
     async fn block_size_bytes(&self, _path: &Path) -> mount::Result<u64> {
-        Ok(1 << 30)
+        Ok(DEVICE_BYTES)
     }
 }
 
@@ -501,7 +542,7 @@ async fn staging_a_volume_at_a_second_path_is_refused() {
         .expect("stage");
     let r = stage(&f, &f, &stage_req("vol-1", "/stage/b", mount_cap(None))).await;
     assert!(matches!(r, Err(Error::InUseElsewhere { .. })), "{r:?}");
-    assert_eq!(code(r), Code::FailedPrecondition);
+    assert_eq!(code(r), Code::AlreadyExists);
     let w = f.world();
     assert_eq!(w.mounts.len(), 1);
     assert_eq!(w.mounts[0].mount_point, Path::new("/stage/a"));
@@ -620,7 +661,7 @@ async fn block_volumes_bind_the_device_node() {
     let st = stats(&f, &f, "vol-1", Path::new("/pod/dev/vol"))
         .await
         .expect("stats");
-    assert_eq!(st.total_bytes, 1 << 30);
+    assert_eq!(st.usage.total_bytes, DEVICE_BYTES);
     assert_eq!(
         code(unstage(&f, &f, "vol-1", Path::new("/stage/1")).await),
         Code::FailedPrecondition
@@ -639,23 +680,95 @@ async fn block_volumes_bind_the_device_node() {
 async fn expand_and_stats_find_the_volume_or_say_not_found() {
     let f = Fake::default();
     assert_eq!(
-        code(expand(&f, &f, "vol-1", Path::new("/stage/1")).await),
+        code(expand(&f, &f, "vol-1", Path::new("/stage/1"), 0).await),
         Code::NotFound
     );
     stage(&f, &f, &stage_req("vol-1", "/stage/1", mount_cap(None)))
         .await
         .expect("stage");
-    let size = expand(&f, &f, "vol-1", Path::new("/stage/1"))
+    let size = expand(&f, &f, "vol-1", Path::new("/stage/1"), DEVICE_BYTES)
         .await
         .expect("expand");
-    assert_eq!(size, 1 << 30);
+    assert_eq!(size, DEVICE_BYTES);
+    let r = expand(&f, &f, "vol-1", Path::new("/stage/1"), DEVICE_BYTES + 1).await;
+    assert!(matches!(r, Err(Error::BeyondDevice { .. })), "{r:?}");
+    assert_eq!(code(r), Code::OutOfRange);
     assert_eq!(f.world().grown, vec![PathBuf::from("/dev/loop0")]);
     let st = stats(&f, &f, "vol-1", Path::new("/stage/1"))
         .await
         .expect("stats");
-    assert_eq!((st.total_bytes, st.used_bytes), (100, 40));
+    assert_eq!((st.usage.total_bytes, st.usage.used_bytes), (100, 40));
+    assert_eq!(st.problem, None);
+    f.world().problem = Some("nbdfuse has exited".into());
+    let st = stats(&f, &f, "vol-1", Path::new("/stage/1"))
+        .await
+        .expect("stats of an abnormal volume");
+    assert_eq!(st.problem.as_deref(), Some("nbdfuse has exited"));
     assert_eq!(
         code(stats(&f, &f, "vol-1", Path::new("/elsewhere")).await),
         Code::NotFound
     );
+}
+
+/// A volume whose device (the fake's first, `/dev/loop0`) holds `fs` in
+/// half of its blocks, as after an offline ControllerExpandVolume.
+fn grown_device(fs: &str) -> Fake {
+    let f = Fake::default();
+    let mut w = f.world();
+    w.content
+        .insert("vol-1".into(), Signature::Filesystem(fs.into()));
+    w.fs_blocks
+        .insert(PathBuf::from("/dev/loop0"), DEVICE_BYTES >> 13);
+    drop(w);
+    f
+}
+
+#[tokio::test]
+async fn stage_grows_ext4_offline_before_mounting_it() {
+    // The fake asserts that the growth happens while unmounted.
+    let f = grown_device("ext4");
+    stage(&f, &f, &stage_req("vol-1", "/stage/1", mount_cap(None)))
+        .await
+        .expect("stage");
+    let w = f.world();
+    assert_eq!(w.grown, [PathBuf::from("/dev/loop0")]);
+    assert!(w.mkfs.is_empty());
+    assert_eq!(w.mounts.len(), 1);
+}
+
+#[tokio::test]
+async fn stage_grows_xfs_online_after_mounting_it() {
+    // The fake asserts that the growth happens while mounted.
+    let f = grown_device("xfs");
+    stage(&f, &f, &stage_req("vol-1", "/stage/1", mount_cap(None)))
+        .await
+        .expect("stage");
+    let w = f.world();
+    assert_eq!(w.grown, [PathBuf::from("/dev/loop0")]);
+    assert_eq!(w.mounts.len(), 1);
+}
+
+#[tokio::test]
+async fn stage_grows_nothing_that_fills_its_device_or_is_read_only() {
+    let f = Fake::default();
+    f.world()
+        .content
+        .insert("vol-1".into(), Signature::Filesystem("ext4".into()));
+    stage(&f, &f, &stage_req("vol-1", "/stage/1", mount_cap(None)))
+        .await
+        .expect("stage");
+    assert!(
+        f.world().grown.is_empty(),
+        "the filesystem filled its device"
+    );
+
+    let f = grown_device("ext4");
+    let mut read_only = mount_cap(None);
+    read_only.reader_only = true;
+    stage(&f, &f, &stage_req("vol-1", "/stage/1", read_only))
+        .await
+        .expect("stage read-only");
+    let w = f.world();
+    assert!(w.grown.is_empty(), "a read-only stage wrote to the volume");
+    assert!(w.mounts.first().is_some_and(|m| m.read_only()));
 }

@@ -3,25 +3,47 @@
 //! A thin adapter: it checks each request as the spec demands, converts
 //! it, and calls the controller's volume operations in-process
 //! ([`Volumes`]), which take the per-volume operation guard (a concurrent
-//! operation on the same volume gets `ABORTED`) and keep every decision in
-//! the cluster store. Nothing here keeps state.
+//! operation on the same volume gets `ABORTED`), decide idempotency from
+//! the record, and keep every decision in the cluster store. Nothing here
+//! keeps state.
 //!
-//! # StorageClass parameters
+//! - [`capability`]: which volume capabilities are served.
+//! - [`parameters`]: StorageClass parameters, capacity ranges, topology
+//!   requirements.
 //!
-//! - `replicas`: number of replicas, each on its own node (default 3). Too
-//!   few nodes with room is `RESOURCE_EXHAUSTED`, never a silent cap.
-//! - `thin`: `"true"` (default) or `"false"`.
-//! - `fsType`: `ext4` (default) or `xfs`; returned in `volume_context`.
-//! - Keys under `csi.storage.k8s.io/` (added by the external-provisioner)
-//!   are ignored; any other key is `INVALID_ARGUMENT`.
+//! # What a volume remembers
+//!
+//! CreateVolume records the capabilities (access mode, and block or mount
+//! with the filesystem), the StorageClass parameters and the requisite
+//! topology in the volume record. A repeated CreateVolume that the volume
+//! does not satisfy is `ALREADY_EXISTS`; ValidateVolumeCapabilities
+//! confirms only capabilities of an access type the volume was created
+//! for; ControllerPublishVolume records the capability it published with,
+//! and a repeat on the same node with another one is `ALREADY_EXISTS`.
+//!
+//! # Topology
+//!
+//! Every node is its own segment `topology.ballast.io/node=<id>` (agents
+//! may add more labels, such as a zone, which segments can also name).
+//! Requisite segments limit every replica, also later replacements;
+//! preferred segments are tried in order for one replica (data locality
+//! under WaitForFirstConsumer). A volume's `accessible_topology` is empty,
+//! which the spec defines as accessible from every node: any node with an
+//! agent can run its target, including nodes that join later, which a
+//! list of today's nodes would shut out.
 //!
 //! # Not yet served
 //!
-//! Snapshots (CREATE_DELETE_SNAPSHOT, LIST_SNAPSHOTS) and
+//! Snapshots (CREATE_DELETE_SNAPSHOT, LIST_SNAPSHOTS, GET_SNAPSHOT) and
 //! ControllerModifyVolume answer `UNIMPLEMENTED` and are not announced in
-//! ControllerGetCapabilities; ControllerExpandVolume is offline only; a `volume_content_source` is
-//! `INVALID_ARGUMENT` (CSI spec, CreateVolume errors: "Source incompatible
-//! or not supported").
+//! ControllerGetCapabilities; ControllerExpandVolume is offline only; a
+//! `volume_content_source` is `INVALID_ARGUMENT` (CSI spec, CreateVolume
+//! errors: "Source incompatible or not supported"); `readonly` publishing
+//! (PUBLISH_READONLY) is `INVALID_ARGUMENT`: a target cannot refuse writes,
+//! so read-only access is a read-only mount by NodePublishVolume.
+
+mod capability;
+mod parameters;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,30 +51,21 @@ use std::sync::Arc;
 use ballast_proto::csi;
 use ballast_proto::csi::controller_service_capability::rpc::Type as RpcType;
 use ballast_proto::csi::volume_capability::AccessType;
-use ballast_proto::csi::volume_capability::access_mode::Mode;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::TOPOLOGY_NODE_KEY;
+pub use self::parameters::{DEFAULT_REPLICAS, DEFAULT_SIZE_BYTES};
+use self::parameters::{Parameters, Requirement};
+use crate::controller::node::Topology;
 use crate::controller::volume::operations::{CreateRequest, SIZE_ALIGN_BYTES};
 use crate::controller::volume::record::VolumeRecord;
+use crate::controller::volume::scheduling;
 use crate::controller::volume::{self, Volumes};
 use crate::node::PUBLISH_CONTEXT_NBD_URI;
 use crate::node::mount::FsType;
 
-/// Size of a volume whose request gives no capacity (CSI spec,
-/// CreateVolume: "If not specified, the Plugin MAY choose an
-/// implementation-defined capacity range").
-pub const DEFAULT_SIZE_BYTES: u64 = 1 << 30;
-
-/// Replicas of a volume whose StorageClass does not say.
-pub const DEFAULT_REPLICAS: u32 = 3;
-
 /// `volume_context` key of the filesystem type.
 pub const CONTEXT_FS_TYPE: &str = "fsType";
-
-/// Prefix of the parameters the external-provisioner adds.
-const PROVISIONER_PREFIX: &str = "csi.storage.k8s.io/";
 
 /// Errors of the Controller service's own checks; the volume operations'
 /// errors pass through [`Error::Volume`].
@@ -65,9 +78,9 @@ pub enum Error {
     /// "Unsupported capacity", `OUT_OF_RANGE`).
     #[error("Unsupported capacity: {0}")]
     OutOfRange(String),
-    /// A ListVolumes token this plugin did not hand out (CSI spec,
-    /// ListVolumes: "Invalid starting_token", `ABORTED`).
-    #[error("Invalid starting_token {0:?}")]
+    /// A ListVolumes token that names no volume (CSI spec, ListVolumes:
+    /// "Invalid starting_token", `ABORTED`).
+    #[error("Invalid starting_token {0:?}: no such volume; list again from the start")]
     InvalidToken(String),
     /// The RPC is not served yet.
     #[error("{0} is not supported yet")]
@@ -100,178 +113,34 @@ fn required(field: &str, value: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Checks one volume capability; `Ok(Some(reason))` when it is well formed
-/// but not supported. Every Ballast volume is served by one target on one
-/// node, so only single-node access modes are supported, with block or
-/// mount (ext4, xfs) access.
-fn unsupported(cap: &csi::VolumeCapability) -> Result<Option<String>, Error> {
-    let mode = cap
-        .access_mode
-        .as_ref()
-        .map(|m| m.mode())
-        .filter(|m| *m != Mode::Unknown)
-        .ok_or_else(|| invalid("volume_capability.access_mode is required"))?;
-    match cap.access_type.as_ref() {
-        None => return Err(invalid("volume_capability.access_type is required")),
-        Some(AccessType::Block(_)) => {}
-        Some(AccessType::Mount(m)) => {
-            if !m.fs_type.is_empty() && FsType::parse(&m.fs_type).is_none() {
-                return Ok(Some(format!(
-                    "filesystem type {:?} is not supported (ext4, xfs)",
-                    m.fs_type
-                )));
-            }
-        }
-    }
-    Ok(match mode {
-        Mode::SingleNodeWriter
-        | Mode::SingleNodeReaderOnly
-        | Mode::SingleNodeSingleWriter
-        | Mode::SingleNodeMultiWriter => None,
-        other => Some(format!(
-            "access mode {} is not supported: a volume is served from one node at a time",
-            other.as_str_name()
-        )),
-    })
-}
-
-/// Checks a list of capabilities that must all be supported.
-fn supported(caps: &[csi::VolumeCapability], field: &str) -> Result<(), Error> {
-    if caps.is_empty() {
-        return Err(invalid(format!("{field} is required")));
-    }
-    for cap in caps {
-        if let Some(reason) = unsupported(cap)? {
-            return Err(invalid(reason));
-        }
-    }
-    Ok(())
-}
-
-/// The size to create for `range` (CSI spec, CapacityRange: at least
-/// `required_bytes`, at most `limit_bytes`, either may be 0 for unset),
-/// rounded up to [`SIZE_ALIGN_BYTES`].
-fn size_for(range: Option<&csi::CapacityRange>) -> Result<u64, Error> {
-    let (required, limit) = range.map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
-    let required =
-        u64::try_from(required).map_err(|_| invalid("capacity_range.required_bytes < 0"))?;
-    let limit = u64::try_from(limit).map_err(|_| invalid("capacity_range.limit_bytes < 0"))?;
-    if limit > 0 && required > limit {
-        return Err(Error::OutOfRange(format!(
-            "required_bytes {required} exceeds limit_bytes {limit}"
-        )));
-    }
-    let size = match (required, limit) {
-        (0, 0) => DEFAULT_SIZE_BYTES,
-        (0, limit) => DEFAULT_SIZE_BYTES.min(limit - limit % SIZE_ALIGN_BYTES),
-        (required, _) => required
-            .checked_next_multiple_of(SIZE_ALIGN_BYTES)
-            .ok_or_else(|| Error::OutOfRange(format!("required_bytes {required} is too large")))?,
-    };
-    if size == 0 || (limit > 0 && size > limit) {
-        return Err(Error::OutOfRange(format!(
-            "no multiple of {SIZE_ALIGN_BYTES} bytes lies within [{required}, {limit}]"
-        )));
-    }
-    if i64::try_from(size).is_err() {
-        return Err(Error::OutOfRange(format!("{size} bytes is too large")));
-    }
-    Ok(size)
-}
-
-/// StorageClass parameters, checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Parameters {
-    replicas: u32,
-    thin: bool,
-    fs_type: FsType,
-}
-
-impl Parameters {
-    fn parse(parameters: &HashMap<String, String>) -> Result<Self, Error> {
-        let mut parsed = Self {
-            replicas: DEFAULT_REPLICAS,
-            thin: true,
-            fs_type: FsType::DEFAULT,
-        };
-        for (key, value) in parameters {
-            match key.as_str() {
-                "replicas" => {
-                    parsed.replicas = value.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
-                        invalid(format!(
-                            "parameter replicas={value:?} is not a count of at least 1"
-                        ))
-                    })?;
-                }
-                "thin" => {
-                    parsed.thin = match value.as_str() {
-                        "true" => true,
-                        "false" => false,
-                        _ => {
-                            return Err(invalid(format!(
-                                "parameter thin={value:?} is not \"true\" or \"false\""
-                            )));
-                        }
-                    };
-                }
-                "fsType" => {
-                    parsed.fs_type = FsType::parse(value).ok_or_else(|| {
-                        invalid(format!("parameter fsType={value:?} is not ext4 or xfs"))
-                    })?;
-                }
-                other if other.starts_with(PROVISIONER_PREFIX) => {}
-                other => return Err(invalid(format!("unknown parameter {other:?}"))),
-            }
-        }
-        Ok(parsed)
-    }
-}
-
-/// The node named by the first preferred (else requisite) topology that
-/// names one (CSI spec, TopologyRequirement: the plugin SHOULD try the
-/// preferred topologies in order).
-fn preferred_node(requirement: Option<&csi::TopologyRequirement>) -> Option<String> {
-    let requirement = requirement?;
-    requirement
-        .preferred
-        .iter()
-        .chain(&requirement.requisite)
-        .find_map(|t| t.segments.get(TOPOLOGY_NODE_KEY).cloned())
-}
-
 fn i64_bytes(bytes: u64) -> i64 {
     i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
-fn to_volume(record: &VolumeRecord, context: HashMap<String, String>) -> csi::Volume {
+/// The volume's `volume_context`: the same for every call, from the
+/// record (CSI spec, Volume: "A volume uniquely identified by volume_id
+/// SHALL always report the same volume_context").
+fn context(record: &VolumeRecord) -> HashMap<String, String> {
+    record
+        .fs_type()
+        .map(|fs| HashMap::from([(CONTEXT_FS_TYPE.to_string(), fs.to_string())]))
+        .unwrap_or_default()
+}
+
+fn to_volume(record: &VolumeRecord) -> csi::Volume {
     csi::Volume {
         capacity_bytes: i64_bytes(record.size_bytes),
         volume_id: record.volume_id.clone(),
-        volume_context: context,
+        volume_context: context(record),
         content_source: None,
-        // Any node with an agent can run the volume's target, so the
-        // volume is accessible from every node (CSI spec, Volume: an empty
-        // accessible_topology means accessible from all nodes).
+        // Empty: accessible from every node (see the module docs).
         accessible_topology: Vec::new(),
     }
 }
 
-/// Abnormal while fewer replicas are in sync than the volume asks for
-/// (CSI spec, VolumeCondition).
-fn condition(record: &VolumeRecord) -> csi::VolumeCondition {
-    let in_sync = record.in_sync_count();
-    let wanted = usize::try_from(record.replica_count).unwrap_or(usize::MAX);
-    if in_sync < wanted {
-        csi::VolumeCondition {
-            abnormal: true,
-            message: format!("{in_sync} of {wanted} replicas are in sync"),
-        }
-    } else {
-        csi::VolumeCondition {
-            abnormal: false,
-            message: format!("All {wanted} replicas are in sync"),
-        }
-    }
+/// The filesystem a mount of `record` without an `fs_type` gets.
+fn volume_fs(record: &VolumeRecord) -> &str {
+    record.fs_type().unwrap_or(FsType::DEFAULT.as_str())
 }
 
 fn published_nodes(record: &VolumeRecord) -> Vec<String> {
@@ -290,30 +159,58 @@ impl Controller {
         Self { volumes }
     }
 
+    fn condition(&self, record: &VolumeRecord) -> csi::VolumeCondition {
+        let condition = self.volumes.condition(record);
+        csi::VolumeCondition {
+            abnormal: condition.abnormal,
+            message: condition.message,
+        }
+    }
+
     async fn create(&self, req: &csi::CreateVolumeRequest) -> Result<csi::Volume, Error> {
         required("name", &req.name)?;
         volume::operations::validate_name(&req.name)?;
-        supported(&req.volume_capabilities, "volume_capabilities")?;
-        if req.volume_content_source.is_some() {
+        if req.volume_capabilities.is_empty() {
+            return Err(invalid("volume_capabilities is required"));
+        }
+        if let Some(source) = &req.volume_content_source {
+            let what = match &source.r#type {
+                Some(csi::volume_content_source::Type::Snapshot(s)) => {
+                    format!("snapshot {:?}", s.snapshot_id)
+                }
+                Some(csi::volume_content_source::Type::Volume(v)) => {
+                    format!("volume {:?}", v.volume_id)
+                }
+                None => "an empty source".to_string(),
+            };
+            return Err(invalid(format!(
+                "volume_content_source ({what}) is not supported: Ballast has no snapshots or clones yet, so volumes are created empty"
+            )));
+        }
+        if !req.mutable_parameters.is_empty() {
             return Err(invalid(
-                "volume_content_source is not supported yet (no snapshots or clones)",
+                "mutable_parameters are not supported (no MODIFY_VOLUME capability)",
             ));
         }
         let parameters = Parameters::parse(&req.parameters)?;
-        let size_bytes = size_for(req.capacity_range.as_ref())?;
+        let fs_type = capability::fs_type_for_create(&req.volume_capabilities, parameters.fs_type)?;
+        let capabilities = req
+            .volume_capabilities
+            .iter()
+            .map(|c| capability::supported(c, &fs_type))
+            .collect::<Result<Vec<_>, _>>()?;
+        let topology = Requirement::parse(req.accessibility_requirements.as_ref())?;
+        let size_bytes = parameters::size_for(req.capacity_range.as_ref())?;
         let request = CreateRequest {
-            name: req.name.clone(),
-            size_bytes,
-            replica_count: parameters.replicas,
-            thin: parameters.thin,
-            preferred_node: preferred_node(req.accessibility_requirements.as_ref()),
+            compatible_sizes: parameters::sizes_within(req.capacity_range.as_ref())?,
+            preferred_topology: topology.preferred,
+            requisite_topology: topology.requisite,
+            capabilities,
+            parameters: parameters::to_keep(&req.parameters),
+            ..CreateRequest::new(&req.name, size_bytes, parameters.replicas, parameters.thin)
         };
         let record = self.volumes.create(&request).await?;
-        let context = HashMap::from([(
-            CONTEXT_FS_TYPE.to_string(),
-            parameters.fs_type.as_str().to_string(),
-        )]);
-        Ok(to_volume(&record, context))
+        Ok(to_volume(&record))
     }
 
     async fn publish(
@@ -326,15 +223,18 @@ impl Controller {
             .volume_capability
             .as_ref()
             .ok_or_else(|| invalid("volume_capability is required"))?;
-        if let Some(reason) = unsupported(cap)? {
-            return Err(invalid(reason));
+        if req.readonly {
+            return Err(invalid(
+                "readonly is not supported (no PUBLISH_READONLY capability): a target cannot refuse writes; publish read-write and mount read-only with NodePublishVolume",
+            ));
         }
         // NOT_FOUND for an unknown volume before the node is looked at
         // (CSI spec, ControllerPublishVolume: "Volume does not exist").
-        self.volumes.get(&req.volume_id).await?;
+        let record = self.volumes.get(&req.volume_id).await?;
+        let capability = capability::supported(cap, volume_fs(&record))?;
         let publication = self
             .volumes
-            .publish(&req.volume_id, &req.node_id, false)
+            .publish_with(&req.volume_id, &req.node_id, &capability)
             .await?;
         Ok(HashMap::from([(
             PUBLISH_CONTEXT_NBD_URI.to_string(),
@@ -354,6 +254,60 @@ impl Controller {
         }
     }
 
+    /// Confirms `req` if every capability, and the context and
+    /// parameters it gives, fit the volume; else says why not.
+    async fn validate(
+        &self,
+        req: &csi::ValidateVolumeCapabilitiesRequest,
+    ) -> Result<csi::ValidateVolumeCapabilitiesResponse, Error> {
+        required("volume_id", &req.volume_id)?;
+        if req.volume_capabilities.is_empty() {
+            return Err(invalid("volume_capabilities is required"));
+        }
+        let record = self.volumes.get(&req.volume_id).await?;
+        let mut reasons = Vec::new();
+        for cap in &req.volume_capabilities {
+            let resolved = capability::resolve(cap, volume_fs(&record))?;
+            reasons.extend(capability::unsupported(&resolved));
+            reasons.extend(record.supports(&resolved).err());
+        }
+        reasons.extend(parameters::differences(&req.parameters, &record));
+        if !req.mutable_parameters.is_empty() {
+            reasons.push("mutable_parameters are not supported".to_string());
+        }
+        // A volume created before records kept capabilities has no
+        // known context to compare with.
+        let context = context(&record);
+        if !req.volume_context.is_empty()
+            && !record.capabilities.is_empty()
+            && req.volume_context != context
+        {
+            reasons.push(format!(
+                "volume_context {:?} is not the volume's {context:?}",
+                req.volume_context
+            ));
+        }
+        if !reasons.is_empty() {
+            return Ok(csi::ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: reasons.join("; "),
+            });
+        }
+        Ok(csi::ValidateVolumeCapabilitiesResponse {
+            confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
+                volume_context: req.volume_context.clone(),
+                volume_capabilities: req.volume_capabilities.clone(),
+                parameters: req.parameters.clone(),
+                mutable_parameters: HashMap::new(),
+            }),
+            message: String::new(),
+        })
+    }
+
+    /// Ready volumes in id order. A page's `next_token` is the id of the
+    /// next volume, so volumes created or deleted between pages shift
+    /// nothing; a token naming no volume (deleted since, or never handed
+    /// out) is `ABORTED` and the caller starts again.
     async fn list(&self, req: &csi::ListVolumesRequest) -> Result<csi::ListVolumesResponse, Error> {
         let max = usize::try_from(req.max_entries)
             .map_err(|_| invalid("max_entries must not be negative"))?;
@@ -364,14 +318,12 @@ impl Controller {
             .into_iter()
             .filter(|v| v.state == volume::record::VolumeState::Ready)
             .collect();
-        // The token is the index of the next entry in id order.
         let start = if req.starting_token.is_empty() {
             0
         } else {
-            req.starting_token
-                .parse::<usize>()
-                .ok()
-                .filter(|i| *i <= volumes.len())
+            volumes
+                .iter()
+                .position(|v| v.volume_id == req.starting_token)
                 .ok_or_else(|| Error::InvalidToken(req.starting_token.clone()))?
         };
         let end = if max == 0 {
@@ -384,73 +336,71 @@ impl Controller {
             .unwrap_or_default()
             .iter()
             .map(|v| csi::list_volumes_response::Entry {
-                volume: Some(to_volume(v, HashMap::new())),
+                volume: Some(to_volume(v)),
                 status: Some(csi::list_volumes_response::VolumeStatus {
                     published_node_ids: published_nodes(v),
-                    volume_condition: Some(condition(v)),
+                    volume_condition: Some(self.condition(v)),
                 }),
             })
             .collect();
-        let next_token = if end < volumes.len() {
-            end.to_string()
-        } else {
-            String::new()
-        };
+        let next_token = volumes
+            .get(end)
+            .map(|v| v.volume_id.clone())
+            .unwrap_or_default();
         Ok(csi::ListVolumesResponse {
             entries,
             next_token,
         })
     }
 
-    /// The largest volume that fits now: each replica needs its own node,
-    /// so it is the `replicas`-th largest headroom among up nodes (a
-    /// node's headroom is that of its roomiest pool).
-    async fn capacity(&self, req: &csi::GetCapacityRequest) -> Result<u64, Error> {
-        for cap in &req.volume_capabilities {
-            if unsupported(cap)?.is_some() {
-                return Ok(0);
-            }
-        }
+    /// See [`scheduling::capacity`]: in a topology segment, the room of
+    /// its nodes; without one, the cluster's room divided by the replica
+    /// count. Capabilities Ballast cannot serve have no capacity.
+    async fn capacity(
+        &self,
+        req: &csi::GetCapacityRequest,
+    ) -> Result<csi::GetCapacityResponse, Error> {
         let parameters = Parameters::parse(&req.parameters)?;
-        let wanted_node = req
+        let fs_type = parameters.fs_type.unwrap_or(FsType::DEFAULT);
+        let mut servable = true;
+        for cap in &req.volume_capabilities {
+            let resolved = capability::resolve(cap, fs_type.as_str())?;
+            servable &= capability::unsupported(&resolved).is_none();
+        }
+        let segment: Option<Topology> = req
             .accessible_topology
             .as_ref()
-            .and_then(|t| t.segments.get(TOPOLOGY_NODE_KEY));
-        let mut headrooms: Vec<u64> = Vec::new();
-        let mut on_wanted = None;
-        for candidate in self.volumes.candidates().await? {
-            if !candidate.up {
-                continue;
+            .filter(|t| !t.segments.is_empty())
+            .map(|t| {
+                t.segments
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            });
+        let replicas = usize::try_from(parameters.replicas).unwrap_or(usize::MAX);
+        let capacity = if servable {
+            scheduling::capacity(
+                &self.volumes.candidates().await?,
+                segment.as_ref(),
+                replicas,
+                parameters.thin,
+                SIZE_ALIGN_BYTES,
+            )
+        } else {
+            scheduling::Capacity {
+                available_bytes: 0,
+                largest_volume_bytes: 0,
             }
-            let headroom = candidate
-                .pools
-                .iter()
-                .map(|p| {
-                    if parameters.thin {
-                        p.headroom_bytes()
-                    } else {
-                        p.headroom_bytes().min(p.free_bytes)
-                    }
-                })
-                .max()
-                .unwrap_or(0);
-            if wanted_node == Some(&candidate.node_id) {
-                on_wanted = Some(headroom);
-            }
-            headrooms.push(headroom);
-        }
-        headrooms.sort_unstable_by(|a, b| b.cmp(a));
-        let index = usize::try_from(parameters.replicas.saturating_sub(1)).unwrap_or(usize::MAX);
-        let mut capacity = headrooms.get(index).copied().unwrap_or(0);
-        if wanted_node.is_some() {
-            // One replica must sit on the wanted node.
-            capacity = capacity.min(on_wanted.unwrap_or(0));
-        }
-        Ok(capacity - capacity % SIZE_ALIGN_BYTES)
+        };
+        Ok(csi::GetCapacityResponse {
+            available_capacity: i64_bytes(capacity.available_bytes),
+            maximum_volume_size: Some(i64_bytes(capacity.largest_volume_bytes)),
+            minimum_volume_size: Some(i64_bytes(SIZE_ALIGN_BYTES)),
+        })
     }
 }
 
-fn capability(kind: RpcType) -> csi::ControllerServiceCapability {
+fn rpc_capability(kind: RpcType) -> csi::ControllerServiceCapability {
     csi::ControllerServiceCapability {
         r#type: Some(csi::controller_service_capability::Type::Rpc(
             csi::controller_service_capability::Rpc {
@@ -512,47 +462,14 @@ impl csi::controller_server::Controller for Controller {
     }
 
     /// CSI spec, ValidateVolumeCapabilities: `confirmed` only if every
-    /// capability is supported; otherwise a `message` says why.
+    /// capability, and the context and parameters given, fit the volume;
+    /// otherwise a `message` says why.
     #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
     async fn validate_volume_capabilities(
         &self,
         request: Request<csi::ValidateVolumeCapabilitiesRequest>,
     ) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
-        let req = request.get_ref();
-        required("volume_id", &req.volume_id)?;
-        if req.volume_capabilities.is_empty() {
-            return Err(invalid("volume_capabilities is required").into());
-        }
-        let mut reasons = Vec::new();
-        for cap in &req.volume_capabilities {
-            if let Some(reason) = unsupported(cap)? {
-                reasons.push(reason);
-            }
-        }
-        self.volumes
-            .get(&req.volume_id)
-            .await
-            .map_err(Error::from)?;
-        if let Err(err) = Parameters::parse(&req.parameters) {
-            reasons.push(err.to_string());
-        }
-        let response = if reasons.is_empty() {
-            csi::ValidateVolumeCapabilitiesResponse {
-                confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
-                    volume_context: req.volume_context.clone(),
-                    volume_capabilities: req.volume_capabilities.clone(),
-                    parameters: req.parameters.clone(),
-                    mutable_parameters: req.mutable_parameters.clone(),
-                }),
-                message: String::new(),
-            }
-        } else {
-            csi::ValidateVolumeCapabilitiesResponse {
-                confirmed: None,
-                message: reasons.join("; "),
-            }
-        };
-        Ok(Response::new(response))
+        Ok(Response::new(self.validate(request.get_ref()).await?))
     }
 
     #[instrument(err, skip_all)]
@@ -568,12 +485,7 @@ impl csi::controller_server::Controller for Controller {
         &self,
         request: Request<csi::GetCapacityRequest>,
     ) -> Result<Response<csi::GetCapacityResponse>, Status> {
-        let capacity = i64_bytes(self.capacity(request.get_ref()).await?);
-        Ok(Response::new(csi::GetCapacityResponse {
-            available_capacity: capacity,
-            maximum_volume_size: Some(capacity),
-            minimum_volume_size: Some(i64_bytes(SIZE_ALIGN_BYTES)),
-        }))
+        Ok(Response::new(self.capacity(request.get_ref()).await?))
     }
 
     #[instrument(err, skip_all)]
@@ -593,7 +505,7 @@ impl csi::controller_server::Controller for Controller {
             RpcType::ExpandVolume,
         ]
         .into_iter()
-        .map(capability)
+        .map(rpc_capability)
         .collect();
         Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
             capabilities,
@@ -650,7 +562,7 @@ impl csi::controller_server::Controller for Controller {
         if range.required_bytes <= 0 {
             return Err(invalid("capacity_range.required_bytes is required").into());
         }
-        let size = size_for(Some(range))?;
+        let size = parameters::size_for(Some(range))?;
         let grown = self
             .volumes
             .expand(&req.volume_id, size)
@@ -688,10 +600,10 @@ impl csi::controller_server::Controller for Controller {
             .await
             .map_err(Error::from)?;
         Ok(Response::new(csi::ControllerGetVolumeResponse {
-            volume: Some(to_volume(&record, HashMap::new())),
+            volume: Some(to_volume(&record)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {
                 published_node_ids: published_nodes(&record),
-                volume_condition: Some(condition(&record)),
+                volume_condition: Some(self.condition(&record)),
             }),
         }))
     }

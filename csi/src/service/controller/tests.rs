@@ -7,19 +7,24 @@ use std::sync::Arc;
 use ballast_proto::csi;
 use ballast_proto::csi::controller_server::Controller as _;
 use ballast_proto::csi::volume_capability::access_mode::Mode;
-use ballast_proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};
+use ballast_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use tonic::{Code, Request};
 
 use super::*;
 use crate::controller::testing::{Fixture, GIB};
+use crate::service::TOPOLOGY_NODE_KEY;
 
 fn mount_cap(mode: Mode) -> csi::VolumeCapability {
     csi::VolumeCapability {
         access_mode: Some(AccessMode { mode: mode.into() }),
-        access_type: Some(AccessType::Mount(MountVolume {
-            fs_type: "ext4".into(),
-            ..Default::default()
-        })),
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+    }
+}
+
+fn block_cap(mode: Mode) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode.into() }),
+        access_type: Some(AccessType::Block(BlockVolume {})),
     }
 }
 
@@ -76,7 +81,46 @@ async fn create_rounds_up_is_idempotent_and_refuses_another_size() {
     assert_eq!(
         create(&c, create_request("pvc-1", 8 * 4096, 2)).await.err(),
         Some(Code::AlreadyExists),
-        "same name, other size"
+        "same name, larger size"
+    );
+    let smaller = create(&c, create_request("pvc-1", 4096, 2)).await;
+    assert_eq!(
+        smaller.map(|v| v.capacity_bytes),
+        Ok(12_288),
+        "a larger volume satisfies a smaller required_bytes"
+    );
+    let mut ext4 = create_request("pvc-1", 10_000, 2);
+    ext4.parameters.insert("fsType".into(), "ext4".into());
+    assert_eq!(create(&c, ext4).await.err(), Some(Code::AlreadyExists));
+    let mut block = create_request("pvc-1", 10_000, 2);
+    block.volume_capabilities = vec![block_cap(Mode::SingleNodeWriter)];
+    assert_eq!(create(&c, block).await.err(), Some(Code::AlreadyExists));
+    let mut thick = create_request("pvc-1", 10_000, 2);
+    thick.parameters.insert("thin".into(), "false".into());
+    assert_eq!(create(&c, thick).await.err(), Some(Code::AlreadyExists));
+    let mut other_mode = create_request("pvc-1", 10_000, 2);
+    other_mode.volume_capabilities = vec![mount_cap(Mode::SingleNodeMultiWriter)];
+    assert!(
+        create(&c, other_mode).await.is_ok(),
+        "any single-node mode serves the volume"
+    );
+    let stored = fixture.context.store.clone();
+    let record = crate::controller::volume::record::read(&stored, "pvc-1")
+        .await
+        .expect("read")
+        .expect("exists")
+        .value;
+    assert_eq!(record.fs_type(), Some("xfs"));
+    assert_eq!(
+        record.parameters.get("replicas").map(String::as_str),
+        Some("2")
+    );
+    assert!(
+        !record
+            .parameters
+            .contains_key("csi.storage.k8s.io/pvc/name"),
+        "{:?}",
+        record.parameters
     );
 }
 
@@ -125,28 +169,6 @@ async fn create_checks_arguments_first() {
         fixture.agents.iter().all(|a| a.replica_names().is_empty()),
         "no refused request created a replica"
     );
-}
-
-#[test]
-fn sizes_respect_the_capacity_range() {
-    let range = |required, limit| {
-        size_for(Some(&csi::CapacityRange {
-            required_bytes: required,
-            limit_bytes: limit,
-        }))
-        .ok()
-    };
-    assert_eq!(size_for(None).ok(), Some(DEFAULT_SIZE_BYTES));
-    assert_eq!(range(1, 0), Some(4096));
-    assert_eq!(range(4096, 4096), Some(4096));
-    assert_eq!(
-        range(0, 10_000),
-        Some(8192),
-        "largest aligned size within the limit"
-    );
-    assert_eq!(range(0, 4095), None);
-    assert_eq!(range(5000, 6000), None);
-    assert_eq!(range(-1, 0), None);
 }
 
 #[tokio::test]
@@ -209,6 +231,27 @@ async fn publish_unpublish_and_their_errors() {
     assert_eq!(
         code(c.controller_publish_volume(Request::new(no_cap)).await),
         Some(Code::InvalidArgument)
+    );
+    let mut reader = publish("pvc-3", "node-1");
+    reader.volume_capability = Some(mount_cap(Mode::SingleNodeReaderOnly));
+    assert_eq!(
+        code(c.controller_publish_volume(Request::new(reader)).await),
+        Some(Code::AlreadyExists),
+        "published on node-1 with another access mode"
+    );
+    let mut block = publish("pvc-3", "node-1");
+    block.volume_capability = Some(block_cap(Mode::SingleNodeWriter));
+    assert_eq!(
+        code(c.controller_publish_volume(Request::new(block)).await),
+        Some(Code::InvalidArgument),
+        "created for mount access only"
+    );
+    let mut readonly = publish("pvc-3", "node-1");
+    readonly.readonly = true;
+    assert_eq!(
+        code(c.controller_publish_volume(Request::new(readonly)).await),
+        Some(Code::InvalidArgument),
+        "no PUBLISH_READONLY"
     );
 
     let got = c
@@ -376,6 +419,42 @@ async fn validate_confirms_single_node_modes_only() {
         .expect("validate")
         .into_inner();
     assert!(no.confirmed.is_none() && !no.message.is_empty(), "{no:?}");
+    let check = |caps: Vec<csi::VolumeCapability>, parameters: &[(&str, &str)]| {
+        c.validate_volume_capabilities(Request::new(csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: "pvc-5".into(),
+            volume_capabilities: caps,
+            parameters: parameters
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }))
+    };
+    let block = check(vec![block_cap(Mode::SingleNodeWriter)], &[])
+        .await
+        .expect("validate")
+        .into_inner();
+    assert!(block.confirmed.is_none(), "{block:?}");
+    assert!(block.message.contains("mount (xfs)"), "{block:?}");
+    let params = check(
+        vec![mount_cap(Mode::SingleNodeWriter)],
+        &[("replicas", "1"), ("thin", "false")],
+    )
+    .await
+    .expect("validate")
+    .into_inner();
+    assert!(
+        params.confirmed.is_none() && params.message.contains("thin"),
+        "{params:?}"
+    );
+    let same = check(
+        vec![mount_cap(Mode::SingleNodeWriter)],
+        &[("replicas", "1"), ("fsType", "xfs")],
+    )
+    .await
+    .expect("validate")
+    .into_inner();
+    assert!(same.confirmed.is_some(), "{same:?}");
     assert_eq!(
         validate(Mode::SingleNodeWriter, "nope")
             .await
@@ -506,4 +585,75 @@ async fn expansion_is_offline_idempotent_and_grows_every_replica() {
         }))
         .await;
     assert_eq!(unknown.err().map(|s| s.code()), Some(Code::NotFound));
+}
+
+#[tokio::test]
+async fn topology_requirements_place_replicas() {
+    let fixture = Fixture::new(3).await;
+    let c = service(&fixture);
+    let node = |id: &str| csi::Topology {
+        segments: HashMap::from([(TOPOLOGY_NODE_KEY.to_string(), id.to_string())]),
+    };
+    let holders = |name: &str| -> Vec<String> {
+        fixture
+            .agents
+            .iter()
+            .filter(|a| a.replica_names().contains(&name.to_string()))
+            .map(|a| a.node_id.clone())
+            .collect()
+    };
+    let mut local = create_request("local", 4096, 1);
+    local.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: Vec::new(),
+        preferred: vec![node("node-2"), node("node-1")],
+    });
+    let volume = create(&c, local).await.expect("create");
+    assert_eq!(holders("local"), ["node-2"], "the first preferred node");
+    assert!(
+        volume.accessible_topology.is_empty(),
+        "reachable everywhere"
+    );
+
+    let mut fenced = create_request("fenced", 4096, 2);
+    fenced.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![node("node-1"), node("node-3")],
+        preferred: Vec::new(),
+    });
+    create(&c, fenced.clone()).await.expect("create");
+    assert_eq!(holders("fenced"), ["node-1", "node-3"]);
+    let record = crate::controller::volume::record::read(&fixture.context.store, "fenced")
+        .await
+        .expect("read")
+        .expect("exists")
+        .value;
+    assert_eq!(record.requisite_topology.len(), 2, "kept for replacements");
+    let mut elsewhere = fenced.clone();
+    elsewhere.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![node("node-2"), node("node-3")],
+        preferred: Vec::new(),
+    });
+    assert_eq!(
+        create(&c, elsewhere).await.err(),
+        Some(Code::AlreadyExists),
+        "its replica on node-1 lies outside the new requisite"
+    );
+
+    let mut cramped = create_request("cramped", 4096, 3);
+    cramped.accessibility_requirements = fenced.accessibility_requirements.clone();
+    assert_eq!(
+        create(&c, cramped).await.err(),
+        Some(Code::ResourceExhausted)
+    );
+    let mut nowhere = create_request("nowhere", 4096, 1);
+    nowhere.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![node("node-9")],
+        preferred: Vec::new(),
+    });
+    assert_eq!(
+        create(&c, nowhere).await.err(),
+        Some(Code::ResourceExhausted)
+    );
+    let mut empty = create_request("empty", 4096, 1);
+    empty.accessibility_requirements = Some(csi::TopologyRequirement::default());
+    assert_eq!(create(&c, empty).await.err(), Some(Code::InvalidArgument));
 }

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use ballast_proto::csi;
 use ballast_proto::csi::node_client::NodeClient;
 use ballast_proto::csi::volume_capability::access_mode::Mode;
-use ballast_proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};
+use ballast_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -21,7 +21,8 @@ use super::{Child, bin, wait_for};
 pub const NBD_URI_KEY: &str = "ballast.io/nbd-uri";
 pub const MIB: i64 = 1 << 20;
 
-/// Connects to a CSI unix socket, waiting (bounded) for it to appear.
+/// Connects to a CSI unix socket, waiting (bounded) for it to appear and
+/// to accept connections (a restarted plugin replaces a stale socket).
 pub async fn channel(socket: &Path) -> Result<Channel> {
     wait_for(
         &format!("{} to exist", socket.display()),
@@ -29,19 +30,31 @@ pub async fn channel(socket: &Path) -> Result<Channel> {
         || socket.exists().then_some(()),
     )?;
     let endpoint = format!("unix://{}", socket.display());
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(120))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {endpoint}"))?;
-    Ok(channel)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let connected = tonic::transport::Endpoint::from_shared(endpoint.clone())?
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(120))
+            .connect()
+            .await;
+        match connected {
+            Ok(channel) => return Ok(channel),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(e).with_context(|| format!("connecting to {endpoint}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 /// A `ballast-csi node` process with its client.
 pub struct NodePlugin {
     pub client: NodeClient<Channel>,
-    _process: Child,
+    process: Child,
+    node_id: String,
+    socket: PathBuf,
+    state_dir: PathBuf,
+    log: PathBuf,
 }
 
 impl NodePlugin {
@@ -63,7 +76,21 @@ impl NodePlugin {
     pub async fn start(cluster: &Cluster, node_id: &str) -> Result<Self> {
         let socket = cluster.dir.join(&format!("{node_id}-csi.sock"));
         let state_dir = cluster.dir.join(&format!("{node_id}-csi-state"));
-        let process = Child::spawn(
+        let log = cluster.dir.join(&format!("{node_id}-csi.log"));
+        let process = Self::spawn(node_id, &socket, &state_dir, &log)?;
+        let client = NodeClient::new(channel(&socket).await?);
+        Ok(Self {
+            client,
+            process,
+            node_id: node_id.to_string(),
+            socket,
+            state_dir,
+            log,
+        })
+    }
+
+    fn spawn(node_id: &str, socket: &Path, state_dir: &Path, log: &Path) -> Result<Child> {
+        Child::spawn(
             &format!("ballast-csi node {node_id}"),
             Command::new(bin("ballast-csi"))
                 .arg("node")
@@ -72,16 +99,25 @@ impl NodePlugin {
                 .arg("--node-id")
                 .arg(node_id)
                 .arg("--state-dir")
-                .arg(&state_dir)
+                .arg(state_dir)
                 .arg("--attach")
                 .arg("nbdfuse-loop"),
-            &cluster.dir.join(&format!("{node_id}-csi.log")),
-        )?;
-        let client = NodeClient::new(channel(&socket).await?);
-        Ok(Self {
-            client,
-            _process: process,
-        })
+            log,
+        )
+    }
+
+    /// Where the plugin keeps its attachment records (and nbdfuse mounts).
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// SIGKILLs the plugin (a crash: whatever it attached stays) and starts
+    /// a new one with the same socket and state directory.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.process.kill();
+        self.process = Self::spawn(&self.node_id, &self.socket, &self.state_dir, &self.log)?;
+        self.client = NodeClient::new(channel(&self.socket).await?);
+        Ok(())
     }
 }
 
@@ -94,6 +130,15 @@ pub fn mount_cap(fs_type: &str) -> csi::VolumeCapability {
             fs_type: fs_type.into(),
             ..Default::default()
         })),
+    }
+}
+
+pub fn block_cap() -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter.into(),
+        }),
+        access_type: Some(AccessType::Block(BlockVolume {})),
     }
 }
 
@@ -181,18 +226,6 @@ pub async fn unpublish_and_unstage(
         })
         .await?;
     Ok(())
-}
-
-/// True when this process may use ext4's online resize (CAP_SYS_RESOURCE,
-/// bit 24 of the effective set).
-pub fn has_cap_sys_resource() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-            u64::from_str_radix(hex.trim(), 16).ok()
-        })
-        .is_some_and(|caps| caps & (1 << 24) != 0)
 }
 
 /// The source (device) of the mount last made at `path`.

@@ -138,6 +138,15 @@ pub enum Error {
         #[source]
         source: tonic::transport::Error,
     },
+    /// A blocking task of the demo failed to run to its end.
+    #[error("The task to {what} failed")]
+    Task {
+        /// What it was to do.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: tokio::task::JoinError,
+    },
     /// Something expected did not happen in time.
     #[error("{what} did not happen within {timeout:?}")]
     Timeout {

@@ -88,15 +88,10 @@ impl Resources {
         }
         if let Some(dir) = self.dir.clone() {
             console.note("stopping the cluster (ballast cluster down)");
-            let down = tokio::task::spawn_blocking(move || cluster::down(&dir)).await;
-            match down {
+            match blocking("stop the cluster", move || cluster::down(&dir)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(err)) => note(err.into()),
-                Err(join) => note(Error::Io {
-                    op: "stop the cluster in",
-                    path: self.dir.clone().unwrap_or_default(),
-                    source: std::io::Error::other(join.to_string()),
-                }),
+                Err(err) => note(err),
             }
         }
         first.map_or(Ok(()), Err)
@@ -410,13 +405,10 @@ impl<'a> Story<'a> {
         let outage = killed.elapsed();
         let restarted = Instant::now();
         let restart_dir = dir.clone();
-        tokio::task::spawn_blocking(move || cluster::restart_node(&restart_dir, SECOND_NODE))
-            .await
-            .map_err(|join| Error::Io {
-                op: "restart the agent in",
-                path: dir.clone(),
-                source: std::io::Error::other(join.to_string()),
-            })??;
+        blocking("restart the agent", move || {
+            cluster::restart_node(&restart_dir, SECOND_NODE)
+        })
+        .await??;
         let target_node = node_info(&self.info, FIRST_NODE)?;
         let rebuild = self
             .watch
@@ -566,6 +558,17 @@ impl FaultRun {
     }
 }
 
+/// Runs `f` on tokio's blocking pool (process waits, cluster start-up and
+/// shut-down, file comparison sleep or read without yielding).
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|source| Error::Task { what, source })
+}
+
 /// The demo directory: the one given (new or empty) or a fresh one under
 /// /var/tmp; mode 0755, since PostgreSQL (user `postgres`) must enter it.
 fn prepare_dir(dir: Option<&Path>) -> Result<PathBuf, Error> {
@@ -618,13 +621,7 @@ async fn compare_replicas(info: &ClusterInfo, volume: &Volume) -> Result<Check, 
         )?);
     }
     let count = files.len();
-    let comparison = tokio::task::spawn_blocking(move || replicas::compare(&files))
-        .await
-        .map_err(|join| Error::Io {
-            op: "compare the replicas of",
-            path: PathBuf::from(VOLUME),
-            source: std::io::Error::other(join.to_string()),
-        })??;
+    let comparison = blocking("compare the replicas", move || replicas::compare(&files)).await??;
     let what = format!("the {count} replicas hold the same bytes");
     Ok(match comparison {
         Comparison::Identical(size) => Check::new(
@@ -692,16 +689,11 @@ async fn sleep_while_running(load: &mut Load, duration: Duration) {
 async fn kill_agent(node: &NodeInfo) -> Result<(), Error> {
     let process = node.process.clone();
     let node_id = node.node_id.clone();
-    let gone = tokio::task::spawn_blocking(move || {
+    let gone = blocking("kill the agent", move || {
         process.signal(Signal::SIGKILL)?;
         Ok::<_, cluster::Error>(process.wait_exit(Duration::from_secs(10)))
     })
-    .await
-    .map_err(|join| Error::Io {
-        op: "kill the agent of",
-        path: PathBuf::from(&node_id),
-        source: std::io::Error::other(join.to_string()),
-    })??;
+    .await??;
     if gone {
         Ok(())
     } else {

@@ -19,6 +19,8 @@ packages=(
     iproute2          # network namespaces for fault tests
     psmisc
     etcd-server       # the production cluster store, started by tests on loopback
+    postgresql        # the demo's database (initdb, postgres, psql, pgbench)
+    postgresql-contrib # amcheck, for pg_amcheck in the demo and its tests
 )
 
 missing=()

@@ -6,6 +6,9 @@
 //! - [`store`]: the cluster store the controller keeps its state in.
 //! - [`cluster`]: starts and stops a whole cluster on one machine (the
 //!   `ballast cluster` commands, and the integration tests).
+//! - [`demo`]: `ballast demo`, the end-to-end story with PostgreSQL on a
+//!   volume through a node failure and a failover; its PostgreSQL and
+//!   pgbench drivers are reused by the integration tests.
 //! - [`node`]: the node plugin's attach (nbdfuse + loop, kernel nbd), mount
 //!   and stage/publish logic; the CSI Node service is built on it.
 //! - [`service`]: the CSI gRPC services (Identity, Controller, Node) that
@@ -15,6 +18,7 @@
 
 pub mod cluster;
 pub mod controller;
+pub mod demo;
 pub mod node;
 pub mod service;
 pub mod store;

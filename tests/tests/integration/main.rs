@@ -11,6 +11,7 @@ mod crash;
 mod csi;
 mod csi_controller;
 mod csi_node;
+mod demo;
 mod filesystem;
 mod harness;
 mod nbd_clients;

@@ -220,7 +220,10 @@ fn print_volume(volume: &Volume) {
         .set_header(vec!["  NODE", "STATE", "REBUILD"]);
     for replica in &volume.replicas {
         let rebuild = if replica.state == "rebuilding" {
-            progress(replica.rebuild_done_bytes, replica.rebuild_total_bytes)
+            ballast_csi::demo::progress::bar(
+                replica.rebuild_done_bytes,
+                replica.rebuild_total_bytes,
+            )
         } else {
             String::new()
         };
@@ -231,36 +234,4 @@ fn print_volume(volume: &Volume) {
         ]);
     }
     println!("{table}");
-}
-
-/// A progress bar: `[########............] 40% (1.6 GiB of 4.0 GiB)`.
-fn progress(done: u64, total: u64) -> String {
-    if total == 0 {
-        return "starting".to_string();
-    }
-    const WIDTH: u64 = 20;
-    let done = done.min(total);
-    let percent = done.saturating_mul(100) / total;
-    let filled = usize::try_from(done.saturating_mul(WIDTH) / total).unwrap_or(0);
-    let empty = usize::try_from(WIDTH).unwrap_or(0).saturating_sub(filled);
-    format!(
-        "[{}{}] {percent}% ({} of {})",
-        "#".repeat(filled),
-        ".".repeat(empty),
-        output::bytes(done),
-        output::bytes(total)
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn progress_bars_are_bounded() {
-        assert_eq!(progress(0, 0), "starting");
-        assert!(progress(0, 100).starts_with("[....................] 0%"));
-        assert!(progress(50, 100).starts_with("[##########..........] 50%"));
-        assert!(progress(200, 100).starts_with("[####################] 100%"));
-    }
 }

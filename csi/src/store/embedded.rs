@@ -1,5 +1,5 @@
 //! The embedded cluster store: one redb file, for one-machine clusters,
-//! tests and the quickstart.
+//! tests and the demo.
 //!
 //! # Layout
 //!

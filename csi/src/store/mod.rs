@@ -7,7 +7,7 @@
 //!
 //! - [`EtcdStore`]: etcd, for production. Revisions are etcd's.
 //! - [`EmbeddedStore`]: one redb file, for one-machine clusters, tests and the
-//!   quickstart.
+//!   demo.
 //!
 //! [`open_store`] picks one from a single address string (the controller's
 //! `--store` flag).

@@ -17,6 +17,7 @@
 //! The operator CLI lives in `src/bin/ballast`.
 
 pub mod cluster;
+pub mod command;
 pub mod controller;
 pub mod demo;
 pub mod node;

@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::postgres::{self, DATABASE, Instance};
+use crate::command;
 
 /// Prefix of the per-transaction log files (`tx.<pid>`, `tx.<pid>.<thread>`).
 const LOG_PREFIX: &str = "tx";
@@ -64,7 +65,9 @@ pub async fn initialize(instance: &Instance, scale: u32, timeout: Duration) -> R
     pgbench
         .args(["-i", "-q", "-s", &scale.to_string()])
         .arg(DATABASE);
-    postgres::run_ok(pgbench, "pgbench -i", timeout).await?;
+    command::run_of(pgbench, "pgbench -i", timeout)
+        .await
+        .map_err(postgres::Error::from)?;
     Ok(())
 }
 
@@ -142,10 +145,10 @@ impl Load {
             .stderr(Stdio::piped());
         let started = SystemTime::now();
         let mut child = pgbench.spawn().map_err(|source| {
-            Error::Program(postgres::Error::Spawn {
+            Error::Program(postgres::Error::Program(command::Error::Spawn {
                 program: "pgbench".into(),
                 source,
-            })
+            }))
         })?;
         let (sender, receiver) = mpsc::unbounded_channel();
         let stderr = child.stderr.take();

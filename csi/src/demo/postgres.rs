@@ -22,13 +22,15 @@
 
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{self, Signal};
 use nix::unistd::{Gid, Pid, Uid, User};
 use tokio::process::{Child, Command};
 use tracing::{info, warn};
+
+use crate::command;
 
 /// Where Debian installs each PostgreSQL major version.
 pub const DEBIAN_ROOT: &str = "/usr/lib/postgresql";
@@ -105,33 +107,10 @@ pub enum Error {
         #[source]
         source: nix::errno::Errno,
     },
-    /// A program could not be started.
-    #[error("Cannot start {program}")]
-    Spawn {
-        /// The program.
-        program: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A program ran past its deadline and was killed.
-    #[error("{program} did not finish within {timeout:?}")]
-    Timeout {
-        /// The program.
-        program: String,
-        /// The deadline.
-        timeout: Duration,
-    },
-    /// A program exited unsuccessfully.
-    #[error("{program} failed ({status}): {stderr}")]
-    Failed {
-        /// The program.
-        program: String,
-        /// Its exit status.
-        status: String,
-        /// Its standard error, trimmed.
-        stderr: String,
-    },
+    /// A program could not be run to success (start, deadline or exit
+    /// status).
+    #[error(transparent)]
+    Program(#[from] command::Error),
     /// The server exited before it accepted connections.
     #[error("PostgreSQL exited during start-up; last lines of {log}:\n{log_tail}")]
     Exited {
@@ -421,7 +400,7 @@ impl Instance {
             .arg(&self.data_dir)
             .args(["--auth=trust", "--username", ROLE, "--encoding=UTF8"])
             .arg("--locale=C");
-        run_ok(initdb, "initdb", INITDB_TIMEOUT).await?;
+        command::run_of(initdb, "initdb", INITDB_TIMEOUT).await?;
         let conf = self.data_dir.join("postgresql.conf");
         let socket_dir = self.socket_dir.display().to_string().replace('\'', "''");
         let settings = format!(
@@ -453,7 +432,7 @@ impl Instance {
     ///
     /// # Errors
     ///
-    /// [`Error::Spawn`], [`Error::Exited`] and [`Error::NotReady`] with the
+    /// [`Error::Program`], [`Error::Exited`] and [`Error::NotReady`] with the
     /// end of the server log.
     pub async fn start(&self) -> Result<Server, Error> {
         let mut server = self.spawn()?;
@@ -466,7 +445,7 @@ impl Instance {
     ///
     /// # Errors
     ///
-    /// [`Error::Spawn`] and I/O errors opening the log.
+    /// [`Error::Program`] and I/O errors opening the log.
     pub fn spawn(&self) -> Result<Server, Error> {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -488,7 +467,7 @@ impl Instance {
             .arg(&self.data_dir)
             .stdout(log)
             .stderr(log_err);
-        let child = command.spawn().map_err(|source| Error::Spawn {
+        let child = command.spawn().map_err(|source| command::Error::Spawn {
             program: "postgres".into(),
             source,
         })?;
@@ -509,8 +488,8 @@ impl Instance {
     ///
     /// # Errors
     ///
-    /// [`Error::Failed`] with psql's message (`ON_ERROR_STOP` is set),
-    /// [`Error::Timeout`].
+    /// [`Error::Program`] with psql's message (`ON_ERROR_STOP` is set),
+    /// [`Error::Program`].
     pub async fn query(&self, sql: &str) -> Result<String, Error> {
         let mut psql = self.client("psql");
         psql.args([
@@ -525,7 +504,7 @@ impl Instance {
         ])
         .arg("-c")
         .arg(sql);
-        let out = run_ok(psql, "psql", QUERY_TIMEOUT).await?;
+        let out = command::run_of(psql, "psql", QUERY_TIMEOUT).await?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
@@ -535,7 +514,7 @@ impl Instance {
     ///
     /// # Errors
     ///
-    /// [`Error::Failed`] if pg_amcheck could not check (exit status other
+    /// [`Error::Program`] if pg_amcheck could not check (exit status other
     /// than 0 and 2); corruption is not an error but [`Amcheck::corrupt`].
     pub async fn amcheck(&self) -> Result<Amcheck, Error> {
         let mut amcheck = self.client("pg_amcheck");
@@ -547,14 +526,14 @@ impl Instance {
             "--parent-check",
             "--verbose",
         ]);
-        let out = run(amcheck, "pg_amcheck", AMCHECK_TIMEOUT).await?;
+        let out = command::output_of(amcheck, "pg_amcheck", AMCHECK_TIMEOUT).await?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         // pg_amcheck exits 2 when it found corruption, 1 when it could not run.
         let corrupt = match out.status.code() {
             Some(0) => false,
             Some(2) => true,
-            _ => return Err(failed("pg_amcheck", &out)),
+            _ => return Err(command::failed("pg_amcheck", &out).into()),
         };
         let relations = stdout
             .lines()
@@ -619,7 +598,7 @@ impl Server {
             }
             let mut ready = self.instance.client("pg_isready");
             ready.args(["-d", DATABASE, "-t", "5"]);
-            if run_ok(ready, "pg_isready", Duration::from_secs(10))
+            if command::run_of(ready, "pg_isready", Duration::from_secs(10))
                 .await
                 .is_ok()
             {
@@ -762,61 +741,6 @@ fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// Runs `command` to completion within `timeout`; any exit status.
-///
-/// # Cancel safety
-///
-/// Dropping the future kills the program (`kill_on_drop`).
-pub(crate) async fn run(
-    mut command: Command,
-    program: &str,
-    timeout: Duration,
-) -> Result<Output, Error> {
-    command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let child = command.spawn().map_err(|source| Error::Spawn {
-        program: program.to_string(),
-        source,
-    })?;
-    match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(Ok(out)) => Ok(out),
-        Ok(Err(source)) => Err(Error::Spawn {
-            program: program.to_string(),
-            source,
-        }),
-        Err(_) => Err(Error::Timeout {
-            program: program.to_string(),
-            timeout,
-        }),
-    }
-}
-
-/// Like [`run`], but an unsuccessful exit is [`Error::Failed`].
-pub(crate) async fn run_ok(
-    command: Command,
-    program: &str,
-    timeout: Duration,
-) -> Result<Output, Error> {
-    let out = run(command, program, timeout).await?;
-    if out.status.success() {
-        Ok(out)
-    } else {
-        Err(failed(program, &out))
-    }
-}
-
-fn failed(program: &str, out: &Output) -> Error {
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    Error::Failed {
-        program: program.to_string(),
-        status: out.status.to_string(),
-        stderr: if stderr.is_empty() { stdout } else { stderr },
-    }
 }
 
 #[cfg(test)]

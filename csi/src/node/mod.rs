@@ -20,14 +20,13 @@
 //! restarted at any time.
 
 pub mod attach;
-mod command;
 pub mod mount;
 pub mod staging;
 
 #[cfg(test)]
 mod tests;
 
-pub use command::Error as CommandError;
+pub use crate::command::Error as CommandError;
 
 /// The `publish_context` key under which ControllerPublishVolume returns
 /// the volume's NBD URI (`nbd+unix:///<export>?socket=<path>`).

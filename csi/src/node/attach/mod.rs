@@ -48,8 +48,8 @@ pub use nbdfuse::NbdfuseLoop;
 #[cfg(test)]
 pub(crate) use nbdfuse::process_alive as nbdfuse_process_alive;
 
-use super::command;
 use super::mount::MountEntry;
+use crate::command;
 
 /// Errors of the attach layer.
 #[derive(Debug, thiserror::Error)]

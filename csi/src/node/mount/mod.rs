@@ -48,7 +48,7 @@ use async_trait::async_trait;
 pub use mountinfo::MountEntry;
 pub use system::SystemMounter;
 
-use super::command;
+use crate::command;
 
 /// A filesystem the node plugin can create.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

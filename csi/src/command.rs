@@ -1,5 +1,7 @@
-//! Runs the external tools the node plugin relies on (`losetup`, `blkid`,
-//! `mkfs.*`, `resize2fs`, `fusermount3`, `nbd-client`) with a deadline.
+//! Runs external programs with a deadline: the tools the node plugin relies
+//! on (`losetup`, `blkid`, `mkfs.*`, `resize2fs`, `fusermount3`,
+//! `nbd-client`) and the demo's PostgreSQL clients (`initdb`, `psql`,
+//! `pgbench`, `pg_amcheck`).
 //!
 //! Every call is bounded: a tool that hangs (a dead NBD server under a loop
 //! device can make `blkid` wait forever) is killed when its deadline passes
@@ -54,9 +56,24 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let child = tokio::process::Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
+    let mut command = tokio::process::Command::new(program);
+    command.args(args).stdin(Stdio::null());
+    output_of(command, program, timeout).await
+}
+
+/// Runs a prepared `command` (its user, environment and stdin as the
+/// caller set them) to completion within `timeout`, capturing its output
+/// whatever the exit status; `program` names it in errors.
+///
+/// # Cancel safety
+///
+/// Dropping the future kills the child (`kill_on_drop`).
+pub(crate) async fn output_of(
+    mut command: tokio::process::Command,
+    program: &str,
+    timeout: Duration,
+) -> Result<Output, Error> {
+    let child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -92,12 +109,31 @@ where
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The [`Error::Failed`] describing `out`.
+/// Like [`output_of`], but an unsuccessful exit is an [`Error::Failed`].
+pub(crate) async fn run_of(
+    command: tokio::process::Command,
+    program: &str,
+    timeout: Duration,
+) -> Result<Output, Error> {
+    let out = output_of(command, program, timeout).await?;
+    if !out.status.success() {
+        return Err(failed(program, &out));
+    }
+    Ok(out)
+}
+
+/// The [`Error::Failed`] describing `out`. Its message is standard error,
+/// or standard output for programs that report there (pg_amcheck).
 pub(crate) fn failed(program: &str, out: &Output) -> Error {
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
     Error::Failed {
         program: program.to_string(),
         status: out.status.to_string(),
         code: out.status.code(),
-        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        stderr: if stderr.is_empty() {
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        } else {
+            stderr
+        },
     }
 }

@@ -23,7 +23,7 @@ use tonic::transport::Channel;
 use crate::harness::cluster::Cluster;
 use crate::harness::csi::{
     MIB, NBD_URI_KEY, NodePlugin, block_cap, channel, code, create_request, fs_type_at, mount_cap,
-    stage_and_publish, unpublish_and_unstage,
+    publish_request, stage_and_publish, stage_and_publish_as, stage_request, unpublish_and_unstage,
 };
 use crate::harness::run;
 
@@ -159,38 +159,6 @@ async fn controller_unpublish(
     Ok(())
 }
 
-fn stage_request(
-    volume: &csi::Volume,
-    context: &HashMap<String, String>,
-    staging: &Path,
-    capability: csi::VolumeCapability,
-) -> csi::NodeStageVolumeRequest {
-    csi::NodeStageVolumeRequest {
-        volume_id: volume.volume_id.clone(),
-        publish_context: context.clone(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(capability),
-        volume_context: volume.volume_context.clone(),
-        ..Default::default()
-    }
-}
-
-fn publish_request(
-    volume: &csi::Volume,
-    staging: &Path,
-    target: &Path,
-    capability: csi::VolumeCapability,
-) -> csi::NodePublishVolumeRequest {
-    csi::NodePublishVolumeRequest {
-        volume_id: volume.volume_id.clone(),
-        staging_target_path: staging.display().to_string(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(capability),
-        volume_context: volume.volume_context.clone(),
-        ..Default::default()
-    }
-}
-
 async fn stats(
     plugin: &mut NodePlugin,
     volume_id: &str,
@@ -205,35 +173,6 @@ async fn stats(
         })
         .await?
         .into_inner())
-}
-
-/// Stages (twice: idempotent) a block volume at `dir/staging` and
-/// publishes it (twice) at the file `dir/target`, as kubelet does for a
-/// `volumeDevices` entry; returns the target.
-async fn stage_and_publish_block(
-    plugin: &mut NodePlugin,
-    dir: &Path,
-    volume: &csi::Volume,
-    context: &HashMap<String, String>,
-) -> Result<PathBuf> {
-    let staging = dir.join("staging");
-    let target = dir.join("target");
-    std::fs::create_dir_all(&staging)?;
-    let stage = stage_request(volume, context, &staging, block_cap());
-    plugin.client.node_stage_volume(stage.clone()).await?;
-    plugin
-        .client
-        .node_stage_volume(stage)
-        .await
-        .context("staging again is idempotent")?;
-    let publish = publish_request(volume, &staging, &target, block_cap());
-    plugin.client.node_publish_volume(publish.clone()).await?;
-    plugin
-        .client
-        .node_publish_volume(publish)
-        .await
-        .context("publishing again is idempotent")?;
-    Ok(target)
 }
 
 /// A copy of `request` changed by `change`.
@@ -304,7 +243,7 @@ async fn a_raw_block_volume_takes_verified_fio_and_leaves_nothing_behind() -> Re
         create_and_publish(&mut controller, request, block_cap(), "node-1").await?;
 
     let dir = cluster.dir.join("pod-block");
-    let target = stage_and_publish_block(&mut node1, &dir, &volume, &context).await?;
+    let target = stage_and_publish_as(&mut node1, &dir, &volume, &context, block_cap()).await?;
     assert_eq!(
         fs_type_at(&dir.join("staging")),
         None,
@@ -357,7 +296,7 @@ async fn a_raw_block_volume_takes_verified_fio_and_leaves_nothing_behind() -> Re
     // reads it all back and verifies it.
     let context = controller_publish(&mut controller, &volume, block_cap(), "node-2").await?;
     let dir2 = cluster.dir.join("pod-block-2");
-    let target2 = stage_and_publish_block(&mut node2, &dir2, &volume, &context).await?;
+    let target2 = stage_and_publish_as(&mut node2, &dir2, &volume, &context, block_cap()).await?;
     fio_verified(&target2, true)?;
     unpublish_and_unstage(&mut node2, "pvc-block", &dir2).await?;
     assert_nothing_attached(&node2)?;

@@ -164,43 +164,80 @@ pub fn code<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Option<Code
     result.err().map(|s| s.code())
 }
 
-/// Stages and publishes `volume` on `plugin` with the controller's publish
-/// context; returns the target path.
+/// A NodeStageVolume request for `volume` at `staging`.
+pub fn stage_request(
+    volume: &csi::Volume,
+    context: &HashMap<String, String>,
+    staging: &Path,
+    capability: csi::VolumeCapability,
+) -> csi::NodeStageVolumeRequest {
+    csi::NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        publish_context: context.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(capability),
+        volume_context: volume.volume_context.clone(),
+        ..Default::default()
+    }
+}
+
+/// A NodePublishVolume request for `volume` from `staging` to `target`.
+pub fn publish_request(
+    volume: &csi::Volume,
+    staging: &Path,
+    target: &Path,
+    capability: csi::VolumeCapability,
+) -> csi::NodePublishVolumeRequest {
+    csi::NodePublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(capability),
+        volume_context: volume.volume_context.clone(),
+        ..Default::default()
+    }
+}
+
+/// Stages and publishes a mount volume on `plugin` with the controller's
+/// publish context; returns the target path. See [`stage_and_publish_as`].
 pub async fn stage_and_publish(
     plugin: &mut NodePlugin,
     dir: &Path,
     volume: &csi::Volume,
     publish_context: &HashMap<String, String>,
 ) -> Result<PathBuf> {
+    stage_and_publish_as(plugin, dir, volume, publish_context, mount_cap("")).await
+}
+
+/// Stages `volume` at `dir/staging` and publishes it at `dir/target` with
+/// `capability` (a directory for mount access, a file for block access, as
+/// kubelet does), each twice since both must be idempotent; returns the
+/// target.
+pub async fn stage_and_publish_as(
+    plugin: &mut NodePlugin,
+    dir: &Path,
+    volume: &csi::Volume,
+    context: &HashMap<String, String>,
+    capability: csi::VolumeCapability,
+) -> Result<PathBuf> {
     let staging = dir.join("staging");
     let target = dir.join("target");
     std::fs::create_dir_all(&staging)?;
-    let stage = csi::NodeStageVolumeRequest {
-        volume_id: volume.volume_id.clone(),
-        publish_context: publish_context.clone(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(mount_cap("")),
-        volume_context: volume.volume_context.clone(),
-        ..Default::default()
-    };
+    let stage = stage_request(volume, context, &staging, capability.clone());
     plugin.client.node_stage_volume(stage.clone()).await?;
     plugin
         .client
         .node_stage_volume(stage)
         .await
         .context("staging again is idempotent")?;
+    let mut publish = publish_request(volume, &staging, &target, capability);
+    publish.publish_context = context.clone();
+    plugin.client.node_publish_volume(publish.clone()).await?;
     plugin
         .client
-        .node_publish_volume(csi::NodePublishVolumeRequest {
-            volume_id: volume.volume_id.clone(),
-            publish_context: publish_context.clone(),
-            staging_target_path: staging.display().to_string(),
-            target_path: target.display().to_string(),
-            volume_capability: Some(mount_cap("")),
-            volume_context: volume.volume_context.clone(),
-            ..Default::default()
-        })
-        .await?;
+        .node_publish_volume(publish)
+        .await
+        .context("publishing again is idempotent")?;
     Ok(target)
 }
 

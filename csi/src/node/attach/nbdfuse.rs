@@ -44,6 +44,9 @@ const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 const LOOP_RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long nbdfuse may take to exit once unmounted, before it is killed.
 const NBDFUSE_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an unmount of the FUSE file that fails with EBUSY is retried
+/// (the loop device lets go of the file a moment after its detach).
+const FUSE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Attaches exports with nbdfuse and a loop device. See the module docs.
 #[derive(Debug)]
@@ -239,17 +242,32 @@ impl NbdfuseLoop {
         if !read_mounts()?.iter().any(|m| m.mount_point == p.mountpoint) {
             return Ok(());
         }
-        command::run(
-            "fusermount3",
-            ["-u".as_ref(), p.mountpoint.as_os_str()],
-            TOOL_TIMEOUT,
-        )
-        .await
-        .map_err(|source| Error::Tool {
-            what: "fusermount3 -u",
-            source,
-        })?;
-        Ok(())
+        // A detached loop device drops its reference to the FUSE file a
+        // moment after sysfs stops naming it (the kernel finishes the
+        // teardown in a work queue), so a busy unmount is retried briefly.
+        let deadline = std::time::Instant::now() + FUSE_BUSY_TIMEOUT;
+        loop {
+            let result = command::run(
+                "fusermount3",
+                ["-u".as_ref(), p.mountpoint.as_os_str()],
+                TOOL_TIMEOUT,
+            )
+            .await;
+            match result {
+                Ok(_) => return Ok(()),
+                Err(command::Error::Failed { ref stderr, .. })
+                    if stderr.contains("busy") && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(source) => {
+                    return Err(Error::Tool {
+                        what: "fusermount3 -u",
+                        source,
+                    });
+                }
+            }
+        }
     }
 
     async fn setup_loop(&self, p: &Paths) -> Result<PathBuf> {

@@ -60,6 +60,9 @@ pub struct NodeConfig {
     pub node_id: String,
     /// Most volumes this node may have published at once (0: no limit).
     pub max_volumes: i64,
+    /// Topology labels of this node besides `topology.ballast.io/node`
+    /// (e.g. `topology.kubernetes.io/zone`), as the agent registers them.
+    pub topology: HashMap<String, String>,
 }
 
 /// The Node service.
@@ -329,7 +332,7 @@ impl csi::node_server::Node for Node {
     }
 
     /// CSI spec, NodeGetInfo: the id ControllerPublishVolume receives, and
-    /// the node's own topology segment.
+    /// the node's topology segment: its own node key plus its labels.
     #[instrument(err, skip_all)]
     async fn node_get_info(
         &self,
@@ -339,10 +342,13 @@ impl csi::node_server::Node for Node {
             node_id: self.config.node_id.clone(),
             max_volumes_per_node: self.config.max_volumes,
             accessible_topology: Some(csi::Topology {
-                segments: HashMap::from([(
-                    TOPOLOGY_NODE_KEY.to_string(),
-                    self.config.node_id.clone(),
-                )]),
+                segments: self
+                    .config
+                    .topology
+                    .clone()
+                    .into_iter()
+                    .chain([(TOPOLOGY_NODE_KEY.to_string(), self.config.node_id.clone())])
+                    .collect(),
             }),
         }))
     }
@@ -365,6 +371,10 @@ mod tests {
             NodeConfig {
                 node_id: "node-7".into(),
                 max_volumes: 16,
+                topology: HashMap::from([(
+                    "topology.kubernetes.io/zone".to_string(),
+                    "zone-a".to_string(),
+                )]),
             },
             Arc::new(fake.clone()),
             Arc::new(fake.clone()),
@@ -477,5 +487,13 @@ mod tests {
             segments.get(TOPOLOGY_NODE_KEY).map(String::as_str),
             Some("node-7")
         );
+        assert_eq!(
+            segments
+                .get("topology.kubernetes.io/zone")
+                .map(String::as_str),
+            Some("zone-a"),
+            "the zone label given with --topology"
+        );
+        assert_eq!(segments.len(), 2);
     }
 }

@@ -899,3 +899,51 @@ async fn a_volume_whose_nbdfuse_died_is_abnormal_and_still_cleans_up() -> Result
     assert_nothing_attached(&node1)?;
     Ok(())
 }
+
+/// NodeGetInfo over the socket: the node id kubelet hands to
+/// ControllerPublishVolume, the node's own topology key and the zone label
+/// the plugin was started with, and the volume limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_get_info_reports_the_node_its_zone_and_its_limit() -> Result<()> {
+    let dir = crate::harness::TestDir::new("csi-node-info");
+    let socket = dir.join("csi.sock");
+    let _plugin = crate::harness::Child::spawn(
+        "ballast-csi node",
+        Command::new(crate::harness::bin("ballast-csi"))
+            .arg("node")
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--node-id")
+            .arg("worker-7")
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(["--max-volumes", "12"])
+            .args(["--topology", "topology.kubernetes.io/zone=zone-b"]),
+        &dir.join("plugin.log"),
+    )?;
+    let mut node = csi::node_client::NodeClient::new(channel(&socket).await?);
+    let info = node
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(info.node_id, "worker-7");
+    assert_eq!(info.max_volumes_per_node, 12);
+    let segments = info
+        .accessible_topology
+        .map(|t| t.segments)
+        .unwrap_or_default();
+    assert_eq!(
+        segments,
+        HashMap::from([
+            (
+                "topology.ballast.io/node".to_string(),
+                "worker-7".to_string()
+            ),
+            (
+                "topology.kubernetes.io/zone".to_string(),
+                "zone-b".to_string()
+            ),
+        ])
+    );
+    Ok(())
+}

@@ -73,6 +73,22 @@ struct NodeArgs {
     /// Most volumes published on this node at once (0: no limit).
     #[arg(long, default_value_t = 0)]
     max_volumes: i64,
+
+    /// A topology label of this node, KEY=VALUE (repeatable), e.g.
+    /// topology.kubernetes.io/zone=zone-a: NodeGetInfo reports it next to
+    /// topology.ballast.io/node=<node id>. Give the agent the same labels.
+    #[arg(long = "topology", value_name = "KEY=VALUE", value_parser = parse_label)]
+    topology: Vec<(String, String)>,
+}
+
+/// Parses a `KEY=VALUE` topology label; both sides must be non-empty.
+fn parse_label(label: &str) -> Result<(String, String), String> {
+    match label.split_once('=') {
+        Some((key, value)) if !key.is_empty() && !value.is_empty() => {
+            Ok((key.to_string(), value.to_string()))
+        }
+        _ => Err(format!("expected KEY=VALUE, got {label:?}")),
+    }
 }
 
 #[derive(clap::Args)]
@@ -268,6 +284,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         service::node::NodeConfig {
             node_id: args.node_id.clone(),
             max_volumes: args.max_volumes,
+            topology: args.topology.iter().cloned().collect(),
         },
         attacher,
         Arc::new(SystemMounter::new()),
@@ -297,6 +314,17 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         for bad in ["", "s", "10x", "-1s", "0s", "1.5s"] {
             assert!(parse_duration(bad).is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn topology_labels_need_a_key_and_a_value() {
+        assert_eq!(
+            parse_label("topology.kubernetes.io/zone=zone-a"),
+            Ok(("topology.kubernetes.io/zone".into(), "zone-a".into()))
+        );
+        for bad in ["zone", "=zone-a", "topology.kubernetes.io/zone="] {
+            assert!(parse_label(bad).is_err(), "{bad}");
         }
     }
 }

@@ -10,7 +10,7 @@
 #   scripts/demo.sh --pgbench-seconds 10 --scale 5
 #   scripts/demo.sh --dir /var/tmp/my-demo --keep
 #
-# Run as root on a Debian machine: sudo scripts/demo.sh
+# Run as root on a Debian machine: scripts/demo.sh (sudo if you are not root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -185,6 +185,7 @@ fn mount_cap(fs: Option<FsType>, flags: &[&str]) -> Capability {
             flags: flags.iter().map(|f| f.to_string()).collect(),
         },
         reader_only: false,
+        single_writer: false,
     }
 }
 
@@ -436,6 +437,7 @@ async fn nbdfuse_raw_block_publish() {
     let block = Capability {
         access: Access::Block,
         reader_only: false,
+        single_writer: false,
     };
     staging::stage(
         &attacher,

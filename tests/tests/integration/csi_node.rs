@@ -654,6 +654,35 @@ async fn node_rpcs_answer_bad_requests_with_the_spec_codes() -> Result<()> {
     );
     let same = c.node_expand_volume(expand).await?.into_inner();
     assert_eq!(same.capacity_bytes, 64 * MIB, "a full filesystem is fine");
+
+    // SINGLE_NODE_SINGLE_WRITER (ReadWriteOncePod): one target at a time.
+    let single_writer = || {
+        let mut cap = mount_cap("");
+        cap.access_mode = Some(csi::volume_capability::AccessMode {
+            mode: csi::volume_capability::access_mode::Mode::SingleNodeSingleWriter.into(),
+        });
+        cap
+    };
+    let first_pod = publish_request(&volume, &staging, &target, single_writer());
+    c.node_publish_volume(first_pod.clone()).await?;
+    let second_target = dir.join("target-2");
+    let second_pod = publish_request(&volume, &staging, &second_target, single_writer());
+    assert_eq!(
+        code(c.node_publish_volume(second_pod.clone()).await),
+        Some(Code::FailedPrecondition),
+        "a second pod of a SINGLE_NODE_SINGLE_WRITER volume"
+    );
+    assert_eq!(fs_type_at(&second_target), None);
+    c.node_unpublish_volume(unpublish.clone()).await?;
+    c.node_publish_volume(second_pod)
+        .await
+        .context("the single writer moves once the first pod is gone")?;
+    c.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        target_path: second_target.display().to_string(),
+        ..unpublish
+    })
+    .await?;
+
     c.node_unstage_volume(unstage).await?;
     assert_nothing_attached(&node1)?;
     Ok(())

@@ -131,6 +131,18 @@ pub enum Error {
         /// The path.
         path: PathBuf,
     },
+    /// A SINGLE_NODE_SINGLE_WRITER volume is already published at another
+    /// target path (CSI spec, NodePublishVolume: the mode allows one
+    /// publication at a time; a second one exceeds the capability).
+    #[error(
+        "Volume {volume_id} is SINGLE_NODE_SINGLE_WRITER and already published at {other}; unpublish it there first"
+    )]
+    SingleWriterPublished {
+        /// The volume.
+        volume_id: String,
+        /// Where it is published.
+        other: PathBuf,
+    },
     /// A read-only raw block publish: the kernel does not enforce a
     /// read-only mount on a device node, so it cannot be honoured yet.
     #[error("Read-only publishing of raw block volumes is not supported")]
@@ -189,6 +201,7 @@ impl From<Error> for tonic::Status {
             | Error::FsTypeMismatch { .. }
             | Error::ForeignSignature { .. }
             | Error::StillPublished { .. }
+            | Error::SingleWriterPublished { .. }
             | Error::ReadOnlyBlock => tonic::Status::failed_precondition(msg),
             Error::VolumeNotFound { .. } => tonic::Status::not_found(msg),
             Error::StillMounted { .. } => tonic::Status::internal(msg),
@@ -221,6 +234,9 @@ pub struct Capability {
     /// True for the `*_READER_ONLY` access modes: the volume is staged
     /// read-only.
     pub reader_only: bool,
+    /// True for SINGLE_NODE_SINGLE_WRITER (Kubernetes ReadWriteOncePod):
+    /// the volume may be published at one target path only.
+    pub single_writer: bool,
 }
 
 /// Checks a CSI `volume_capability` (REQUIRED in every stage and publish
@@ -261,6 +277,7 @@ pub fn capability(cap: Option<&csi::VolumeCapability>) -> Result<Capability> {
     Ok(Capability {
         access,
         reader_only: matches!(mode, Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly),
+        single_writer: mode == Mode::SingleNodeSingleWriter,
     })
 }
 
@@ -639,6 +656,22 @@ pub async fn publish(
         }
         info!("already published");
         return Ok(());
+    }
+    if req.capability.single_writer {
+        let name = device
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let other = mounter.mounts().await?.into_iter().find(|m| {
+            m.mount_point != req.staging_path
+                && attach::device_in_use(name, rdev, std::slice::from_ref(m))
+        });
+        if let Some(other) = other {
+            return Err(Error::SingleWriterPublished {
+                volume_id: req.volume_id.clone(),
+                other: other.mount_point,
+            });
+        }
     }
 
     mounter.create_target(&req.target_path, kind).await?;

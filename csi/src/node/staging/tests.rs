@@ -321,6 +321,7 @@ fn mount_cap(fs: Option<FsType>) -> Capability {
             flags: vec![],
         },
         reader_only: false,
+        single_writer: false,
     }
 }
 
@@ -328,6 +329,7 @@ fn block_cap() -> Capability {
     Capability {
         access: Access::Block,
         reader_only: false,
+        single_writer: false,
     }
 }
 
@@ -642,6 +644,37 @@ async fn publish_rules() {
         w.targets
     );
     assert_eq!(w.mkfs.len(), 1, "restaging must not format again");
+}
+
+#[tokio::test]
+async fn a_single_node_single_writer_volume_is_published_once() {
+    let f = Fake::default();
+    let single = Capability {
+        single_writer: true,
+        ..mount_cap(None)
+    };
+    stage(&f, &f, &stage_req("vol-1", "/stage/1", single.clone()))
+        .await
+        .expect("stage");
+    let first = publish_req("vol-1", "/stage/1", "/pod/1", single.clone(), false);
+    publish(&f, &f, &first).await.expect("first publish");
+    publish(&f, &f, &first)
+        .await
+        .expect("the same publish again");
+    let second = publish_req("vol-1", "/stage/1", "/pod/2", single.clone(), false);
+    let r = publish(&f, &f, &second).await;
+    assert!(
+        matches!(r, Err(Error::SingleWriterPublished { ref other, .. }) if other == Path::new("/pod/1")),
+        "{r:?}"
+    );
+    assert_eq!(code(r), Code::FailedPrecondition);
+    assert!(!f.world().targets.iter().any(|t| t == Path::new("/pod/2")));
+    unpublish(&f, "vol-1", Path::new("/pod/1"))
+        .await
+        .expect("unpublish");
+    publish(&f, &f, &second)
+        .await
+        .expect("published at the new target once the old one is gone");
 }
 
 #[tokio::test]

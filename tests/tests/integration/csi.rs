@@ -1,11 +1,11 @@
 //! The CSI contract over the real sockets: a local cluster whose
-//! controller serves CSI on `DIR/csi.sock`, `ballast-csi node` plugins
-//! (nbdfuse + loop) on two of its nodes, and tonic clients playing kubelet
-//! and the CSI sidecars.
+//! controller serves CSI on `DIR/csi.sock` and whose nodes each run a
+//! `ballast-csi node` plugin (`DIR/node-K/csi.sock`, nbdfuse + loop here),
+//! and tonic clients playing kubelet and the CSI sidecars.
 //!
-//! Every wait is bounded. The cluster, the node plugins (killed with the
-//! test thread), and every mount and loop device under the test directory
-//! are torn down on drop, so a failed assertion leaves nothing behind.
+//! Every wait is bounded. The cluster with its node plugins, and every
+//! mount and loop device under the test directory, are torn down on drop,
+//! so a failed assertion leaves nothing behind.
 
 use std::process::Command;
 use std::time::Duration;
@@ -362,7 +362,7 @@ async fn cluster_down_unstages_what_node_plugins_left() -> Result<()> {
         );
     }
     let mut controller = ControllerClient::new(channel(&cluster.path.join("csi.sock")).await?);
-    let mut node2 = NodePlugin::of_cluster(&cluster, "node-2").await?;
+    let mut node2 = NodePlugin::start(&cluster, "node-2").await?.client;
     let answer = node2.node_get_info(csi::NodeGetInfoRequest {}).await?;
     assert_eq!(answer.into_inner().node_id, "node-2");
 

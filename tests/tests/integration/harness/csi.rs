@@ -47,10 +47,15 @@ pub async fn channel(socket: &Path) -> Result<Channel> {
     }
 }
 
-/// A `ballast-csi node` process with its client.
+/// The `ballast-csi node` plugin that `ballast cluster up` started for a
+/// node, with its client; [`NodePlugin::restart`] replaces it by one this
+/// test owns (killed on drop).
 pub struct NodePlugin {
     pub client: NodeClient<Channel>,
-    process: Child,
+    /// The cluster's plugin process, until a restart replaces it.
+    cluster_pid: Option<i32>,
+    /// The plugin started by [`NodePlugin::restart`].
+    process: Option<Child>,
     node_id: String,
     socket: PathBuf,
     state_dir: PathBuf,
@@ -58,9 +63,8 @@ pub struct NodePlugin {
 }
 
 impl NodePlugin {
-    /// A client of the node plugin `ballast cluster up` started for
-    /// `node_id`.
-    pub async fn of_cluster(cluster: &Cluster, node_id: &str) -> Result<NodeClient<Channel>> {
+    /// Connects to the node plugin of `node_id` in `cluster`.
+    pub async fn start(cluster: &Cluster, node_id: &str) -> Result<Self> {
         let info = cluster.info()?;
         let node = info
             .nodes
@@ -69,41 +73,22 @@ impl NodePlugin {
             .with_context(|| format!("no {node_id} in the cluster"))?;
         let socket = node
             .csi_socket()
-            .with_context(|| format!("{node_id} has no node plugin"))?;
-        Ok(NodeClient::new(channel(socket).await?))
-    }
-
-    pub async fn start(cluster: &Cluster, node_id: &str) -> Result<Self> {
-        let socket = cluster.dir.join(&format!("{node_id}-csi.sock"));
-        let state_dir = cluster.dir.join(&format!("{node_id}-csi-state"));
-        let log = cluster.dir.join(&format!("{node_id}-csi.log"));
-        let process = Self::spawn(node_id, &socket, &state_dir, &log)?;
+            .with_context(|| format!("{node_id} has no node plugin"))?
+            .to_path_buf();
+        let state_dir = node
+            .csi_state_dir
+            .clone()
+            .with_context(|| format!("{node_id} has no node plugin state"))?;
         let client = NodeClient::new(channel(&socket).await?);
         Ok(Self {
             client,
-            process,
+            cluster_pid: node.plugin.as_ref().map(|p| p.pid),
+            process: None,
             node_id: node_id.to_string(),
             socket,
             state_dir,
-            log,
+            log: cluster.dir.join(&format!("{node_id}-csi-restarted.log")),
         })
-    }
-
-    fn spawn(node_id: &str, socket: &Path, state_dir: &Path, log: &Path) -> Result<Child> {
-        Child::spawn(
-            &format!("ballast-csi node {node_id}"),
-            Command::new(bin("ballast-csi"))
-                .arg("node")
-                .arg("--endpoint")
-                .arg(format!("unix://{}", socket.display()))
-                .arg("--node-id")
-                .arg(node_id)
-                .arg("--state-dir")
-                .arg(state_dir)
-                .arg("--attach")
-                .arg("nbdfuse-loop"),
-            log,
-        )
     }
 
     /// Where the plugin keeps its attachment records (and nbdfuse mounts).
@@ -114,8 +99,30 @@ impl NodePlugin {
     /// SIGKILLs the plugin (a crash: whatever it attached stays) and starts
     /// a new one with the same socket and state directory.
     pub async fn restart(&mut self) -> Result<()> {
-        self.process.kill();
-        self.process = Self::spawn(&self.node_id, &self.socket, &self.state_dir, &self.log)?;
+        if let Some(pid) = self.cluster_pid.take() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )?;
+            wait_for("the node plugin to die", Duration::from_secs(10), || {
+                (!super::cluster::pid_running(pid)).then_some(())
+            })?;
+        }
+        if let Some(mut process) = self.process.take() {
+            process.kill();
+        }
+        self.process = Some(Child::spawn(
+            &format!("ballast-csi node {}", self.node_id),
+            Command::new(bin("ballast-csi"))
+                .arg("node")
+                .arg("--endpoint")
+                .arg(format!("unix://{}", self.socket.display()))
+                .arg("--node-id")
+                .arg(&self.node_id)
+                .arg("--state-dir")
+                .arg(&self.state_dir),
+            &self.log,
+        )?);
         self.client = NodeClient::new(channel(&self.socket).await?);
         Ok(())
     }

@@ -32,7 +32,7 @@ use super::scheduling::{self, Candidate};
 use super::{Error, Volumes};
 use crate::controller::agents::AgentError;
 use crate::controller::guard::OpGuard;
-use crate::controller::node::{NodeView, Topology};
+use crate::controller::node::{self, NodeView, Topology};
 use crate::controller::now_unix_ms;
 
 /// Longest volume name, in bytes (the agents' replica name limit).
@@ -308,6 +308,7 @@ impl Volumes {
             capabilities: request.capabilities.clone(),
             parameters: request.parameters.clone(),
             requisite_topology: request.requisite_topology.clone(),
+            unclean_stop: false,
         };
         record::create(store, &planned).await?;
         info!(nodes = ?nodes, "Volume record created; creating replicas");
@@ -528,9 +529,23 @@ impl Volumes {
         }
         // Commit the new epoch and the target's node before the target
         // starts: no replica may see an epoch the store does not hold.
+        let nodes = &self.context.nodes;
         let raised = record::update(store, volume_id, |r| {
             check_publishable(r)?;
             r.epoch += 1;
+            // A target is still recorded (it died, or is being moved while
+            // it runs) or went away uncleanly: its unacknowledged writes
+            // may sit on some in-sync replicas only.
+            if r.target.is_some() || r.unclean_stop {
+                let faulted = r.resync_from_one(
+                    node_id,
+                    |n| nodes.state(n) == node::NodeState::Up,
+                    now_unix_ms(),
+                );
+                if !faulted.is_empty() {
+                    info!(faulted = ?faulted, "The previous target stopped uncleanly; these replicas are rebuilt from one in-sync replica");
+                }
+            }
             // A restart on the same node without a capability (the
             // management API) keeps the one CSI published with.
             let kept = r
@@ -678,21 +693,24 @@ impl Volumes {
         if node_id.is_some_and(|node| node != target.node_id) {
             return Ok(());
         }
-        match self.stop_target(&target.node_id, volume_id).await {
-            Ok(()) => {}
+        let unclean = match self.stop_target(&target.node_id, volume_id).await {
+            Ok(()) => false,
             Err(err @ (Error::NodeDown { .. } | Error::NodeNotFound { .. })) => {
-                warn!(node.id = %target.node_id, error = %err, "Target's node is unreachable; the next publish's epoch fences it");
+                warn!(node.id = %target.node_id, error = %err, "Target's node is unreachable; the next publish's epoch fences it and resynchronises the replicas");
+                true
             }
             Err(Error::Agent(err)) if err.is_unreachable() => {
-                warn!(node.id = %target.node_id, error = %err, "Target's agent is unreachable; the next publish's epoch fences it");
+                warn!(node.id = %target.node_id, error = %err, "Target's agent is unreachable; the next publish's epoch fences it and resynchronises the replicas");
+                true
             }
             Err(err) => return Err(err),
-        }
+        };
         record::update(store, volume_id, |r| {
             if r.target.as_ref().map(|t| &t.node_id) != Some(&target.node_id) {
                 return Ok::<_, Error>(Change::Keep);
             }
             r.target = None;
+            r.unclean_stop |= unclean;
             Ok(Change::Write)
         })
         .await?;

@@ -188,6 +188,13 @@ pub struct VolumeRecord {
     /// replaces a replica. Empty: any node.
     #[serde(default)]
     pub requisite_topology: Vec<Topology>,
+    /// The last target went away without confirming that it finished its
+    /// writes (its node was unreachable when the volume was unpublished):
+    /// the in-sync replicas may differ in writes it never acknowledged,
+    /// so the next publish resynchronises them (see
+    /// [`VolumeRecord::resync_from_one`]).
+    #[serde(default)]
+    pub unclean_stop: bool,
 }
 
 impl VolumeRecord {
@@ -199,6 +206,56 @@ impl VolumeRecord {
     /// The replica on `node_id`, for changing it.
     pub fn replica_mut(&mut self, node_id: &str) -> Option<&mut ReplicaRecord> {
         self.replicas.iter_mut().find(|r| r.node_id == node_id)
+    }
+
+    /// Keeps one in-sync replica and faults the other in-sync ones, for a
+    /// new target after one that stopped uncleanly (its node died, or it
+    /// was moved while running).
+    ///
+    /// Why: an old target's write that it never acknowledged may have
+    /// reached some in-sync replicas and not others. Every in-sync replica
+    /// holds every acknowledged write, so any one is a correct source, but
+    /// reads spread over replicas that differ could return a block's old
+    /// contents after its new ones. The faulted replicas are rebuilt from
+    /// the kept one by comparing region hashes (a new target has no
+    /// dirty-region log), which makes them byte-identical again.
+    ///
+    /// The kept replica is the one on `target_node` if it is in sync, else
+    /// the first in-sync one on a node for which `is_up` holds, else the
+    /// first in-sync one. Returns the nodes whose replicas were faulted.
+    pub fn resync_from_one(
+        &mut self,
+        target_node: &str,
+        is_up: impl Fn(&str) -> bool,
+        now_unix_ms: i64,
+    ) -> Vec<String> {
+        let in_sync = |r: &&ReplicaRecord| r.state == ReplicaState::InSync;
+        let source = self
+            .replicas
+            .iter()
+            .filter(in_sync)
+            .find(|r| r.node_id == target_node)
+            .or_else(|| {
+                self.replicas
+                    .iter()
+                    .filter(in_sync)
+                    .find(|r| is_up(&r.node_id))
+            })
+            .or_else(|| self.replicas.iter().find(in_sync))
+            .map(|r| r.node_id.clone());
+        let Some(source) = source else {
+            return Vec::new();
+        };
+        let mut faulted = Vec::new();
+        for replica in &mut self.replicas {
+            if replica.state == ReplicaState::InSync && replica.node_id != source {
+                replica.state = ReplicaState::Faulted;
+                replica.faulted_since_unix_ms = now_unix_ms;
+                faulted.push(replica.node_id.clone());
+            }
+        }
+        self.unclean_stop = false;
+        faulted
     }
 
     /// Number of in-sync replicas.
@@ -404,7 +461,64 @@ mod tests {
             capabilities: Vec::new(),
             parameters: BTreeMap::new(),
             requisite_topology: Vec::new(),
+            unclean_stop: false,
         }
+    }
+
+    fn three_in_sync() -> VolumeRecord {
+        let mut r = record();
+        r.replicas = ["n1", "n2", "n3"]
+            .iter()
+            .map(|n| ReplicaRecord {
+                node_id: n.to_string(),
+                replica_name: "v1".into(),
+                state: ReplicaState::InSync,
+                faulted_since_unix_ms: 0,
+                full_rebuild: false,
+            })
+            .collect();
+        r.unclean_stop = true;
+        r
+    }
+
+    fn in_sync_nodes(r: &VolumeRecord) -> Vec<&str> {
+        r.replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::InSync)
+            .map(|r| r.node_id.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn a_resync_keeps_the_new_targets_replica_and_faults_the_others() {
+        let mut r = three_in_sync();
+        assert_eq!(r.resync_from_one("n2", |_| true, 7), ["n1", "n3"]);
+        assert_eq!(in_sync_nodes(&r), ["n2"]);
+        assert!(
+            r.replicas
+                .iter()
+                .filter(|r| r.state == ReplicaState::Faulted)
+                .all(|r| r.faulted_since_unix_ms == 7)
+        );
+        assert!(!r.unclean_stop);
+    }
+
+    #[test]
+    fn a_resync_keeps_a_replica_on_an_up_node_when_the_target_has_none() {
+        let mut r = three_in_sync();
+        // The target's node holds no replica and n1 (the dead old target's
+        // node) is down: the kept copy must be one the target can reach.
+        assert_eq!(r.resync_from_one("n4", |n| n != "n1", 1), ["n1", "n3"]);
+        assert_eq!(in_sync_nodes(&r), ["n2"]);
+        // Nothing up at all: still exactly one in-sync replica is kept.
+        let mut r = three_in_sync();
+        r.resync_from_one("n4", |_| false, 1);
+        assert_eq!(in_sync_nodes(&r), ["n1"]);
+        // Faulted replicas stay faulted and never become the source.
+        let mut r = three_in_sync();
+        r.replicas[0].state = ReplicaState::Faulted;
+        assert_eq!(r.resync_from_one("n1", |_| true, 1), ["n3"]);
+        assert_eq!(in_sync_nodes(&r), ["n2"]);
     }
 
     #[tokio::test]

@@ -767,6 +767,7 @@ async fn an_interrupted_create_is_rolled_back_by_a_reconciler() {
         capabilities: Vec::new(),
         parameters: Default::default(),
         requisite_topology: Vec::new(),
+        unclean_stop: false,
     };
     record::create(&fixture.context.store, &leftover)
         .await

@@ -388,12 +388,18 @@ async fn start(
     info: &mut ClusterInfo,
 ) -> Result<(), Error> {
     let dir = info.dir.clone();
+    let mut ports = Ports::default();
     match spec.store {
         StoreKind::Embedded => {
             info.store = format!("embedded://{}", dir.join("ballast.redb").display());
         }
         StoreKind::Etcd => {
-            let etcd = start_etcd(binaries, &dir, previous.and_then(|p| p.etcd.as_ref()))?;
+            let etcd = start_etcd(
+                binaries,
+                &dir,
+                previous.and_then(|p| p.etcd.as_ref()),
+                &mut ports,
+            )?;
             let endpoint = etcd.client_url.trim_start_matches("http://").to_string();
             info.store = format!("etcd://{endpoint}");
             info.etcd = Some(etcd);
@@ -402,10 +408,11 @@ async fn start(
         }
     }
 
-    let controller_port = previous
-        .and_then(|p| p.controller_address())
-        .and_then(port_of)
-        .map_or_else(free_port, Ok)?;
+    let controller_port = ports.pick(
+        previous
+            .and_then(|p| p.controller_address())
+            .and_then(port_of),
+    )?;
     let listen = format!("127.0.0.1:{controller_port}");
     let csi_endpoint = format!("unix://{}", dir.join("csi.sock").display());
     let mut args = vec![
@@ -430,12 +437,8 @@ async fn start(
     for k in 1..=spec.nodes {
         let node_id = format!("node-{k}");
         let old = previous.and_then(|p| p.nodes.iter().find(|n| n.node_id == node_id));
-        let grpc_port = old
-            .and_then(|n| port_of(&n.agent_address))
-            .map_or_else(free_port, Ok)?;
-        let data_port = old
-            .and_then(|n| port_of(&n.data_address))
-            .map_or_else(free_port, Ok)?;
+        let grpc_port = ports.pick(old.and_then(|n| port_of(&n.agent_address)))?;
+        let data_port = ports.pick(old.and_then(|n| port_of(&n.data_address)))?;
         let node_dir = dir.join(&node_id);
         let state_dir = node_dir.join("state");
         create_dir(&state_dir)?;
@@ -706,14 +709,10 @@ fn start_etcd(
     binaries: &Binaries,
     dir: &Path,
     previous: Option<&EtcdInfo>,
+    ports: &mut Ports,
 ) -> Result<EtcdInfo, Error> {
-    let client_port = previous
-        .and_then(|e| port_of(&e.client_url))
-        .map_or_else(free_port, Ok)?;
-    let peer_port = match previous {
-        Some(e) => e.peer_port,
-        None => free_port()?,
-    };
+    let client_port = ports.pick(previous.and_then(|e| port_of(&e.client_url)))?;
+    let peer_port = ports.pick(previous.map(|e| e.peer_port))?;
     let client = format!("http://127.0.0.1:{client_port}");
     let peer = format!("http://127.0.0.1:{peer_port}");
     let args = vec![
@@ -796,6 +795,34 @@ fn free_port() -> Result<u16, Error> {
         .map_err(Error::NoPort)
 }
 
+/// The loopback ports of one `up`, all distinct: a port released by
+/// [`free_port`] may be handed out again at once, and an agent given the
+/// same port for its API and its replica listener cannot start.
+#[derive(Debug, Default)]
+struct Ports {
+    taken: std::collections::HashSet<u16>,
+}
+
+impl Ports {
+    /// `previous` (a restarted cluster keeps its ports), else a free port
+    /// not handed out before.
+    fn pick(&mut self, previous: Option<u16>) -> Result<u16, Error> {
+        if let Some(port) = previous {
+            self.taken.insert(port);
+            return Ok(port);
+        }
+        for _ in 0..100 {
+            let port = free_port()?;
+            if self.taken.insert(port) {
+                return Ok(port);
+            }
+        }
+        Err(Error::NoPort(std::io::Error::other(
+            "the kernel kept handing out ports already taken",
+        )))
+    }
+}
+
 /// The port of `http://HOST:PORT` or `HOST:PORT`.
 fn port_of(address: &str) -> Option<u16> {
     address
@@ -823,6 +850,17 @@ fn create_dir(dir: &Path) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ports_of_one_cluster_are_distinct() {
+        let mut ports = Ports::default();
+        assert_eq!(ports.pick(Some(4242)).ok(), Some(4242));
+        let picked: Vec<u16> = (0..200).filter_map(|_| ports.pick(None).ok()).collect();
+        assert_eq!(picked.len(), 200);
+        let distinct: std::collections::HashSet<u16> = picked.iter().copied().collect();
+        assert_eq!(distinct.len(), 200, "a port was handed out twice");
+        assert!(!distinct.contains(&4242));
+    }
 
     #[test]
     fn ports_are_read_from_addresses() {

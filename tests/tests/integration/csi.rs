@@ -19,7 +19,7 @@ use tonic::Code;
 use crate::harness::cluster::Cluster;
 use crate::harness::csi::{
     MIB, NBD_URI_KEY, NodePlugin, channel, code, create_request, fs_type_at, mount_cap,
-    mount_source, stage_and_publish, unpublish_and_unstage,
+    mount_source, stage_and_publish, unpublish_and_delete, unpublish_and_unstage,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,28 +322,7 @@ async fn a_volume_follows_its_pod_to_another_node() -> Result<()> {
     assert_eq!(status.volume_condition.map(|c| c.abnormal), Some(false));
 
     unpublish_and_unstage(&mut node2, "pvc-flow", &dir2).await?;
-    controller
-        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-            volume_id: "pvc-flow".into(),
-            node_id: "node-2".into(),
-            ..Default::default()
-        })
-        .await?;
-    controller
-        .delete_volume(csi::DeleteVolumeRequest {
-            volume_id: "pvc-flow".into(),
-            ..Default::default()
-        })
-        .await?;
-    assert!(
-        !cluster
-            .all_replicas()?
-            .values()
-            .flatten()
-            .any(|r| r == "pvc-flow"),
-        "every replica destroyed"
-    );
-    Ok(())
+    unpublish_and_delete(&mut controller, &cluster, "pvc-flow", "node-2").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

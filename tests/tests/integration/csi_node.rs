@@ -23,7 +23,8 @@ use tonic::transport::Channel;
 use crate::harness::cluster::Cluster;
 use crate::harness::csi::{
     MIB, NBD_URI_KEY, NodePlugin, block_cap, channel, code, create_request, fs_type_at, mount_cap,
-    publish_request, stage_and_publish, stage_and_publish_as, stage_request, unpublish_and_unstage,
+    publish_request, stage_and_publish, stage_and_publish_as, stage_request, unpublish_and_delete,
+    unpublish_and_unstage,
 };
 use crate::harness::run;
 
@@ -853,22 +854,7 @@ async fn an_xfs_volume_moves_to_another_node_and_grows() -> Result<()> {
 
     unpublish_and_unstage(&mut node2, "pvc-xfs", &dir2).await?;
     assert_nothing_attached(&node2)?;
-    controller_unpublish(&mut controller, "pvc-xfs", "node-2").await?;
-    controller
-        .delete_volume(csi::DeleteVolumeRequest {
-            volume_id: "pvc-xfs".into(),
-            ..Default::default()
-        })
-        .await?;
-    assert!(
-        !cluster
-            .all_replicas()?
-            .values()
-            .flatten()
-            .any(|r| r == "pvc-xfs"),
-        "every replica destroyed"
-    );
-    Ok(())
+    unpublish_and_delete(&mut controller, &cluster, "pvc-xfs", "node-2").await
 }
 
 /// When nbdfuse, which carries the volume's I/O, dies under a mounted

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ballast_proto::csi;
+use ballast_proto::csi::controller_client::ControllerClient;
 use ballast_proto::csi::node_client::NodeClient;
 use ballast_proto::csi::volume_capability::access_mode::Mode;
 use ballast_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
@@ -300,4 +301,36 @@ pub fn fs_type_at(path: &Path) -> Option<String> {
         }
     }
     found
+}
+
+/// ControllerUnpublishVolume from `node`, then DeleteVolume, as the
+/// external-attacher and the external-provisioner end a volume's life;
+/// fails unless no node holds a replica of it afterwards.
+pub async fn unpublish_and_delete(
+    controller: &mut ControllerClient<Channel>,
+    cluster: &Cluster,
+    volume_id: &str,
+    node: &str,
+) -> Result<()> {
+    controller
+        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: volume_id.into(),
+            node_id: node.into(),
+            ..Default::default()
+        })
+        .await?;
+    controller
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: volume_id.into(),
+            ..Default::default()
+        })
+        .await?;
+    let left: Vec<String> = cluster
+        .all_replicas()?
+        .into_iter()
+        .filter(|(_, volumes)| volumes.iter().any(|v| v == volume_id))
+        .map(|(node, _)| node)
+        .collect();
+    anyhow::ensure!(left.is_empty(), "replicas of {volume_id} left on {left:?}");
+    Ok(())
 }

@@ -12,18 +12,33 @@ use std::process::{Command, Stdio};
 
 use nix::mount::{MntFlags, umount2};
 
-/// Mount points under `dir`, deepest first.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let mut mounts: Vec<PathBuf> = fs::read_to_string("/proc/self/mountinfo")
+use crate::node::mount::MountEntry;
+use crate::node::mount::mountinfo;
+
+/// The kernel's mount table; empty if it cannot be read or parsed
+/// (clean-up is best effort, and what is left is reported).
+fn mount_table() -> Vec<MountEntry> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|text| mountinfo::parse(&text).ok())
         .unwrap_or_default()
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|field| PathBuf::from(unescape(field)))
-        .filter(|mount| mount.starts_with(dir))
+}
+
+/// Mount points of `entries` that `keep` selects, deepest first.
+fn deepest_first(entries: Vec<MountEntry>, keep: impl Fn(&MountEntry) -> bool) -> Vec<PathBuf> {
+    let mut mounts: Vec<PathBuf> = entries
+        .into_iter()
+        .filter(|m| keep(m))
+        .map(|m| m.mount_point)
         .collect();
     mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
     mounts.dedup();
     mounts
+}
+
+/// Mount points under `dir`, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    deepest_first(mount_table(), |m| m.mount_point.starts_with(dir))
 }
 
 /// Loop devices (`/dev/loopN`) whose backing file is under `dir`.
@@ -60,11 +75,7 @@ pub fn clean_under(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
         if mounts.is_empty() {
             break;
         }
-        for mount in mounts {
-            if umount2(&mount, MntFlags::empty()).is_err() {
-                let _ = umount2(&mount, MntFlags::MNT_DETACH);
-            }
-        }
+        unmount(&mounts);
     }
     detach_loops(&loops_under(dir));
     // Detaching is asynchronous for a device still open somewhere; give
@@ -86,41 +97,29 @@ pub fn clean_under(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
 /// Best effort: what is left is reported by [`clean_under`] later.
 pub fn detach_volumes(state_dir: &Path) {
     let loops = loops_under(state_dir);
-    let devices: Vec<String> = loops.iter().filter_map(|l| device_number(l)).collect();
-    let mut mounts: Vec<PathBuf> = fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split(' ');
-            let number = fields.nth(2)?;
-            let mount_point = fields.nth(1)?;
-            devices
-                .iter()
-                .any(|d| d == number)
-                .then(|| PathBuf::from(unescape(mount_point)))
-        })
-        .collect();
-    mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
-    mounts.dedup();
-    for mount in mounts {
-        if umount2(&mount, MntFlags::empty()).is_err() {
-            let _ = umount2(&mount, MntFlags::MNT_DETACH);
-        }
-    }
+    let devices: Vec<u64> = loops.iter().filter_map(|l| device_number(l)).collect();
+    unmount(&deepest_first(mount_table(), |m| {
+        devices.contains(&m.dev())
+    }));
     detach_loops(&loops);
-    for mount in mounts_under(state_dir) {
-        if umount2(&mount, MntFlags::empty()).is_err() {
-            let _ = umount2(&mount, MntFlags::MNT_DETACH);
-        }
-    }
+    unmount(&mounts_under(state_dir));
 }
 
-/// `MAJOR:MINOR` of a block device, as `/sys/block/NAME/dev` and the
-/// third field of `/proc/self/mountinfo` write it.
-fn device_number(device: &Path) -> Option<String> {
-    let name = device.file_name()?.to_str()?;
-    let number = fs::read_to_string(format!("/sys/block/{name}/dev")).ok()?;
-    Some(number.trim().to_string())
+/// The device number of a block device node, as the mount table gives it.
+fn device_number(device: &Path) -> Option<u64> {
+    use std::os::unix::fs::FileTypeExt as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = fs::metadata(device).ok()?;
+    meta.file_type().is_block_device().then(|| meta.rdev())
+}
+
+/// Unmounts each of `mounts` in order, lazily if a plain unmount fails.
+fn unmount(mounts: &[PathBuf]) {
+    for mount in mounts {
+        if umount2(mount, MntFlags::empty()).is_err() {
+            let _ = umount2(mount, MntFlags::MNT_DETACH);
+        }
+    }
 }
 
 /// Detaches loop devices with `losetup -d`, ignoring failures.
@@ -136,38 +135,9 @@ fn detach_loops(loops: &[PathBuf]) {
     }
 }
 
-/// Decodes the octal escapes of `/proc/self/mountinfo` (`\040` is a space).
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && let Some(code) = field
-                .get(i + 1..i + 4)
-                .and_then(|digits| u8::from_str_radix(digits, 8).ok())
-        {
-            out.push(code);
-            i += 4;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_decoded() {
-        assert_eq!(unescape(r"/var/tmp/a\040b"), "/var/tmp/a b");
-        assert_eq!(unescape(r"/x\134y"), r"/x\y");
-        assert_eq!(unescape("/plain"), "/plain");
-        assert_eq!(unescape(r"/trailing\04"), r"/trailing\04");
-    }
 
     #[test]
     fn nothing_outside_the_directory_is_listed() {

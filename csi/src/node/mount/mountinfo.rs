@@ -173,4 +173,12 @@ mod tests {
         assert_eq!(unescape(r"a\b\0"), PathBuf::from(r"a\b\0"));
         assert_eq!(unescape(r"a\134b"), PathBuf::from(r"a\b"));
     }
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape(r"/var/tmp/a\040b"), PathBuf::from("/var/tmp/a b"));
+        assert_eq!(unescape(r"/x\134y"), PathBuf::from(r"/x\y"));
+        assert_eq!(unescape("/plain"), PathBuf::from("/plain"));
+        assert_eq!(unescape(r"/trailing\04"), PathBuf::from(r"/trailing\04"));
+    }
 }

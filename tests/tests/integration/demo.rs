@@ -25,7 +25,9 @@ use ballast_csi::demo::pgbench::{self, Load, LoadSpec};
 use ballast_csi::demo::postgres::Instance;
 use nix::sys::signal::Signal;
 
-use crate::harness::cluster::{Cluster, loops_under, mark_owner, mounts_under, sweep_orphans};
+use crate::harness::cluster::{
+    Cluster, ControllerCli as _, loops_under, mark_owner, mounts_under, sweep_orphans,
+};
 use crate::harness::{Child, TestDir, bin, wait_for};
 
 /// Bound of the whole demo run (it takes about 40 s on an idle machine).
@@ -245,24 +247,11 @@ async fn postgres_recovers_every_commit_on_node_2_after_its_nodes_agent_dies() -
     // reached one of them only); node-1's replica waits for its node.
     let shown = cluster.volume(VOLUME)?;
     assert_eq!(shown["target_node_id"], "node-2", "{shown}");
-    let states = || -> Result<Vec<(String, String)>> {
-        Ok(cluster.volume(VOLUME)?["replicas"]
-            .as_array()
-            .context("replicas")?
-            .iter()
-            .map(|r| {
-                (
-                    r["node_id"].as_str().unwrap_or_default().to_string(),
-                    r["state"].as_str().unwrap_or_default().to_string(),
-                )
-            })
-            .collect())
-    };
     wait_for(
         "node-2 and node-3 in sync, node-1 not",
         Duration::from_secs(120),
         || {
-            states().ok().filter(|states| {
+            cluster.replica_states(VOLUME).ok().filter(|states| {
                 states
                     .iter()
                     .all(|(node, state)| (state == "in-sync") == (node != "node-1"))

@@ -14,7 +14,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 
 use crate::harness::cluster::ControllerCli;
 use crate::harness::cluster::T;
@@ -28,22 +28,6 @@ enum Cut {
     Unplug,
     /// Blackhole routes between node-1 and node-3.
     Pair,
-}
-
-/// The replicas of `vol` as (node id, state).
-fn replica_states(cluster: &NetCluster) -> Result<Vec<(String, String)>> {
-    let volume = cluster.cli_json(&["volume", "show", "vol"])?;
-    Ok(volume["replicas"]
-        .as_array()
-        .context("replicas array")?
-        .iter()
-        .map(|r| {
-            (
-                r["node_id"].as_str().unwrap_or_default().to_string(),
-                r["state"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect())
 }
 
 /// Runs the scenario of the module docs with `cut`.
@@ -72,7 +56,8 @@ fn cut_and_heal(name: &str, cut: Cut) -> Result<()> {
         "node-3's replica to leave the in-sync set",
         Duration::from_secs(60),
         || {
-            replica_states(&cluster)
+            cluster
+                .replica_states("vol")
                 .ok()
                 .filter(|s| s.iter().any(|(n, st)| n == "node-3" && st != "in-sync"))
         },
@@ -86,7 +71,7 @@ fn cut_and_heal(name: &str, cut: Cut) -> Result<()> {
     }
     // Writes go on without node-3 for a while, then the network heals.
     std::thread::sleep(Duration::from_secs(3));
-    let states = replica_states(&cluster)?;
+    let states = cluster.replica_states("vol")?;
     ensure!(
         states.iter().any(|(n, s)| n == "node-3" && s != "in-sync"),
         "node-3 cannot be in sync while it is cut off: {states:?}"
@@ -102,7 +87,8 @@ fn cut_and_heal(name: &str, cut: Cut) -> Result<()> {
         "every replica back in sync",
         Duration::from_secs(90),
         || {
-            replica_states(&cluster)
+            cluster
+                .replica_states("vol")
                 .ok()
                 .filter(|s| s.len() == 3 && s.iter().all(|(_, st)| st == "in-sync"))
         },

@@ -15,7 +15,7 @@ use ballast_proto::agent::target_service_client::TargetServiceClient;
 use ballast_proto::agent::{GetTargetRequest, StartTargetRequest, TargetReplica};
 use nix::sys::signal::Signal;
 
-use crate::harness::cluster::{Cluster, T};
+use crate::harness::cluster::{Cluster, ControllerCli as _, T};
 use crate::harness::{Child, fio, run, run_ok, wait_for};
 
 /// Volume size used by these tests.
@@ -39,26 +39,11 @@ fn published_volume(name: &str, node: &str) -> Result<(Cluster, String)> {
     Ok((cluster, uri.trim().to_string()))
 }
 
-/// The replica states of `vol` by node id.
-fn replica_states(cluster: &Cluster) -> Result<Vec<(String, String)>> {
-    let volume = cluster.volume("vol")?;
-    Ok(volume["replicas"]
-        .as_array()
-        .context("replicas array")?
-        .iter()
-        .map(|r| {
-            (
-                r["node_id"].as_str().unwrap_or_default().to_string(),
-                r["state"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect())
-}
-
 /// Waits until every replica of `vol` is in sync.
 fn wait_in_sync(cluster: &Cluster, timeout: Duration) -> Result<()> {
     wait_for("every replica back in sync", timeout, || {
-        replica_states(cluster)
+        cluster
+            .replica_states("vol")
             .ok()
             .filter(|states| states.len() == 3 && states.iter().all(|(_, s)| s == "in-sync"))
     })
@@ -116,7 +101,8 @@ fn sigkilled_replica_agent_loses_no_write_and_rebuilds() -> Result<()> {
         "node-3's replica to leave the in-sync set",
         Duration::from_secs(60),
         || {
-            replica_states(&cluster)
+            cluster
+                .replica_states("vol")
                 .ok()
                 .filter(|s| s.iter().any(|(n, st)| n == "node-3" && st != "in-sync"))
         },
@@ -139,7 +125,7 @@ fn sigstopped_replica_agent_stalls_io_only_for_the_timeout() -> Result<()> {
         // A hung node: I/O resumes after the replica timeout, and fio sees
         // no error at all.
         fio::assert_clean(&cluster.dir, &mut fio, "fio-stop.log")?;
-        let states = replica_states(&cluster)?;
+        let states = cluster.replica_states("vol")?;
         ensure!(
             states.iter().any(|(n, s)| n == "node-2" && s != "in-sync"),
             "the hung replica must have been dropped: {states:?}"
@@ -362,7 +348,7 @@ fn writes_wait_while_the_controller_cannot_commit_a_drop() -> Result<()> {
         status.success(),
         "the write must complete once the controller is back"
     );
-    let states = replica_states(&cluster)?;
+    let states = cluster.replica_states("vol")?;
     ensure!(
         states.iter().any(|(n, s)| n == "node-3" && s != "in-sync"),
         "node-3 must be out of the in-sync set: {states:?}"
@@ -417,7 +403,7 @@ fn a_new_target_after_an_unclean_stop_resynchronises_the_replicas() -> Result<()
         "node-2 and node-3 in sync again",
         Duration::from_secs(60),
         || {
-            replica_states(&cluster).ok().filter(|states| {
+            cluster.replica_states("vol").ok().filter(|states| {
                 states
                     .iter()
                     .all(|(node, state)| (state == "in-sync") == (node != "node-1"))

@@ -24,6 +24,23 @@ pub trait ControllerCli {
     /// Runs `ballast -o json ARGS` against the controller and parses it.
     fn cli_json(&self, args: &[&str]) -> Result<Value>;
 
+    /// The replicas of `volume` as (node id, state) pairs, from
+    /// `volume show`.
+    fn replica_states(&self, volume: &str) -> Result<Vec<(String, String)>> {
+        let shown = self.cli_json(&["volume", "show", volume])?;
+        Ok(shown["replicas"]
+            .as_array()
+            .context("replicas is an array")?
+            .iter()
+            .map(|r| {
+                (
+                    r["node_id"].as_str().unwrap_or_default().to_string(),
+                    r["state"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect())
+    }
+
     /// `node list` as (id, state) pairs.
     fn node_states(&self) -> Result<Vec<(String, String)>> {
         let nodes = self.cli_json(&["node", "list"])?;

@@ -22,9 +22,9 @@ use tonic::transport::Channel;
 
 use crate::harness::cluster::Cluster;
 use crate::harness::csi::{
-    MIB, NBD_URI_KEY, NodePlugin, block_cap, channel, code, create_request, fs_type_at, mount_cap,
-    publish_request, stage_and_publish, stage_and_publish_as, stage_request, unpublish_and_delete,
-    unpublish_and_unstage,
+    MIB, NBD_URI_KEY, NodePlugin, block_cap, channel, code, controller_unpublish, create_request,
+    fs_type_at, mount_cap, publish_request, stage_and_publish, stage_and_publish_as, stage_request,
+    unpublish_and_delete, unpublish_and_unstage,
 };
 use crate::harness::run;
 
@@ -143,21 +143,6 @@ async fn controller_publish(
         .await?
         .into_inner()
         .publish_context)
-}
-
-async fn controller_unpublish(
-    controller: &mut ControllerClient<Channel>,
-    volume_id: &str,
-    node: &str,
-) -> Result<()> {
-    controller
-        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-            volume_id: volume_id.into(),
-            node_id: node.into(),
-            ..Default::default()
-        })
-        .await?;
-    Ok(())
 }
 
 async fn stats(

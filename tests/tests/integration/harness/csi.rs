@@ -303,12 +303,10 @@ pub fn fs_type_at(path: &Path) -> Option<String> {
     found
 }
 
-/// ControllerUnpublishVolume from `node`, then DeleteVolume, as the
-/// external-attacher and the external-provisioner end a volume's life;
-/// fails unless no node holds a replica of it afterwards.
-pub async fn unpublish_and_delete(
+/// ControllerUnpublishVolume of `volume_id` from `node`, as the
+/// external-attacher calls it.
+pub async fn controller_unpublish(
     controller: &mut ControllerClient<Channel>,
-    cluster: &Cluster,
     volume_id: &str,
     node: &str,
 ) -> Result<()> {
@@ -319,6 +317,19 @@ pub async fn unpublish_and_delete(
             ..Default::default()
         })
         .await?;
+    Ok(())
+}
+
+/// ControllerUnpublishVolume from `node`, then DeleteVolume, as the
+/// external-attacher and the external-provisioner end a volume's life;
+/// fails unless no node holds a replica of it afterwards.
+pub async fn unpublish_and_delete(
+    controller: &mut ControllerClient<Channel>,
+    cluster: &Cluster,
+    volume_id: &str,
+    node: &str,
+) -> Result<()> {
+    controller_unpublish(controller, volume_id, node).await?;
     controller
         .delete_volume(csi::DeleteVolumeRequest {
             volume_id: volume_id.into(),

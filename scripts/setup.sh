@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # Installs what Ballast's build, tests, demo and benchmarks need on a fresh
-# Debian machine that has only the Rust toolchain, qemu-utils, gcc and Python.
+# Debian machine that has only the toolchains (Rust, Go, Python, gcc).
 # Safe to run again: packages already present are left alone.
+#
+# The build itself needs no Debian package: the protobuf definitions are
+# compiled by the protox crate, not by a system protoc. Every package below
+# is for the tests, the demo or the benchmarks. .ci/isolate hides every
+# package this list (with its dependencies) and the machine kind do not
+# account for, so a package installed by hand cannot make CI green.
+#
+#   scripts/setup.sh          installs what is missing and says what it did
+#   scripts/setup.sh --list   prints the package names, one a line
 set -euo pipefail
 
 packages=(
-    protobuf-compiler # protoc, for the gRPC code generated in proto/
     xfsprogs          # mkfs.xfs: pools are XFS with reflink
     e2fsprogs         # mkfs.ext4, resize2fs
     util-linux        # losetup, wipefs, blkid, mount, fsfreeze
@@ -23,6 +31,11 @@ packages=(
     postgresql-contrib # amcheck, for pg_amcheck in the demo and its tests
 )
 
+if [ "${1:-}" = "--list" ]; then
+    printf '%s\n' "${packages[@]}"
+    exit 0
+fi
+
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -34,7 +47,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    echo "setup: installed ${missing[*]}"
 fi
+echo "setup: present: ${packages[*]}"
 
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "setup: installing cargo-nextest"

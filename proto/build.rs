@@ -8,7 +8,11 @@
 //! prints them as JSON). The CSI messages embed well-known types
 //! (`prost_types::Timestamp`, wrappers) that do not implement it.
 
-const PROTOS: [&str; 3] = ["ballast/agent.proto", "ballast/controller.proto", "csi.proto"];
+const PROTOS: [&str; 3] = [
+    "ballast/agent.proto",
+    "ballast/controller.proto",
+    "csi.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

@@ -228,8 +228,9 @@ impl Agent {
             .collect())
     }
 
-    /// Starts an NBD export of replica `name` (idempotent for the same
-    /// arguments).
+    /// Starts an NBD export of the standalone replica `name` (idempotent
+    /// for the same arguments). Errors: `exports::Error::VolumeReplica`
+    /// for a replica of a volume (only its target writes it).
     pub async fn start_export(
         &self,
         name: &str,
@@ -241,7 +242,8 @@ impl Agent {
         let replica = self
             .with_catalog(move |catalog| catalog.get(&owned))
             .await?;
-        Ok(exports.start(&replica, socket, tcp)?)
+        let epochs = replication::CatalogEpochStore::new(self.catalog.clone(), &replica.name);
+        Ok(exports.start(&replica, epochs, socket, tcp)?)
     }
 
     /// Stops the export of `name`; stopping a stopped export is not an error.

@@ -1,20 +1,39 @@
-//! The agent's running NBD exports, one per exported replica.
+//! The agent's running NBD exports, one per exported replica: the raw
+//! export path (`ballast export start`), for standalone replicas only.
 //!
-//! Owns the map from replica name to its [`NbdServer`] and the open
-//! [`ReplicaData`] behind it. It never changes replica files or metadata;
-//! the replica catalog does that, and tells this module about size changes
-//! through [`Exports::resize`].
+//! Owns the map from replica name to its [`NbdServer`] and the
+//! [`FencedReplica`] behind it. An export never touches replica data
+//! around the fence: its I/O goes through the replica's [`FencedReplica`]
+//! at the replica's epoch (0), so if anything ever raised the epoch, every
+//! later export request would be refused (invariant 3).
+//!
+//! What it must never do: serve a replica that belongs to a volume. Such a
+//! replica (a volume id in its metadata, or an epoch above 0: a target
+//! has used it) is written only by its volume's target, which sends every
+//! write to every in-sync replica and logs dirty regions for rebuilds; a
+//! raw export would bypass both, so [`Exports::start`] refuses it with
+//! [`Error::VolumeReplica`]. A standalone replica (no volume id) can never
+//! join a volume: the volume id is fixed at creation and targets resolve
+//! replicas by it.
+//!
+//! It never changes replica files or metadata; the replica catalog does
+//! that, and tells this module about size changes through
+//! [`Exports::resize`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use tracing::info;
 
+use crate::block::{BlockDevice, BlockError};
+use crate::buf::IoBuf;
 use crate::nbd::{self, Export, NbdServer};
 use crate::replica::Replica;
 use crate::replica::data::{self, ReplicaData};
+use crate::replication::{CatalogEpochStore, FencedReplica, ReplicaIo};
 use crate::uring::IoEngine;
 
 /// Errors of starting and stopping exports.
@@ -38,6 +57,19 @@ pub enum Error {
     RelativeSocket {
         /// The offending path.
         path: PathBuf,
+    },
+    /// The replica belongs to a volume: only the volume's target may
+    /// write it (see the module docs).
+    #[error(
+        "Replica {name} belongs to volume {volume_id:?} (epoch {epoch}); a raw export would bypass fencing and the in-sync set. Publish the volume (ballast volume publish) and use its target's NBD export instead; only standalone replicas (created without --volume-id) can be exported"
+    )]
+    VolumeReplica {
+        /// Replica name.
+        name: String,
+        /// The volume in its metadata (empty for a standalone replica).
+        volume_id: String,
+        /// Its highest accepted epoch.
+        epoch: u64,
     },
     /// The replica's data file could not be opened.
     #[error("Cannot open replica {name} for I/O")]
@@ -89,6 +121,49 @@ impl ExportInfo {
     }
 }
 
+/// A standalone replica served through its fence at a fixed epoch.
+struct FencedDevice {
+    fenced: Arc<FencedReplica>,
+    epoch: u64,
+}
+
+#[async_trait]
+impl BlockDevice for FencedDevice {
+    fn size_bytes(&self) -> u64 {
+        self.fenced.size_bytes()
+    }
+
+    async fn read(&self, offset: u64, length: usize) -> Result<IoBuf, BlockError> {
+        Ok(self.fenced.read(self.epoch, offset, length).await?)
+    }
+
+    async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> Result<(), BlockError> {
+        let data = Arc::new(data);
+        Ok(self.fenced.write(self.epoch, offset, data, fua).await?)
+    }
+
+    async fn flush(&self) -> Result<(), BlockError> {
+        Ok(self.fenced.flush(self.epoch).await?)
+    }
+
+    async fn trim(&self, offset: u64, length: u64) -> Result<(), BlockError> {
+        Ok(self.fenced.trim(self.epoch, offset, length).await?)
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        punch_hole: bool,
+        fua: bool,
+    ) -> Result<(), BlockError> {
+        let fenced = &self.fenced;
+        Ok(fenced
+            .write_zeroes(self.epoch, offset, length, punch_hole, fua)
+            .await?)
+    }
+}
+
 struct Running {
     server: NbdServer,
     data: Arc<ReplicaData>,
@@ -114,18 +189,27 @@ impl Exports {
     /// Starts serving `replica` over NBD on `socket` (and `tcp` if given).
     ///
     /// Idempotent: the same replica on the same socket and TCP address
-    /// returns the running export. Errors: [`Error::Conflict`] for other
-    /// arguments, [`Error::RelativeSocket`], [`Error::Open`],
-    /// [`Error::Start`].
+    /// returns the running export. `epochs` persists epochs of the
+    /// replica's fence. Errors: [`Error::VolumeReplica`] for a replica of
+    /// a volume, [`Error::Conflict`] for other arguments,
+    /// [`Error::RelativeSocket`], [`Error::Open`], [`Error::Start`].
     ///
     /// # Panics
     /// Panics if called outside a tokio runtime.
     pub fn start(
         &mut self,
         replica: &Replica,
+        epochs: CatalogEpochStore,
         socket: &Path,
         tcp: Option<SocketAddr>,
     ) -> Result<ExportInfo, Error> {
+        if !replica.meta.volume_id.is_empty() || replica.meta.epoch > 0 {
+            return Err(Error::VolumeReplica {
+                name: replica.name.clone(),
+                volume_id: replica.meta.volume_id.clone(),
+                epoch: replica.meta.epoch,
+            });
+        }
         if !socket.is_absolute() {
             return Err(Error::RelativeSocket {
                 path: socket.to_owned(),
@@ -153,9 +237,13 @@ impl Exports {
             name: name.clone(),
             source,
         })?;
+        let fenced = FencedReplica::for_replica(replica, data.clone(), Arc::new(epochs));
         let export = Export {
             name: name.clone(),
-            device: data.clone(),
+            device: Arc::new(FencedDevice {
+                fenced: Arc::new(fenced),
+                epoch: replica.meta.epoch,
+            }),
         };
         let server = NbdServer::start(export, socket, tcp).map_err(|source| Error::Start {
             name: name.clone(),

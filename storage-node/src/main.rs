@@ -16,7 +16,7 @@ use ballast_storage_node::registration::{self, NodeIdentity};
 use ballast_storage_node::{api, buf};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Ballast storage agent: pools this node's disks into replicas and serves
 /// them over NBD.
@@ -118,6 +118,23 @@ impl Args {
     }
 }
 
+/// Warns when the unauthenticated listener `what` binds `addr` beyond
+/// loopback (docs/architecture.md, "Trust boundary").
+fn warn_unless_loopback(what: &str, addr: SocketAddr) {
+    if !addr.ip().is_loopback() {
+        warn!(
+            address = %addr,
+            "The {what} accepts unauthenticated connections beyond this machine: keep it on a network only the cluster's nodes reach"
+        );
+    }
+    if addr.ip().is_unspecified() {
+        warn!(
+            address = %addr,
+            "The {what} is advertised as an unspecified address, which other nodes cannot reach: give this node's address"
+        );
+    }
+}
+
 /// How often idle I/O buffers of unused sizes go back to the system.
 const POOL_TRIM_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -161,6 +178,10 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(pool::error_chain(&e)))
         .context("Cannot start the agent")?;
     let agent = Arc::new(agent);
+    warn_unless_loopback("agent API (--grpc-listen)", args.grpc_listen);
+    if let Some(listen) = args.data_listen {
+        warn_unless_loopback("replica protocol (--data-listen)", listen);
+    }
     let replica_server = match args.data_listen {
         Some(listen) => Some(
             agent
@@ -202,4 +223,36 @@ async fn main() -> anyhow::Result<()> {
     served.context("The agent API failed")?;
     info!("Agent stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listeners_default_to_loopback() {
+        // The environment may name addresses; the defaults are the point.
+        for var in ["BALLAST_GRPC_LISTEN", "BALLAST_DATA_LISTEN"] {
+            assert!(std::env::var_os(var).is_none(), "{var} is set");
+        }
+        let args = Args::try_parse_from(["ballast-agent"]).expect("defaults parse");
+        assert!(args.grpc_listen.ip().is_loopback(), "{}", args.grpc_listen);
+        assert_eq!(
+            args.data_listen, None,
+            "the replica protocol listens only where told"
+        );
+        let given = Args::try_parse_from([
+            "ballast-agent",
+            "--grpc-listen",
+            "10.0.0.5:9500",
+            "--data-listen",
+            "10.0.0.5:9700",
+        ])
+        .expect("explicit addresses parse");
+        assert_eq!(given.grpc_listen.to_string(), "10.0.0.5:9500");
+        assert_eq!(
+            given.data_listen.map(|a| a.to_string()).as_deref(),
+            Some("10.0.0.5:9700")
+        );
+    }
 }

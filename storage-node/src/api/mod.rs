@@ -53,6 +53,7 @@ impl From<agent::Error> for Status {
                 let code = match &e {
                     crate::exports::Error::Conflict { .. } => tonic::Code::AlreadyExists,
                     crate::exports::Error::RelativeSocket { .. } => tonic::Code::InvalidArgument,
+                    crate::exports::Error::VolumeReplica { .. } => tonic::Code::FailedPrecondition,
                     crate::exports::Error::Open { .. }
                     | crate::exports::Error::Start { .. }
                     | crate::exports::Error::Resize { .. } => tonic::Code::Internal,

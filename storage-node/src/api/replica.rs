@@ -51,16 +51,11 @@ impl ReplicaService for ReplicaApi {
     ) -> Result<Response<pb::Replica>, Status> {
         let req = request.into_inner();
         require_name(&req.name)?;
-        let volume_id = if req.volume_id.is_empty() {
-            req.name.clone()
-        } else {
-            req.volume_id
-        };
         let status = self
             .agent
             .create_replica(CreateReplica {
                 name: req.name,
-                volume_id,
+                volume_id: req.volume_id,
                 size_bytes: req.size_bytes,
                 thin: req.thin,
                 pool: (!req.pool.is_empty()).then_some(req.pool),

@@ -86,12 +86,6 @@ pub enum Error {
         /// The rejected size in bytes.
         size_bytes: u64,
     },
-    /// The volume id is empty.
-    #[error("Replica {name} has no volume id")]
-    InvalidVolumeId {
-        /// The replica name.
-        name: String,
-    },
     /// No replica has this name.
     #[error("Replica {name} not found")]
     NotFound {
@@ -262,9 +256,7 @@ impl Error {
         use tonic::Code;
         // No `_` arm: a new variant must choose its code.
         match self {
-            Self::InvalidName { .. } | Self::InvalidSize { .. } | Self::InvalidVolumeId { .. } => {
-                Code::InvalidArgument
-            }
+            Self::InvalidName { .. } | Self::InvalidSize { .. } => Code::InvalidArgument,
             Self::NotFound { .. } => Code::NotFound,
             Self::AlreadyExists { .. } => Code::AlreadyExists,
             // CSI's ControllerExpandVolume answers an unsupported capacity so.
@@ -331,7 +323,8 @@ pub struct FaultedReplica {
 pub struct CreateReplica {
     /// Replica name: 1 to 128 bytes of `[A-Za-z0-9._-]`, no leading dot.
     pub name: String,
-    /// The volume it is a copy of.
+    /// The volume it is a copy of; empty for a standalone replica, which
+    /// only `ballast export` serves and no target ever resolves.
     pub volume_id: String,
     /// Size in bytes, a positive multiple of 4096.
     pub size_bytes: u64,
@@ -398,7 +391,7 @@ impl ReplicaCatalog {
     /// # Errors
     ///
     /// [`Error::InvalidName`], [`Error::InvalidSize`],
-    /// [`Error::InvalidVolumeId`], [`Error::AlreadyExists`] for the same name
+    /// [`Error::AlreadyExists`] for the same name
     /// with other parameters, [`Error::Faulted`] if the name belongs to a
     /// faulted replica, [`Error::Pool`] (pool not found, no pool fits,
     /// overcommit limit, insufficient space), [`Error::NoSpace`], and file
@@ -406,11 +399,6 @@ impl ReplicaCatalog {
     pub fn create(&mut self, req: &CreateReplica) -> Result<Replica, Error> {
         validate_name(&req.name)?;
         validate_size(req.size_bytes)?;
-        if req.volume_id.is_empty() {
-            return Err(Error::InvalidVolumeId {
-                name: req.name.clone(),
-            });
-        }
         self.check_not_faulted(&req.name)?;
         if let Some(existing) = self.replicas.get(&req.name) {
             let r = &existing.replica;

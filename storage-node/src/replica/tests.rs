@@ -159,14 +159,18 @@ fn create_is_idempotent_and_validates_its_arguments() {
         let err = catalog.create(&req("r9", size, true)).expect_err("size");
         assert!(matches!(err, Error::InvalidSize { .. }), "{size}: {err:?}");
     }
-    let no_volume = CreateReplica {
+    let standalone = CreateReplica {
         volume_id: String::new(),
         ..req("r9", 4096, true)
     };
+    let created = catalog.create(&standalone).expect("standalone replica");
+    assert_eq!(created.meta.volume_id, "");
+    // Its volume id is fixed: a volume cannot take it over by name.
     assert!(matches!(
-        catalog.create(&no_volume),
-        Err(Error::InvalidVolumeId { .. })
+        catalog.create(&req("r9", 4096, true)),
+        Err(Error::AlreadyExists { .. })
     ));
+    catalog.destroy("r9").expect("destroy");
     let no_pool = CreateReplica {
         pool: Some("nope".to_owned()),
         ..req("r9", 4096, true)

@@ -3,7 +3,9 @@
 //! rebuild progress reports.
 //!
 //! [`Controller::commit`] retries a change until the controller gives a
-//! definite answer: committed, refused, or "your epoch is stale". Transport
+//! definite answer: committed, refused, or "your epoch is stale" (told by
+//! the typed [`TargetControlRefusal`] in the status details, never by the
+//! wording of the message). Transport
 //! errors, timeouts and the controller's own failures (UNAVAILABLE,
 //! INTERNAL, ...) leave the outcome unknown, so they are retried with a
 //! bounded backoff for as long as the target runs (invariant 2: a write
@@ -15,8 +17,11 @@
 
 use std::time::Duration;
 
+use ballast_proto::controller::target_control_refusal::Reason as RefusalReason;
 use ballast_proto::controller::target_control_service_client::TargetControlServiceClient;
-use ballast_proto::controller::{DropReplicaRequest, ReplicaInSyncRequest, ReportRebuildRequest};
+use ballast_proto::controller::{
+    DropReplicaRequest, ReplicaInSyncRequest, ReportRebuildRequest, TargetControlRefusal,
+};
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, warn};
@@ -235,18 +240,25 @@ impl Controller {
 /// outcome is unknown and the call must be retried.
 ///
 /// The controller answers both a stale epoch and the last in-sync replica
-/// with FAILED_PRECONDITION; the message tells them apart. Mistaking one
-/// for the other is safe: both refuse the change.
+/// with FAILED_PRECONDITION and tells them apart by the typed
+/// [`TargetControlRefusal`] in the status details; the message is for
+/// people and is never read here. A FAILED_PRECONDITION without a
+/// stale-epoch refusal is a plain refusal: nothing was committed, and the
+/// target keeps serving.
 fn classify(status: &tonic::Status) -> Option<Verdict> {
     use tonic::Code;
     let message = status.message().to_owned();
     match status.code() {
-        Code::FailedPrecondition if message.to_ascii_lowercase().contains("stale epoch") => {
-            Some(Verdict::StaleEpoch(message))
+        Code::FailedPrecondition => {
+            let reason = TargetControlRefusal::from_status(status).map(|r| r.reason());
+            match reason {
+                Some(RefusalReason::StaleEpoch) => Some(Verdict::StaleEpoch(message)),
+                Some(RefusalReason::LastInSyncReplica | RefusalReason::Unspecified) | None => {
+                    Some(Verdict::Refused(message))
+                }
+            }
         }
-        Code::FailedPrecondition | Code::InvalidArgument | Code::NotFound => {
-            Some(Verdict::Refused(message))
-        }
+        Code::InvalidArgument | Code::NotFound => Some(Verdict::Refused(message)),
         Code::Ok => Some(Verdict::Committed),
         Code::Cancelled
         | Code::Unknown
@@ -268,17 +280,47 @@ fn classify(status: &tonic::Status) -> Option<Verdict> {
 mod tests {
     use super::*;
 
+    fn refusal(reason: RefusalReason, message: &str) -> tonic::Status {
+        TargetControlRefusal::new(reason, 4).into_status(tonic::Code::FailedPrecondition, message)
+    }
+
     #[test]
     fn verdicts_of_statuses() {
-        let stale = tonic::Status::failed_precondition(
+        let stale = refusal(
+            RefusalReason::StaleEpoch,
             "Stale epoch 3 for volume v: the volume is at epoch 4",
         );
         assert!(matches!(classify(&stale), Some(Verdict::StaleEpoch(_))));
-        let last = tonic::Status::failed_precondition("Replica on node n is the last in-sync");
+        let last = refusal(
+            RefusalReason::LastInSyncReplica,
+            "Replica on node n is the last in-sync",
+        );
         assert!(matches!(classify(&last), Some(Verdict::Refused(_))));
         assert_eq!(classify(&tonic::Status::unavailable("down")), None);
         assert_eq!(classify(&tonic::Status::deadline_exceeded("slow")), None);
         assert_eq!(classify(&tonic::Status::internal("store")), None);
+    }
+
+    #[test]
+    fn the_typed_reason_decides_not_the_message() {
+        // Reworded: nothing in the message says "stale", the reason does.
+        let reworded = refusal(RefusalReason::StaleEpoch, "A newer target owns volume v");
+        assert!(matches!(
+            classify(&reworded),
+            Some(Verdict::StaleEpoch(m)) if m == "A newer target owns volume v"
+        ));
+        // Words without the reason: a plain refusal, the target serves on.
+        let words = tonic::Status::failed_precondition("Stale epoch 3 for volume v");
+        assert!(matches!(classify(&words), Some(Verdict::Refused(_))));
+        let words_last = refusal(RefusalReason::LastInSyncReplica, "stale epoch");
+        assert!(matches!(classify(&words_last), Some(Verdict::Refused(_))));
+        // Details that do not decode count as none.
+        let garbage = tonic::Status::with_details(
+            tonic::Code::FailedPrecondition,
+            "stale epoch",
+            vec![0xff, 0xff, 0xff].into(),
+        );
+        assert!(matches!(classify(&garbage), Some(Verdict::Refused(_))));
     }
 
     #[tokio::test]

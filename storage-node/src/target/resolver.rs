@@ -68,19 +68,25 @@ impl LocalReplicas {
     }
 
     /// The fenced replica of `volume_id` on this node, opening it on first
-    /// use; `None` when the node has none (the replica named `volume_id`, or
-    /// else the one whose metadata names the volume).
+    /// use; `None` when the node has none (the replica whose metadata
+    /// names the volume, preferring the one named `volume_id`). A
+    /// standalone replica (empty volume id) is never returned.
     ///
     /// Errors: the replica's data file cannot be opened.
     pub fn get(&self, volume_id: &str) -> Result<Option<Arc<FencedReplica>>, data::Error> {
+        // A standalone replica (no volume id) is never a volume's, whatever
+        // its name: only `ballast export` serves it.
+        if volume_id.is_empty() {
+            return Ok(None);
+        }
         if let Some(open) = self.read().get(volume_id) {
             return Ok(Some(Arc::clone(&open.fenced)));
         }
         let replica = {
             let catalog = self.catalog.lock().unwrap_or_else(PoisonError::into_inner);
             match catalog.get(volume_id) {
-                Ok(replica) => Some(replica),
-                Err(_) => catalog
+                Ok(replica) if replica.meta.volume_id == volume_id => Some(replica),
+                Ok(_) | Err(_) => catalog
                     .list()
                     .into_iter()
                     .find(|r| r.meta.volume_id == volume_id),

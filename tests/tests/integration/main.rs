@@ -12,6 +12,7 @@ mod csi;
 mod csi_controller;
 mod csi_node;
 mod demo;
+mod export_fence;
 mod filesystem;
 mod harness;
 mod nbd_clients;

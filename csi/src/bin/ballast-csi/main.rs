@@ -203,6 +203,13 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("Cannot open the cluster store {}", args.store))?;
     info!(store = %args.store, "Cluster store opened");
+    if !args.listen.ip().is_loopback() {
+        // docs/architecture.md, "Trust boundary".
+        warn!(
+            address = %args.listen,
+            "The management API (--listen) accepts unauthenticated connections beyond this machine: keep it on a network only the cluster's nodes reach"
+        );
+    }
     let mut config = ControllerConfig::new(args.listen);
     if let Some(advertise) = args.advertise_address {
         config.advertise_address = advertise;
@@ -326,5 +333,16 @@ mod tests {
         for bad in ["zone", "=zone-a", "topology.kubernetes.io/zone="] {
             assert!(parse_label(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_management_api_defaults_to_loopback() {
+        assert!(std::env::var_os("BALLAST_CONTROLLER_LISTEN").is_none());
+        let cli = Cli::try_parse_from(["ballast-csi", "controller", "--store", "embedded:///x"])
+            .expect("defaults parse");
+        let Command::Controller(args) = cli.command else {
+            panic!("not the controller");
+        };
+        assert!(args.listen.ip().is_loopback(), "{}", args.listen);
     }
 }

@@ -26,7 +26,9 @@ pub enum ReplicaCommand {
         /// Pool to create it in (default: the pool with most free space).
         #[arg(long, default_value = "")]
         pool: String,
-        /// Volume the replica belongs to (default: the replica name).
+        /// Volume the replica belongs to. Without it the replica is
+        /// standalone: `ballast export start` can serve it, no target ever
+        /// uses it.
         #[arg(long, default_value = "")]
         volume_id: String,
     },

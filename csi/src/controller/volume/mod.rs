@@ -47,6 +47,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use ballast_proto::controller as pb;
+use ballast_proto::controller::target_control_refusal::Reason as RefusalReason;
 
 use self::record::{ReplicaState, VolumeRecord, VolumeState};
 use super::agents::{self, AgentError};
@@ -216,10 +217,17 @@ impl From<Error> for tonic::Status {
                 Code::AlreadyExists
             }
             Error::Busy { .. } | Error::Creating { .. } | Error::Deleting { .. } => Code::Aborted,
-            Error::Published { .. }
-            | Error::PublishedElsewhere { .. }
-            | Error::StaleEpoch { .. }
-            | Error::LastInSync { .. } => Code::FailedPrecondition,
+            Error::Published { .. } | Error::PublishedElsewhere { .. } => Code::FailedPrecondition,
+            // Targets act on these two (fence, or keep the replica): they
+            // read the typed reason in the details, never the message.
+            Error::StaleEpoch { current, .. } => {
+                return pb::TargetControlRefusal::new(RefusalReason::StaleEpoch, current)
+                    .into_status(Code::FailedPrecondition, crate::error_chain(&err));
+            }
+            Error::LastInSync { .. } => {
+                return pb::TargetControlRefusal::new(RefusalReason::LastInSyncReplica, 0)
+                    .into_status(Code::FailedPrecondition, crate::error_chain(&err));
+            }
         };
         tonic::Status::new(code, crate::error_chain(&err))
     }

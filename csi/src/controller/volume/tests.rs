@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use ballast_proto::controller::TargetControlRefusal;
+use ballast_proto::controller::target_control_refusal::Reason as RefusalReason;
 use tonic::Code;
 
 use super::operations::{CreateRequest, DeleteOutcome};
@@ -19,6 +21,14 @@ fn request(name: &str, size: u64, replicas: u32) -> CreateRequest {
 
 fn code(err: Error) -> Code {
     tonic::Status::from(err).code()
+}
+
+/// The typed refusal (reason, volume epoch) a FAILED_PRECONDITION status
+/// of `err` carries for targets.
+fn refusal(err: Error) -> Option<(RefusalReason, u64)> {
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    TargetControlRefusal::from_status(&status).map(|r| (r.reason(), r.volume_epoch))
 }
 
 fn every_replica(fixture: &Fixture) -> Vec<(String, Vec<String>)> {
@@ -408,7 +418,7 @@ async fn drop_replica_checks_the_epoch_and_never_drops_the_last_in_sync_replica(
         .await
         .expect_err("stale");
     assert!(matches!(err, Error::StaleEpoch { .. }), "{err:?}");
-    assert_eq!(code(err), Code::FailedPrecondition);
+    assert_eq!(refusal(err), Some((RefusalReason::StaleEpoch, epoch)));
     let err = volumes
         .drop_replica("v", epoch + 1, &nodes[0], "io error")
         .await
@@ -440,7 +450,7 @@ async fn drop_replica_checks_the_epoch_and_never_drops_the_last_in_sync_replica(
         .await
         .expect_err("last in-sync");
     assert!(matches!(err, Error::LastInSync { .. }), "{err:?}");
-    assert_eq!(code(err), Code::FailedPrecondition);
+    assert_eq!(refusal(err), Some((RefusalReason::LastInSyncReplica, 0)));
     assert_eq!(
         code(
             volumes

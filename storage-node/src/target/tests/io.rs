@@ -276,6 +276,55 @@ async fn a_stale_epoch_fences_the_target() {
     );
 }
 
+/// The controller's typed refusal fences the target, whatever its words:
+/// the stand-in words it unlike the real controller (no "stale").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reworded_stale_epoch_refusal_fences_the_target() {
+    let cluster = Cluster::start(SIZE).await;
+    let target = &cluster.target;
+    bounded("write", target.write(0, pattern(1, 4096), false))
+        .await
+        .expect("write before");
+    // A newer target was published; then b stops answering, so the old
+    // target asks to drop it and learns that it is stale.
+    cluster.controller.set_epoch(3);
+    cluster.b.kill();
+    let fenced = bounded("write", target.write(1 << 20, pattern(2, 4096), false)).await;
+    assert!(
+        matches!(&fenced, Err(e @ BlockError::Unavailable(_)) if e.errno() == libc::ESHUTDOWN),
+        "{fenced:?}"
+    );
+    assert!(!target.is_serving());
+    let later = bounded("write", target.write(2 << 20, pattern(3, 4096), false)).await;
+    assert!(
+        matches!(later, Err(BlockError::Unavailable(_))),
+        "{later:?}"
+    );
+    assert!(
+        cluster.controller.drops().is_empty(),
+        "a stale target's drop was committed"
+    );
+}
+
+/// A message that says "stale epoch" without the typed refusal is a plain
+/// refusal: the write that missed b fails, the target goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_epoch_in_words_only_does_not_fence() {
+    let cluster = Cluster::start(SIZE).await;
+    let target = &cluster.target;
+    cluster.controller.set_epoch(3);
+    cluster.controller.stale_in_words_only();
+    cluster.b.kill();
+    let refused = bounded("write", target.write(0, pattern(1, 4096), false)).await;
+    assert!(refused.is_err(), "a write that missed b was acknowledged");
+    assert!(
+        !matches!(&refused, Err(e) if e.errno() == libc::ESHUTDOWN),
+        "words alone fenced the target: {refused:?}"
+    );
+    assert!(target.is_serving(), "words alone fenced the target");
+    assert!(target.status().serving);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_in_sync_replica_is_never_dropped() {
     let (a, b) = (Node::new("a", SIZE), Node::new("b", SIZE));

@@ -30,12 +30,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use ballast_proto::controller::target_control_refusal::Reason as RefusalReason;
 use ballast_proto::controller::target_control_service_server::{
     TargetControlService, TargetControlServiceServer,
 };
 use ballast_proto::controller::{
     DropReplicaRequest, ReplicaInSyncRequest, ReportRebuildRequest, ReportRebuildResponse,
-    VolumeReplicas,
+    TargetControlRefusal, VolumeReplicas,
 };
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -378,6 +379,8 @@ struct ControlState {
     /// Calls received while blocked or failing.
     attempts: AtomicU32,
     on_in_sync: Mutex<Option<InSyncHook>>,
+    /// Answer a stale epoch with words only, without the typed refusal.
+    stale_in_words_only: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -410,14 +413,36 @@ impl FakeController {
         *self.0.on_in_sync.lock().expect("lock") = Some(Box::new(hook));
     }
 
+    /// Moves the volume to `epoch`, as publishing a newer target does.
+    fn set_epoch(&self, epoch: u64) {
+        self.0.epoch.store(epoch, Ordering::SeqCst);
+    }
+
+    /// From now on answers a stale epoch in words only: the message says
+    /// "stale epoch" but the status carries no typed refusal.
+    fn stale_in_words_only(&self) {
+        self.0.stale_in_words_only.store(true, Ordering::SeqCst);
+    }
+
+    /// Refuses an epoch other than the volume's. The message is worded
+    /// unlike the real controller's on purpose: targets must decide on the
+    /// typed refusal in the details.
     fn check_epoch(&self, epoch: u64) -> Result<(), Status> {
         let current = self.0.epoch.load(Ordering::SeqCst);
-        if epoch != current {
+        if epoch == current {
+            return Ok(());
+        }
+        if self.0.stale_in_words_only.load(Ordering::SeqCst) {
             return Err(Status::failed_precondition(format!(
                 "Stale epoch {epoch} for volume {VOLUME}: the volume is at epoch {current}"
             )));
         }
-        Ok(())
+        Err(
+            TargetControlRefusal::new(RefusalReason::StaleEpoch, current).into_status(
+                tonic::Code::FailedPrecondition,
+                format!("Volume {VOLUME} now belongs to the target of generation {current}"),
+            ),
+        )
     }
 
     async fn wait_unblocked(&self) {
@@ -456,10 +481,15 @@ impl TargetControlService for FakeController {
             committed,
         });
         if !committed {
-            return Err(Status::failed_precondition(format!(
-                "Replica on node {} is the last in-sync replica",
-                request.node_id
-            )));
+            return Err(
+                TargetControlRefusal::new(RefusalReason::LastInSyncReplica, 0).into_status(
+                    tonic::Code::FailedPrecondition,
+                    format!(
+                        "Replica on node {} is the last in-sync replica",
+                        request.node_id
+                    ),
+                ),
+            );
         }
         Ok(Response::new(VolumeReplicas {
             epoch: request.epoch,
@@ -518,6 +548,7 @@ async fn start_controller(epoch: u64, in_sync: &[&str]) -> (FakeController, Stri
         fail_drops: AtomicU32::new(0),
         attempts: AtomicU32::new(0),
         on_in_sync: Mutex::new(None),
+        stale_in_words_only: AtomicBool::new(false),
     }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -712,14 +712,20 @@ pub async fn expand(
     required_bytes: u64,
 ) -> Result<u64> {
     volume_id(volume)?;
-    absolute("volume_path", volume_path)?;
+    if volume_path.as_os_str().is_empty() {
+        return Err(Error::MissingField("volume_path"));
+    }
     let not_found = || Error::VolumeNotFound {
         volume_id: volume.to_string(),
         path: volume_path.to_path_buf(),
     };
+    // The volume first, the path's form after (see `stats`).
     let device = attached_device(attacher, volume)
         .await?
         .ok_or_else(not_found)?;
+    if !volume_path.is_absolute() {
+        return Err(not_found());
+    }
     let rdev = mounter.device_number(&device).await?;
     let entry = mounter
         .mounted_at(volume_path)
@@ -764,13 +770,24 @@ pub async fn stats(
     volume_path: &Path,
 ) -> Result<Stats> {
     volume_id(volume)?;
-    absolute("volume_path", volume_path)?;
+    if volume_path.as_os_str().is_empty() {
+        return Err(Error::MissingField("volume_path"));
+    }
     let not_found = || Error::VolumeNotFound {
         volume_id: volume.to_string(),
         path: volume_path.to_path_buf(),
     };
+    // CSI spec, NodeGetVolumeStats and NodeExpandVolume: a volume this
+    // node does not have, and one that "does not exist on the specified
+    // path", are both NOT_FOUND. A relative path is one where no volume
+    // can be staged or published, so it is the second case, not
+    // INVALID_ARGUMENT; the volume is looked up first so that an unknown
+    // volume is NOT_FOUND whatever path comes with it.
     let attachment = attacher.find(volume).await?.ok_or_else(not_found)?;
     let device = attachment.device.clone().ok_or_else(not_found)?;
+    if !volume_path.is_absolute() {
+        return Err(not_found());
+    }
     let rdev = mounter.device_number(&device).await?;
     let entry = mounter
         .mounted_at(volume_path)

@@ -743,6 +743,40 @@ async fn expand_and_stats_find_the_volume_or_say_not_found() {
     );
 }
 
+/// CSI spec, NodeGetVolumeStats and NodeExpandVolume: the volume is looked
+/// up before the path's form, so an unknown volume is NOT_FOUND with any
+/// path (csi-sanity sends "some/path"), and a known one at a relative or
+/// missing path is NOT_FOUND too ("does not exist on the specified path");
+/// only a missing field is INVALID_ARGUMENT.
+#[tokio::test]
+async fn expand_and_stats_check_the_volume_before_the_path() {
+    let f = Fake::default();
+    stage(&f, &f, &stage_req("vol-1", "/stage/1", mount_cap(None)))
+        .await
+        .expect("stage");
+    let rows = [
+        ("vol-2", "some/path", Code::NotFound),
+        ("vol-2", "/stage/1", Code::NotFound),
+        ("vol-1", "some/path", Code::NotFound),
+        ("vol-1", "/does/not/exist", Code::NotFound),
+        ("vol-1", "", Code::InvalidArgument),
+        ("", "some/path", Code::InvalidArgument),
+    ];
+    for (volume, path, want) in rows {
+        let path = Path::new(path);
+        assert_eq!(
+            code(stats(&f, &f, volume, path).await),
+            want,
+            "NodeGetVolumeStats({volume:?}, {path:?})"
+        );
+        assert_eq!(
+            code(expand(&f, &f, volume, path, 0).await),
+            want,
+            "NodeExpandVolume({volume:?}, {path:?})"
+        );
+    }
+}
+
 /// A volume whose device (the fake's first, `/dev/loop0`) holds `fs` in
 /// half of its blocks, as after an offline ControllerExpandVolume.
 fn grown_device(fs: &str) -> Fake {

@@ -22,8 +22,8 @@ use tonic::Code;
 
 use crate::harness::cluster::Cluster;
 use crate::harness::csi::{
-    MIB, NodePlugin, channel, code, create_request, mount_cap, publish_request, stage_request,
-    unpublish_and_delete, unpublish_and_unstage,
+    MIB, NodePlugin, block_cap, channel, code, create_request, mount_cap, publish_request,
+    stage_request, unpublish_and_delete, unpublish_and_unstage,
 };
 
 fn require_root() -> Result<()> {
@@ -73,7 +73,9 @@ async fn sanity_publishes(node_socket: &Path, controller_socket: &Path) -> Resul
 /// that node id, NodeStageVolume with its publish context,
 /// NodePublishVolume at a target that does not exist yet, stats at
 /// `some/path` (NOT_FOUND), NodeExpandVolume at the target (OK), and
-/// NodeUnpublishVolume removing the target. Also the volume-not-found rows
+/// NodeUnpublishVolume removing the target; and, besides csi-sanity,
+/// NodeExpandVolume's "Exceeds capabilities" row (a block capability for
+/// the published filesystem). Also the volume-not-found rows
 /// of NodeGetVolumeStats and NodeExpandVolume with csi-sanity's relative
 /// `some/path`.
 #[tokio::test(flavor = "multi_thread")]
@@ -183,6 +185,18 @@ async fn the_csi_sanity_node_flows_pass_over_the_real_sockets() -> Result<()> {
     ensure!(
         code(elsewhere) == Some(Code::NotFound),
         "stats of a published volume at a path where it is not"
+    );
+    let block = c
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: target.display().to_string(),
+            volume_capability: Some(block_cap()),
+            ..Default::default()
+        })
+        .await;
+    ensure!(
+        code(block) == Some(Code::InvalidArgument),
+        "NodeExpandVolume with a block capability for a filesystem (Exceeds capabilities)"
     );
     let grown = c
         .node_expand_volume(csi::NodeExpandVolumeRequest {

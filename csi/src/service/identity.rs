@@ -1,10 +1,15 @@
 //! The CSI Identity service (CSI spec, "Identity Service RPC").
 //!
-//! Served by the controller and by every node plugin. The controller's
-//! instance announces CONTROLLER_SERVICE, VOLUME_ACCESSIBILITY_CONSTRAINTS
-//! and OFFLINE volume expansion; a node plugin's only
-//! VOLUME_ACCESSIBILITY_CONSTRAINTS (CSI spec, "GetPluginCapabilities": a
-//! plugin reports what the running process serves).
+//! Served by the controller and by every node plugin, which all announce
+//! the same capabilities: CONTROLLER_SERVICE,
+//! VOLUME_ACCESSIBILITY_CONSTRAINTS and OFFLINE volume expansion. CSI spec,
+//! "GetPluginCapabilities": the answer is "the grand sum of all
+//! capabilities of all instances of the Plugin software", and all
+//! instances of one version "SHALL return the same set of capabilities,
+//! regardless of ... which RPCs an instance is serving". A CO that asks a
+//! node plugin (csi-sanity does, on its node endpoint) learns from it
+//! whether to call ControllerPublishVolume, whose `publish_context`
+//! NodeStageVolume needs.
 
 use ballast_proto::csi;
 use ballast_proto::csi::plugin_capability::{
@@ -15,47 +20,32 @@ use tracing::instrument;
 
 use super::DRIVER_NAME;
 
-/// The Identity service.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    controller: bool,
-}
+/// The Identity service. It is the same in every process of the plugin:
+/// the controller and every node plugin.
+#[derive(Debug, Clone, Default)]
+pub struct Identity;
 
 impl Identity {
-    /// The Identity of the controller process.
-    pub fn controller() -> Self {
-        Self { controller: true }
-    }
-
-    /// The Identity of a node plugin process.
-    pub fn node() -> Self {
-        Self { controller: false }
-    }
-
+    /// The plugin's capabilities, whichever process serves them.
     fn capabilities(&self) -> Vec<csi::PluginCapability> {
-        let mut kinds = Vec::new();
-        if self.controller {
-            kinds.push(service::Type::ControllerService);
-        }
-        kinds.push(service::Type::VolumeAccessibilityConstraints);
-        let mut capabilities: Vec<csi::PluginCapability> = kinds
-            .into_iter()
-            .map(|kind| csi::PluginCapability {
-                r#type: Some(Type::Service(Service {
-                    r#type: kind.into(),
-                })),
-            })
-            .collect();
-        if self.controller {
-            // Targets serve the size they started with: volumes grow
-            // between an unpublish and the next publish.
-            capabilities.push(csi::PluginCapability {
-                r#type: Some(Type::VolumeExpansion(VolumeExpansion {
-                    r#type: volume_expansion::Type::Offline.into(),
-                })),
-            });
-        }
-        capabilities
+        let services = [
+            service::Type::ControllerService,
+            service::Type::VolumeAccessibilityConstraints,
+        ]
+        .into_iter()
+        .map(|kind| csi::PluginCapability {
+            r#type: Some(Type::Service(Service {
+                r#type: kind.into(),
+            })),
+        });
+        // Targets serve the size they started with: volumes grow between
+        // an unpublish and the next publish.
+        let expansion = csi::PluginCapability {
+            r#type: Some(Type::VolumeExpansion(VolumeExpansion {
+                r#type: volume_expansion::Type::Offline.into(),
+            })),
+        };
+        services.chain([expansion]).collect()
     }
 }
 
@@ -103,7 +93,7 @@ mod tests {
 
     #[tokio::test]
     async fn identity_names_the_driver_and_its_services() {
-        let identity = Identity::controller();
+        let identity = Identity;
         let info = identity
             .get_plugin_info(Request::new(csi::GetPluginInfoRequest {}))
             .await
@@ -112,7 +102,32 @@ mod tests {
             .as_ref()
             .map(|i| (i.name.as_str(), i.vendor_version.as_str()));
         assert_eq!(info.ok(), Some((DRIVER_NAME, env!("CARGO_PKG_VERSION"))));
-        assert_eq!(Identity::controller().capabilities().len(), 3);
-        assert_eq!(Identity::node().capabilities().len(), 1);
+        let capabilities = identity
+            .get_plugin_capabilities(Request::new(csi::GetPluginCapabilitiesRequest {}))
+            .await
+            .map(|r| r.into_inner().capabilities)
+            .unwrap_or_default();
+        let services: Vec<service::Type> = capabilities
+            .iter()
+            .filter_map(|c| match &c.r#type {
+                Some(Type::Service(s)) => Some(s.r#type()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            services,
+            [
+                service::Type::ControllerService,
+                service::Type::VolumeAccessibilityConstraints
+            ]
+        );
+        let expansion: Vec<volume_expansion::Type> = capabilities
+            .iter()
+            .filter_map(|c| match &c.r#type {
+                Some(Type::VolumeExpansion(e)) => Some(e.r#type()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(expansion, [volume_expansion::Type::Offline]);
     }
 }

@@ -284,7 +284,8 @@ impl csi::node_server::Node for Node {
 
     /// CSI spec, NodeExpandVolume: grows the filesystem to its device
     /// (see [`staging::expand`]); more than the device holds is
-    /// `OUT_OF_RANGE`.
+    /// `OUT_OF_RANGE`, a `volume_capability` that is not what is at
+    /// `volume_path` `INVALID_ARGUMENT` ("Exceeds capabilities").
     #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
     async fn node_expand_volume(
         &self,
@@ -297,12 +298,19 @@ impl csi::node_server::Node for Node {
                 "capacity_range.required_bytes {required} is negative"
             ))
         })?;
+        // OPTIONAL here; when given it must describe what is at the path.
+        let capability = req
+            .volume_capability
+            .as_ref()
+            .map(|cap| staging::capability(Some(cap)))
+            .transpose()?;
         let _guard = self.guard(&req.volume_id)?;
         let bytes = staging::expand(
             self.attacher.as_ref(),
             self.mounter.as_ref(),
             &req.volume_id,
             Path::new(&req.volume_path),
+            capability.as_ref().map(|c| &c.access),
             required,
         )
         .await

@@ -10,6 +10,7 @@ mod cluster;
 mod crash;
 mod csi;
 mod csi_controller;
+mod csi_errors;
 mod csi_node;
 mod demo;
 mod export_fence;

@@ -229,7 +229,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
             let mut stopped = stopped.clone();
             Some(tokio::spawn(
                 tonic::transport::Server::builder()
-                    .add_service(IdentityServer::new(Identity::controller()))
+                    .add_service(IdentityServer::new(Identity))
                     .add_service(ControllerServer::new(Controller::new(volumes)))
                     .serve_with_incoming_shutdown(incoming, async move {
                         let _ = stopped.wait_for(|s| *s).await;
@@ -299,7 +299,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let (path, incoming) = service::listen(&args.endpoint)?;
     info!(endpoint = %path.display(), "Serving the CSI Identity and Node services");
     tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(Identity::node()))
+        .add_service(IdentityServer::new(Identity))
         .add_service(NodeServer::new(node))
         .serve_with_incoming_shutdown(incoming, wait_for_signal()?)
         .await

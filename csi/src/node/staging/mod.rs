@@ -161,6 +161,20 @@ pub enum Error {
         /// The attached device's size.
         device_bytes: u64,
     },
+    /// NodeExpandVolume's `volume_capability` does not describe what is
+    /// staged or published at `volume_path` (CSI spec, NodeExpandVolume:
+    /// "Exceeds capabilities").
+    #[error("Volume {volume_id} at {path} is not {requested}: {found}")]
+    CapabilityMismatch {
+        /// The volume.
+        volume_id: String,
+        /// The path given.
+        path: PathBuf,
+        /// The access the capability names.
+        requested: String,
+        /// What is there.
+        found: String,
+    },
     /// No volume is staged or published at the given path.
     #[error("Volume {volume_id} is not staged or published at {path}")]
     VolumeNotFound {
@@ -184,9 +198,13 @@ impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         let msg = crate::error_chain(&e);
         match e {
-            Error::MissingField(_) | Error::InvalidField { .. } | Error::UnsupportedFsType(_) => {
-                tonic::Status::invalid_argument(msg)
-            }
+            // CSI spec, NodeExpandVolume: "Exceeds capabilities" is
+            // INVALID_ARGUMENT there (FAILED_PRECONDITION in stage and
+            // publish).
+            Error::MissingField(_)
+            | Error::InvalidField { .. }
+            | Error::UnsupportedFsType(_)
+            | Error::CapabilityMismatch { .. } => tonic::Status::invalid_argument(msg),
             // CSI spec, NodeStageVolume: "Volume published but is
             // incompatible"; a second staging path is an incompatible
             // argument too (the CO "SHALL ensure that there is only one
@@ -702,31 +720,68 @@ pub async fn unpublish(mounter: &dyn Mounter, volume: &str, target_path: &Path) 
 /// (offline) grew before the volume was staged. Returns the device's size
 /// in bytes. A filesystem that already fills its device (stage grows it)
 /// and a raw block volume need no work. `required_bytes` beyond the
-/// device is [`Error::BeyondDevice`].
+/// device is [`Error::BeyondDevice`]; an `access` (the request's OPTIONAL
+/// `volume_capability`) that is not what is at the path, block for a
+/// filesystem, mount for a device or another filesystem type, is
+/// [`Error::CapabilityMismatch`].
 #[instrument(skip_all, err, fields(volume.id = %volume, path = %volume_path.display()))]
 pub async fn expand(
     attacher: &dyn Attacher,
     mounter: &dyn Mounter,
     volume: &str,
     volume_path: &Path,
+    access: Option<&Access>,
     required_bytes: u64,
 ) -> Result<u64> {
     volume_id(volume)?;
-    absolute("volume_path", volume_path)?;
+    if volume_path.as_os_str().is_empty() {
+        return Err(Error::MissingField("volume_path"));
+    }
     let not_found = || Error::VolumeNotFound {
         volume_id: volume.to_string(),
         path: volume_path.to_path_buf(),
     };
+    // The volume first, the path's form after (see `stats`).
     let device = attached_device(attacher, volume)
         .await?
         .ok_or_else(not_found)?;
+    if !volume_path.is_absolute() {
+        return Err(not_found());
+    }
     let rdev = mounter.device_number(&device).await?;
     let entry = mounter
         .mounted_at(volume_path)
         .await?
         .ok_or_else(not_found)?;
-    if entry.dev() != rdev && mounter.device_number(volume_path).await.ok() != Some(rdev) {
+    let filesystem = entry.dev() == rdev;
+    if !filesystem && mounter.device_number(volume_path).await.ok() != Some(rdev) {
         return Err(not_found());
+    }
+    let mismatch = |requested: String, found: String| Error::CapabilityMismatch {
+        volume_id: volume.to_string(),
+        path: volume_path.to_path_buf(),
+        requested,
+        found,
+    };
+    match access {
+        Some(Access::Block) if filesystem => {
+            return Err(mismatch(
+                "block".into(),
+                format!("a mounted {} filesystem", entry.fs_type),
+            ));
+        }
+        Some(Access::Mount { .. }) if !filesystem => {
+            return Err(mismatch("a filesystem".into(), "a raw block device".into()));
+        }
+        Some(Access::Mount {
+            fs_type: Some(fs), ..
+        }) if fs.as_str() != entry.fs_type => {
+            return Err(mismatch(
+                fs.to_string(),
+                format!("a mounted {} filesystem", entry.fs_type),
+            ));
+        }
+        _ => {}
     }
     let device_bytes = mounter.block_size_bytes(&device).await?;
     if required_bytes > device_bytes {
@@ -736,7 +791,7 @@ pub async fn expand(
             device_bytes,
         });
     }
-    if entry.dev() == rdev {
+    if filesystem {
         mounter.grow(&device, volume_path, &entry.fs_type).await?;
         info!(fs = %entry.fs_type, device_bytes, "filesystem fills the device");
     }
@@ -764,13 +819,24 @@ pub async fn stats(
     volume_path: &Path,
 ) -> Result<Stats> {
     volume_id(volume)?;
-    absolute("volume_path", volume_path)?;
+    if volume_path.as_os_str().is_empty() {
+        return Err(Error::MissingField("volume_path"));
+    }
     let not_found = || Error::VolumeNotFound {
         volume_id: volume.to_string(),
         path: volume_path.to_path_buf(),
     };
+    // CSI spec, NodeGetVolumeStats and NodeExpandVolume: a volume this
+    // node does not have, and one that "does not exist on the specified
+    // path", are both NOT_FOUND. A relative path is one where no volume
+    // can be staged or published, so it is the second case, not
+    // INVALID_ARGUMENT; the volume is looked up first so that an unknown
+    // volume is NOT_FOUND whatever path comes with it.
     let attachment = attacher.find(volume).await?.ok_or_else(not_found)?;
     let device = attachment.device.clone().ok_or_else(not_found)?;
+    if !volume_path.is_absolute() {
+        return Err(not_found());
+    }
     let rdev = mounter.device_number(&device).await?;
     let entry = mounter
         .mounted_at(volume_path)

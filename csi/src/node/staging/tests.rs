@@ -713,17 +713,25 @@ async fn block_volumes_bind_the_device_node() {
 async fn expand_and_stats_find_the_volume_or_say_not_found() {
     let f = Fake::default();
     assert_eq!(
-        code(expand(&f, &f, "vol-1", Path::new("/stage/1"), 0).await),
+        code(expand(&f, &f, "vol-1", Path::new("/stage/1"), None, 0).await),
         Code::NotFound
     );
     stage(&f, &f, &stage_req("vol-1", "/stage/1", mount_cap(None)))
         .await
         .expect("stage");
-    let size = expand(&f, &f, "vol-1", Path::new("/stage/1"), DEVICE_BYTES)
+    let size = expand(&f, &f, "vol-1", Path::new("/stage/1"), None, DEVICE_BYTES)
         .await
         .expect("expand");
     assert_eq!(size, DEVICE_BYTES);
-    let r = expand(&f, &f, "vol-1", Path::new("/stage/1"), DEVICE_BYTES + 1).await;
+    let r = expand(
+        &f,
+        &f,
+        "vol-1",
+        Path::new("/stage/1"),
+        None,
+        DEVICE_BYTES + 1,
+    )
+    .await;
     assert!(matches!(r, Err(Error::BeyondDevice { .. })), "{r:?}");
     assert_eq!(code(r), Code::OutOfRange);
     assert_eq!(f.world().grown, vec![PathBuf::from("/dev/loop0")]);
@@ -741,6 +749,102 @@ async fn expand_and_stats_find_the_volume_or_say_not_found() {
         code(stats(&f, &f, "vol-1", Path::new("/elsewhere")).await),
         Code::NotFound
     );
+}
+
+/// CSI spec, NodeGetVolumeStats and NodeExpandVolume: the volume is looked
+/// up before the path's form, so an unknown volume is NOT_FOUND with any
+/// path (csi-sanity sends "some/path"), and a known one at a relative or
+/// missing path is NOT_FOUND too ("does not exist on the specified path");
+/// only a missing field is INVALID_ARGUMENT.
+#[tokio::test]
+async fn expand_and_stats_check_the_volume_before_the_path() {
+    let f = Fake::default();
+    stage(&f, &f, &stage_req("vol-1", "/stage/1", mount_cap(None)))
+        .await
+        .expect("stage");
+    let rows = [
+        ("vol-2", "some/path", Code::NotFound),
+        ("vol-2", "/stage/1", Code::NotFound),
+        ("vol-1", "some/path", Code::NotFound),
+        ("vol-1", "/does/not/exist", Code::NotFound),
+        ("vol-1", "", Code::InvalidArgument),
+        ("", "some/path", Code::InvalidArgument),
+    ];
+    for (volume, path, want) in rows {
+        let path = Path::new(path);
+        assert_eq!(
+            code(stats(&f, &f, volume, path).await),
+            want,
+            "NodeGetVolumeStats({volume:?}, {path:?})"
+        );
+        assert_eq!(
+            code(expand(&f, &f, volume, path, None, 0).await),
+            want,
+            "NodeExpandVolume({volume:?}, {path:?})"
+        );
+    }
+}
+
+/// CSI spec, NodeExpandVolume, "Exceeds capabilities": a
+/// `volume_capability` that is not what is at `volume_path` is
+/// INVALID_ARGUMENT and grows nothing; one that matches, or none, is fine.
+#[tokio::test]
+async fn expand_checks_the_capability_against_what_is_at_the_path() {
+    let f = Fake::default();
+    stage(&f, &f, &stage_req("vol-1", "/stage/1", mount_cap(None)))
+        .await
+        .expect("stage");
+    let at = Path::new("/stage/1");
+    let rows = [
+        (Access::Block, Code::InvalidArgument),
+        (mount_cap(Some(FsType::Xfs)).access, Code::InvalidArgument),
+    ];
+    for (access, want) in rows {
+        let r = expand(&f, &f, "vol-1", at, Some(&access), 0).await;
+        assert_eq!(code(r), want, "{access:?}");
+    }
+    assert!(f.world().grown.is_empty(), "nothing was grown");
+    for access in [mount_cap(None).access, mount_cap(Some(FsType::Ext4)).access] {
+        expand(&f, &f, "vol-1", at, Some(&access), 0)
+            .await
+            .expect("a matching capability");
+    }
+
+    let b = Fake::default();
+    stage(&b, &b, &stage_req("vol-2", "/stage/2", block_cap()))
+        .await
+        .expect("stage block");
+    publish(
+        &b,
+        &b,
+        &publish_req("vol-2", "/stage/2", "/pod/2", block_cap(), false),
+    )
+    .await
+    .expect("publish block");
+    let r = expand(
+        &b,
+        &b,
+        "vol-2",
+        Path::new("/pod/2"),
+        Some(&mount_cap(None).access),
+        0,
+    )
+    .await;
+    assert_eq!(
+        code(r),
+        Code::InvalidArgument,
+        "mount capability on a block volume"
+    );
+    expand(
+        &b,
+        &b,
+        "vol-2",
+        Path::new("/pod/2"),
+        Some(&Access::Block),
+        0,
+    )
+    .await
+    .expect("block capability on a block volume");
 }
 
 /// A volume whose device (the fake's first, `/dev/loop0`) holds `fs` in

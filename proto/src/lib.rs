@@ -22,7 +22,7 @@ pub mod controller {
     use prost::Message as _;
 
     impl TargetControlRefusal {
-        /// The type URL of the refusal in [`StatusDetails`].
+        /// The type URL of the refusal in the status details.
         pub const TYPE_URL: &'static str =
             "type.googleapis.com/ballast.controller.v1.TargetControlRefusal";
 
@@ -39,10 +39,10 @@ pub mod controller {
         /// its details (`grpc-status-details-bin`, as google.rpc.Status).
         pub fn into_status(self, code: tonic::Code, message: impl Into<String>) -> tonic::Status {
             let message = message.into();
-            let details = StatusDetails {
+            let details = tonic_types::Status {
                 code: code as i32,
                 message: message.clone(),
-                details: vec![StatusDetail {
+                details: vec![prost_types::Any {
                     type_url: Self::TYPE_URL.to_owned(),
                     value: self.encode_to_vec(),
                 }],
@@ -54,7 +54,7 @@ pub mod controller {
         /// carries none, or details that do not decode (then the status is
         /// only a message for people).
         pub fn from_status(status: &tonic::Status) -> Option<Self> {
-            let details = StatusDetails::decode(status.details()).ok()?;
+            let details = tonic_types::Status::decode(status.details()).ok()?;
             details
                 .details
                 .iter()

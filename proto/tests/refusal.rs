@@ -5,17 +5,6 @@ use ballast_proto::controller::TargetControlRefusal;
 use ballast_proto::controller::target_control_refusal::Reason;
 use prost::Message;
 
-/// google.rpc.Status as published (code = 1, message = 2, details = 3).
-#[derive(Clone, PartialEq, Message)]
-struct RpcStatus {
-    #[prost(int32, tag = "1")]
-    code: i32,
-    #[prost(string, tag = "2")]
-    message: String,
-    #[prost(message, repeated, tag = "3")]
-    details: Vec<prost_types::Any>,
-}
-
 #[test]
 fn refusals_round_trip_in_status_details() {
     let status = TargetControlRefusal::new(Reason::StaleEpoch, 7)
@@ -35,7 +24,7 @@ fn refusals_round_trip_in_status_details() {
 fn details_are_a_google_rpc_status() {
     let status = TargetControlRefusal::new(Reason::LastInSyncReplica, 0)
         .into_status(tonic::Code::FailedPrecondition, "last");
-    let decoded = RpcStatus::decode(status.details()).expect("google.rpc.Status");
+    let decoded = tonic_types::Status::decode(status.details()).expect("google.rpc.Status");
     assert_eq!(decoded.code, tonic::Code::FailedPrecondition as i32);
     assert_eq!(decoded.message, "last");
     let any = &decoded.details[0];

@@ -17,7 +17,8 @@
 //! The operator CLI lives in `src/bin/ballast`.
 
 pub mod cluster;
-pub mod command;
+/// Host tools run with a deadline: the agent's implementation, shared.
+pub use ballast_storage_node::host::command;
 pub mod controller;
 pub mod demo;
 pub mod node;

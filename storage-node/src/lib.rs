@@ -14,6 +14,8 @@
 //!   replication fan-out, failover through the controller, rebuild.
 //! - [`nbd`] is the NBD server (fixed newstyle handshake, transmission phase).
 //! - [`api`] is the agent's gRPC API; [`agent`] wires everything together.
+//! - [`host`] runs host tools with a deadline, reads the mount table and
+//!   drives loop devices, for the agent and the CSI plugins alike.
 //! - [`registration`] registers the node with the controller and sends
 //!   heartbeats (only with `--controller`).
 //!
@@ -25,6 +27,7 @@ pub mod block;
 pub mod buf;
 pub mod durable;
 pub mod exports;
+pub mod host;
 pub mod nbd;
 pub mod pool;
 pub mod registration;

@@ -11,8 +11,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::Error;
-use super::command::run;
+use super::{Error, TOOL_TIMEOUT};
+use crate::host::command::run_blocking;
 
 /// Returns the loop device already backed by `file`, if any.
 ///
@@ -24,7 +24,7 @@ use super::command::run;
 ///
 /// Returns the error of running `losetup`.
 pub(super) fn find_attached(file: &Path) -> Result<Option<PathBuf>, Error> {
-    let out = run(
+    let out = run_blocking(
         "losetup",
         [
             "--list".as_ref(),
@@ -34,6 +34,7 @@ pub(super) fn find_attached(file: &Path) -> Result<Option<PathBuf>, Error> {
             "--associated".as_ref(),
             file.as_os_str(),
         ],
+        TOOL_TIMEOUT,
     )?;
     let mut devices = out.lines().map(str::trim).filter(|l| !l.is_empty());
     let first = devices.next().map(PathBuf::from);
@@ -65,7 +66,7 @@ pub(super) fn attach(file: &Path) -> Result<PathBuf, Error> {
         let mut args: Vec<&std::ffi::OsStr> = vec!["--find".as_ref(), "--show".as_ref()];
         args.extend(extra.iter().map(std::ffi::OsStr::new));
         args.push(file.as_os_str());
-        run("losetup", args)
+        run_blocking("losetup", args, TOOL_TIMEOUT)
     };
     let out = match attach_with(&["--direct-io=on"]) {
         Ok(out) => out,
@@ -103,7 +104,11 @@ const DETACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Returns the error of running `losetup --detach`, or
 /// [`Error::DetachTimeout`] if the device is still attached after 10 s.
 pub(super) fn detach(device: &Path) -> Result<(), Error> {
-    run("losetup", ["--detach".as_ref(), device.as_os_str()])?;
+    run_blocking(
+        "losetup",
+        ["--detach".as_ref(), device.as_os_str()],
+        TOOL_TIMEOUT,
+    )?;
     let deadline = Instant::now() + DETACH_TIMEOUT;
     while backing_file(device).is_some() {
         if Instant::now() >= deadline {

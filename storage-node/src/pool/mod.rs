@@ -28,7 +28,6 @@
 //! `spawn_blocking`. Dropping a [`Pool`] leaves it mounted, exactly as a crash
 //! would; [`Pool::close`] is the clean shutdown.
 
-mod command;
 mod label;
 mod loopdev;
 mod manager;
@@ -39,7 +38,6 @@ mod signature;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -61,6 +59,14 @@ pub const POOLS_DIR: &str = "pools";
 
 /// Directory at the root of a pool filesystem that holds replica files.
 pub const REPLICAS_DIR: &str = "replicas";
+
+/// Deadline of `wipefs` and `losetup` calls: they only read a few sectors
+/// or issue an ioctl, so one that takes longer hangs on a dying device.
+const TOOL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Deadline of `mkfs.xfs`, which discards the whole device first (minutes
+/// on a large SSD).
+const MKFS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
 /// Longest pool name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -255,25 +261,10 @@ pub enum Error {
         #[source]
         source: Errno,
     },
-    /// An external tool could not be started.
-    #[error("Cannot run {program}")]
-    Spawn {
-        /// The program (`losetup`, `wipefs`, `mkfs.xfs`).
-        program: &'static str,
-        /// Why, typically `NotFound` when it is not installed.
-        #[source]
-        source: io::Error,
-    },
-    /// An external tool exited unsuccessfully.
-    #[error("Command `{command}` failed ({status}): {stderr}")]
-    CommandFailed {
-        /// The command line.
-        command: String,
-        /// Its exit status.
-        status: ExitStatus,
-        /// Its standard error, trimmed.
-        stderr: String,
-    },
+    /// An external tool (`losetup`, `wipefs`, `mkfs.xfs`) could not be
+    /// started, exited unsuccessfully or outlived its deadline.
+    #[error("Cannot run a host tool")]
+    Command(#[from] crate::host::command::Error),
     /// An external tool printed something this code cannot understand.
     #[error("Unexpected output from `{command}`: {detail}")]
     CommandOutput {
@@ -380,8 +371,7 @@ impl Error {
             | Self::Mount { .. }
             | Self::Unmount { .. }
             | Self::Statvfs { .. }
-            | Self::Spawn { .. }
-            | Self::CommandFailed { .. }
+            | Self::Command(_)
             | Self::CommandOutput { .. } => Code::Internal,
         }
     }

@@ -18,10 +18,7 @@ use crate::node::mount::mountinfo;
 /// The kernel's mount table; empty if it cannot be read or parsed
 /// (clean-up is best effort, and what is left is reported).
 fn mount_table() -> Vec<MountEntry> {
-    fs::read_to_string("/proc/self/mountinfo")
-        .ok()
-        .and_then(|text| mountinfo::parse(&text).ok())
-        .unwrap_or_default()
+    mountinfo::read().unwrap_or_default()
 }
 
 /// Mount points of `entries` that `keep` selects, deepest first.

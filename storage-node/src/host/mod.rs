@@ -10,3 +10,4 @@
 //! volumes or CSI; a helper that needs such a term belongs with its caller.
 
 pub mod command;
+pub mod mountinfo;

@@ -31,7 +31,6 @@
 mod label;
 mod loopdev;
 mod manager;
-mod mountinfo;
 mod open;
 mod signature;
 
@@ -45,6 +44,8 @@ use nix::errno::Errno;
 use nix::mount::MntFlags;
 use tracing::{info, warn};
 use uuid::Uuid;
+
+use crate::host::mountinfo;
 
 pub use label::{LABEL_FILE, LABEL_FORMAT_VERSION, PoolLabel};
 pub use manager::PoolManager;
@@ -229,9 +230,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// `/proc/self/mountinfo` could not be read.
+    /// `/proc/self/mountinfo` could not be read or parsed.
     #[error("Cannot read the mount table")]
-    MountTable(#[source] io::Error),
+    MountTable(#[source] crate::host::mountinfo::Error),
     /// mount(2) failed.
     #[error("Cannot mount {} at {}", device.display(), target.display())]
     Mount {

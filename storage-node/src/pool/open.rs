@@ -31,7 +31,7 @@ pub(super) fn open_device(
 ) -> Result<(PoolLabel, PathBuf), Error> {
     let dev = device_number(device)?;
     let mounts = mountinfo::read().map_err(Error::MountTable)?;
-    let mounted: Vec<_> = mounts.iter().filter(|m| m.dev == dev).collect();
+    let mounted: Vec<_> = mounts.iter().filter(|m| m.dev() == dev).collect();
     if let Some(ours) = mounted
         .iter()
         .find(|m| m.mount_point.parent() == Some(pools_dir) && m.fs_type == "xfs")
@@ -276,9 +276,8 @@ pub(super) fn block_device(path: &Path) -> Result<PathBuf, Error> {
 }
 
 /// Returns the (major, minor) of a block device, as the mount table shows it.
-fn device_number(device: &Path) -> Result<(u64, u64), Error> {
-    let rdev = source_metadata(device)?.rdev();
-    Ok((nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev)))
+fn device_number(device: &Path) -> Result<u64, Error> {
+    Ok(source_metadata(device)?.rdev())
 }
 
 /// Creates a missing pool file (sparse) or checks an existing one; returns its

@@ -353,13 +353,7 @@ pub(crate) fn sys_block_dev(name: &str) -> Option<u64> {
 
 /// Reads and parses `/proc/self/mountinfo`.
 pub(crate) fn read_mounts() -> Result<Vec<MountEntry>> {
-    let path = Path::new("/proc/self/mountinfo");
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        op: "read",
-        path: path.to_path_buf(),
-        source,
-    })?;
-    super::mount::mountinfo::parse(&text).map_err(|e| Error::MountInfo(Box::new(e)))
+    super::mount::mountinfo::read().map_err(|e| Error::MountInfo(Box::new(e)))
 }
 
 /// Polls `probe` every 50 ms until it returns `Some`, for at most `timeout`.

@@ -8,8 +8,8 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
+use ballast_storage_node::host::loopdev;
 use nix::mount::{MntFlags, umount2};
 
 use crate::node::mount::MountEntry;
@@ -40,27 +40,7 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 
 /// Loop devices (`/dev/loopN`) whose backing file is under `dir`.
 pub fn loops_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = fs::read_dir("/sys/block") else {
-        return Vec::new();
-    };
-    let mut loops = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        let Ok(backing) = fs::read_to_string(entry.path().join("loop/backing_file")) else {
-            continue;
-        };
-        let backing = backing
-            .trim_end_matches('\n')
-            .trim_end_matches(" (deleted)");
-        if Path::new(backing).starts_with(dir) {
-            loops.push(PathBuf::from(format!("/dev/{name}")));
-        }
-    }
-    loops.sort();
-    loops
+    loopdev::backed_under(dir)
 }
 
 /// Unmounts every mount under `dir` (lazily if a plain unmount fails) and
@@ -119,16 +99,11 @@ fn unmount(mounts: &[PathBuf]) {
     }
 }
 
-/// Detaches loop devices with `losetup -d`, ignoring failures.
+/// Detaches loop devices with `losetup -d` (each with a deadline),
+/// ignoring failures.
 fn detach_loops(loops: &[PathBuf]) {
     for device in loops {
-        let _ = Command::new("losetup")
-            .arg("-d")
-            .arg(device)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let _ = loopdev::detach(device);
     }
 }
 

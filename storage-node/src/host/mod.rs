@@ -10,4 +10,5 @@
 //! volumes or CSI; a helper that needs such a term belongs with its caller.
 
 pub mod command;
+pub mod loopdev;
 pub mod mountinfo;

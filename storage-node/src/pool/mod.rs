@@ -29,7 +29,6 @@
 //! would; [`Pool::close`] is the clean shutdown.
 
 mod label;
-mod loopdev;
 mod manager;
 mod open;
 mod signature;
@@ -45,7 +44,7 @@ use nix::mount::MntFlags;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::host::mountinfo;
+use crate::host::{loopdev, mountinfo};
 
 pub use label::{LABEL_FILE, LABEL_FORMAT_VERSION, PoolLabel};
 pub use manager::PoolManager;
@@ -187,14 +186,9 @@ pub enum Error {
         /// The source of the filesystem mounted there.
         mounted: String,
     },
-    /// A detached loop device is still attached after the wait.
-    #[error("Loop device {} is still attached {waited:?} after detaching it", device.display())]
-    DetachTimeout {
-        /// The loop device.
-        device: PathBuf,
-        /// How long the agent waited.
-        waited: std::time::Duration,
-    },
+    /// A pool file's loop device could not be attached or detached.
+    #[error("Loop device")]
+    LoopDevice(#[from] crate::host::loopdev::Error),
     /// The pool label exists but cannot be read or parsed.
     #[error("Cannot read pool label {}", path.display())]
     ReadLabel {
@@ -364,7 +358,7 @@ impl Error {
             | Self::InsufficientSpace { .. }
             | Self::NoPoolFits { .. } => Code::ResourceExhausted,
             Self::Source { .. }
-            | Self::DetachTimeout { .. }
+            | Self::LoopDevice(_)
             | Self::ReadLabel { .. }
             | Self::WriteLabel { .. }
             | Self::CreateDir { .. }
@@ -556,7 +550,7 @@ impl Pool {
                 })
             }
             Err(e) => {
-                if attached_here && let Err(detach) = loopdev::detach(&device) {
+                if attached_here && let Err(detach) = loopdev::detach_and_wait(&device) {
                     warn!(device = %device.display(), error = %detach, "Cannot detach loop device after a failed open");
                 }
                 Err(e)
@@ -587,7 +581,7 @@ impl Pool {
             return Err(e);
         }
         if matches!(self.source, PoolSource::File { .. }) {
-            loopdev::detach(&self.device)?;
+            loopdev::detach_and_wait(&self.device)?;
         }
         info!(pool.name = %self.label.name, "Pool closed");
         Ok(())
@@ -869,9 +863,9 @@ pub fn force_cleanup(state_dir: &Path) -> Result<(), Error> {
         }
         let source = Path::new(&m.source);
         if loopdev::backing_file(source).is_some()
-            && let Err(e) = loopdev::detach(source)
+            && let Err(e) = loopdev::detach_and_wait(source)
         {
-            first_error.get_or_insert(e);
+            first_error.get_or_insert(e.into());
         }
     }
     first_error.map_or(Ok(()), Err)

@@ -116,6 +116,12 @@ pub enum Error {
         #[source]
         source: command::Error,
     },
+    /// A loop device could not be attached or detached.
+    #[error("Loop device")]
+    LoopDevice(#[source] ballast_storage_node::host::loopdev::Error),
+    /// A blocking helper task panicked or was cancelled.
+    #[error("Blocking task")]
+    Join(#[source] tokio::task::JoinError),
     /// A file operation failed.
     #[error("{op} {path}")]
     Io {
@@ -148,9 +154,11 @@ impl From<Error> for tonic::Status {
             Error::NoFreeDevice => tonic::Status::resource_exhausted(msg),
             Error::NbdfuseExited { .. } => tonic::Status::unavailable(msg),
             Error::Timeout { .. } => tonic::Status::deadline_exceeded(msg),
-            Error::Tool { .. } | Error::Io { .. } | Error::MountInfo(_) => {
-                tonic::Status::internal(msg)
-            }
+            Error::Tool { .. }
+            | Error::LoopDevice(_)
+            | Error::Join(_)
+            | Error::Io { .. }
+            | Error::MountInfo(_) => tonic::Status::internal(msg),
         }
     }
 }

@@ -378,17 +378,8 @@ impl From<Error> for tonic::Status {
     }
 }
 
-/// Formats an error followed by its causes, for status messages and logs.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+/// Kept under its old path for the agent's callers; see [`crate::error_chain`].
+pub use crate::error_chain;
 
 /// Where a pool's storage comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,6 +16,7 @@
 //! - [`api`] is the agent's gRPC API; [`agent`] wires everything together.
 //! - [`host`] runs host tools with a deadline, reads the mount table and
 //!   drives loop devices, for the agent and the CSI plugins alike.
+//! - [`guard`] is the per-volume operation guard (also the controller's).
 //! - [`registration`] registers the node with the controller and sends
 //!   heartbeats (only with `--controller`).
 //!
@@ -27,6 +28,7 @@ pub mod block;
 pub mod buf;
 pub mod durable;
 pub mod exports;
+pub mod guard;
 pub mod host;
 pub mod nbd;
 pub mod pool;

@@ -17,22 +17,13 @@
 //! The operator CLI lives in `src/bin/ballast`.
 
 pub mod cluster;
-pub mod command;
+/// Host tools run with a deadline: the agent's implementation, shared.
+pub use ballast_storage_node::host::command;
 pub mod controller;
 pub mod demo;
 pub mod node;
 pub mod service;
 pub mod store;
 
-/// Formats an error and its sources as "a: b: c", for gRPC status messages
-/// and logs that leave the process.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
-}
+/// Formats an error and its sources as "a: b: c": the agent's, shared.
+pub(crate) use ballast_storage_node::error_chain;

@@ -44,7 +44,7 @@ struct Args {
 
     /// Size in bytes of pool files that do not exist yet (suffixes: MiB,
     /// GiB, ...).
-    #[arg(long, value_parser = parse_bytes)]
+    #[arg(long, value_parser = ballast_storage_node::parse_bytes)]
     pool_size: Option<u64>,
 
     /// Format pool devices even if they carry a partition table or a
@@ -84,12 +84,6 @@ struct Args {
     /// topology.ballast.io/node=<node id> is always added.
     #[arg(long = "topology", value_name = "KEY=VALUE")]
     topology: Vec<String>,
-}
-
-fn parse_bytes(text: &str) -> Result<u64, String> {
-    text.parse::<bytesize::ByteSize>()
-        .map(|size| size.as_u64())
-        .map_err(|e| format!("invalid size {text:?}: {e}"))
 }
 
 impl Args {

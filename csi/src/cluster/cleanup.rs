@@ -8,8 +8,8 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
+use ballast_storage_node::host::loopdev;
 use nix::mount::{MntFlags, umount2};
 
 use crate::node::mount::MountEntry;
@@ -18,10 +18,7 @@ use crate::node::mount::mountinfo;
 /// The kernel's mount table; empty if it cannot be read or parsed
 /// (clean-up is best effort, and what is left is reported).
 fn mount_table() -> Vec<MountEntry> {
-    fs::read_to_string("/proc/self/mountinfo")
-        .ok()
-        .and_then(|text| mountinfo::parse(&text).ok())
-        .unwrap_or_default()
+    mountinfo::read().unwrap_or_default()
 }
 
 /// Mount points of `entries` that `keep` selects, deepest first.
@@ -43,27 +40,7 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 
 /// Loop devices (`/dev/loopN`) whose backing file is under `dir`.
 pub fn loops_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = fs::read_dir("/sys/block") else {
-        return Vec::new();
-    };
-    let mut loops = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        let Ok(backing) = fs::read_to_string(entry.path().join("loop/backing_file")) else {
-            continue;
-        };
-        let backing = backing
-            .trim_end_matches('\n')
-            .trim_end_matches(" (deleted)");
-        if Path::new(backing).starts_with(dir) {
-            loops.push(PathBuf::from(format!("/dev/{name}")));
-        }
-    }
-    loops.sort();
-    loops
+    loopdev::backed_under(dir)
 }
 
 /// Unmounts every mount under `dir` (lazily if a plain unmount fails) and
@@ -122,16 +99,11 @@ fn unmount(mounts: &[PathBuf]) {
     }
 }
 
-/// Detaches loop devices with `losetup -d`, ignoring failures.
+/// Detaches loop devices with `losetup -d` (each with a deadline),
+/// ignoring failures.
 fn detach_loops(loops: &[PathBuf]) {
     for device in loops {
-        let _ = Command::new("losetup")
-            .arg("-d")
-            .arg(device)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let _ = loopdev::detach(device);
     }
 }
 
@@ -143,6 +115,5 @@ mod tests {
     fn nothing_outside_the_directory_is_listed() {
         let dir = tempfile::tempdir().expect("temp dir");
         assert!(mounts_under(dir.path()).is_empty());
-        assert!(loops_under(dir.path()).is_empty());
     }
 }

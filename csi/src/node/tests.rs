@@ -82,9 +82,8 @@ impl Drop for Scratch {
 }
 
 fn mounts_under(dir: &Path) -> Vec<mountinfo::MountEntry> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
-    mountinfo::parse(&text)
-        .expect("parse mountinfo")
+    mountinfo::read()
+        .expect("read mountinfo")
         .into_iter()
         .filter(|m| m.mount_point.starts_with(dir))
         .collect()

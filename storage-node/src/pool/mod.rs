@@ -28,18 +28,14 @@
 //! `spawn_blocking`. Dropping a [`Pool`] leaves it mounted, exactly as a crash
 //! would; [`Pool::close`] is the clean shutdown.
 
-mod command;
 mod label;
-mod loopdev;
 mod manager;
-mod mountinfo;
 mod open;
 mod signature;
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -47,6 +43,8 @@ use nix::errno::Errno;
 use nix::mount::MntFlags;
 use tracing::{info, warn};
 use uuid::Uuid;
+
+use crate::host::{loopdev, mountinfo};
 
 pub use label::{LABEL_FILE, LABEL_FORMAT_VERSION, PoolLabel};
 pub use manager::PoolManager;
@@ -61,6 +59,14 @@ pub const POOLS_DIR: &str = "pools";
 
 /// Directory at the root of a pool filesystem that holds replica files.
 pub const REPLICAS_DIR: &str = "replicas";
+
+/// Deadline of `wipefs` and `losetup` calls: they only read a few sectors
+/// or issue an ioctl, so one that takes longer hangs on a dying device.
+const TOOL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Deadline of `mkfs.xfs`, which discards the whole device first (minutes
+/// on a large SSD).
+const MKFS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
 /// Longest pool name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -180,14 +186,9 @@ pub enum Error {
         /// The source of the filesystem mounted there.
         mounted: String,
     },
-    /// A detached loop device is still attached after the wait.
-    #[error("Loop device {} is still attached {waited:?} after detaching it", device.display())]
-    DetachTimeout {
-        /// The loop device.
-        device: PathBuf,
-        /// How long the agent waited.
-        waited: std::time::Duration,
-    },
+    /// A pool file's loop device could not be attached or detached.
+    #[error("Loop device")]
+    LoopDevice(#[from] crate::host::loopdev::Error),
     /// The pool label exists but cannot be read or parsed.
     #[error("Cannot read pool label {}", path.display())]
     ReadLabel {
@@ -223,9 +224,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// `/proc/self/mountinfo` could not be read.
+    /// `/proc/self/mountinfo` could not be read or parsed.
     #[error("Cannot read the mount table")]
-    MountTable(#[source] io::Error),
+    MountTable(#[source] crate::host::mountinfo::Error),
     /// mount(2) failed.
     #[error("Cannot mount {} at {}", device.display(), target.display())]
     Mount {
@@ -255,25 +256,10 @@ pub enum Error {
         #[source]
         source: Errno,
     },
-    /// An external tool could not be started.
-    #[error("Cannot run {program}")]
-    Spawn {
-        /// The program (`losetup`, `wipefs`, `mkfs.xfs`).
-        program: &'static str,
-        /// Why, typically `NotFound` when it is not installed.
-        #[source]
-        source: io::Error,
-    },
-    /// An external tool exited unsuccessfully.
-    #[error("Command `{command}` failed ({status}): {stderr}")]
-    CommandFailed {
-        /// The command line.
-        command: String,
-        /// Its exit status.
-        status: ExitStatus,
-        /// Its standard error, trimmed.
-        stderr: String,
-    },
+    /// An external tool (`losetup`, `wipefs`, `mkfs.xfs`) could not be
+    /// started, exited unsuccessfully or outlived its deadline.
+    #[error("Cannot run a host tool")]
+    Command(#[from] crate::host::command::Error),
     /// An external tool printed something this code cannot understand.
     #[error("Unexpected output from `{command}`: {detail}")]
     CommandOutput {
@@ -372,7 +358,7 @@ impl Error {
             | Self::InsufficientSpace { .. }
             | Self::NoPoolFits { .. } => Code::ResourceExhausted,
             Self::Source { .. }
-            | Self::DetachTimeout { .. }
+            | Self::LoopDevice(_)
             | Self::ReadLabel { .. }
             | Self::WriteLabel { .. }
             | Self::CreateDir { .. }
@@ -380,8 +366,7 @@ impl Error {
             | Self::Mount { .. }
             | Self::Unmount { .. }
             | Self::Statvfs { .. }
-            | Self::Spawn { .. }
-            | Self::CommandFailed { .. }
+            | Self::Command(_)
             | Self::CommandOutput { .. } => Code::Internal,
         }
     }
@@ -393,17 +378,8 @@ impl From<Error> for tonic::Status {
     }
 }
 
-/// Formats an error followed by its causes, for status messages and logs.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+/// Kept under its old path for the agent's callers; see [`crate::error_chain`].
+pub use crate::error_chain;
 
 /// Where a pool's storage comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -565,7 +541,7 @@ impl Pool {
                 })
             }
             Err(e) => {
-                if attached_here && let Err(detach) = loopdev::detach(&device) {
+                if attached_here && let Err(detach) = loopdev::detach_and_wait(&device) {
                     warn!(device = %device.display(), error = %detach, "Cannot detach loop device after a failed open");
                 }
                 Err(e)
@@ -596,7 +572,7 @@ impl Pool {
             return Err(e);
         }
         if matches!(self.source, PoolSource::File { .. }) {
-            loopdev::detach(&self.device)?;
+            loopdev::detach_and_wait(&self.device)?;
         }
         info!(pool.name = %self.label.name, "Pool closed");
         Ok(())
@@ -878,9 +854,9 @@ pub fn force_cleanup(state_dir: &Path) -> Result<(), Error> {
         }
         let source = Path::new(&m.source);
         if loopdev::backing_file(source).is_some()
-            && let Err(e) = loopdev::detach(source)
+            && let Err(e) = loopdev::detach_and_wait(source)
         {
-            first_error.get_or_insert(e);
+            first_error.get_or_insert(e.into());
         }
     }
     first_error.map_or(Ok(()), Err)

@@ -16,8 +16,11 @@ use tracing::{info, warn};
 
 use super::label::{self, PoolLabel};
 use super::signature::{self, XFS_LABEL};
-use super::{Error, PoolConfig, REPLICAS_DIR, command, mountinfo, validate_name};
+use super::{
+    Error, MKFS_TIMEOUT, PoolConfig, REPLICAS_DIR, TOOL_TIMEOUT, mountinfo, validate_name,
+};
 use crate::durable;
+use crate::host::command;
 
 /// Opens the pool on a resolved block device; returns its label and mount path.
 pub(super) fn open_device(
@@ -28,7 +31,7 @@ pub(super) fn open_device(
 ) -> Result<(PoolLabel, PathBuf), Error> {
     let dev = device_number(device)?;
     let mounts = mountinfo::read().map_err(Error::MountTable)?;
-    let mounted: Vec<_> = mounts.iter().filter(|m| m.dev == dev).collect();
+    let mounted: Vec<_> = mounts.iter().filter(|m| m.dev() == dev).collect();
     if let Some(ours) = mounted
         .iter()
         .find(|m| m.mount_point.parent() == Some(pools_dir) && m.fs_type == "xfs")
@@ -147,7 +150,11 @@ fn format(
         // mkfs.xfs -f leaves signatures it does not overwrite (a GPT backup
         // header at the end of the disk); wiping them keeps the next start-up
         // from refusing our own pool.
-        command::run("wipefs", ["--all".as_ref(), device.as_os_str()])?;
+        command::run_blocking(
+            "wipefs",
+            ["--all".as_ref(), device.as_os_str()],
+            TOOL_TIMEOUT,
+        )?;
     }
     let mut args: Vec<&std::ffi::OsStr> = vec![
         "-m".as_ref(),
@@ -160,7 +167,7 @@ fn format(
     }
     args.push(device.as_os_str());
     info!(pool.name = %name, device = %device.display(), "Formatting pool with XFS");
-    command::run("mkfs.xfs", args)?;
+    command::run_blocking("mkfs.xfs", args, MKFS_TIMEOUT)?;
     let target = mount_new(pools_dir, name, device)?;
     let label = PoolLabel::new(name);
     let labelled =
@@ -269,9 +276,8 @@ pub(super) fn block_device(path: &Path) -> Result<PathBuf, Error> {
 }
 
 /// Returns the (major, minor) of a block device, as the mount table shows it.
-fn device_number(device: &Path) -> Result<(u64, u64), Error> {
-    let rdev = source_metadata(device)?.rdev();
-    Ok((nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev)))
+fn device_number(device: &Path) -> Result<u64, Error> {
+    Ok(source_metadata(device)?.rdev())
 }
 
 /// Creates a missing pool file (sparse) or checks an existing one; returns its

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::Error;
-use super::command::run;
+use super::{Error, TOOL_TIMEOUT};
+use crate::host::command::run_blocking;
 
 /// The XFS filesystem label (`mkfs.xfs -L`) of every Ballast pool.
 ///
@@ -71,9 +71,10 @@ pub(super) enum Contents {
 ///
 /// Returns the error of running `wipefs` or of parsing its output.
 pub(super) fn probe(device: &Path) -> Result<Vec<Signature>, Error> {
-    let out = run(
+    let out = run_blocking(
         "wipefs",
         ["--no-act".as_ref(), "--json".as_ref(), device.as_os_str()],
+        TOOL_TIMEOUT,
     )?;
     parse(&out)
 }

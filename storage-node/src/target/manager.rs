@@ -6,7 +6,7 @@
 //! racing (STYLE.md, Mayastor's `VolumeOpGuard`). The map itself is only
 //! locked for lookups and inserts, never across an await.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -17,6 +17,7 @@ use tracing::info;
 use super::{
     Controller, Error, LocalReplicas, ReplicaSpec, Target, TargetConfig, TargetStatus, lock,
 };
+use crate::guard::{OpGuard, OpGuards};
 use crate::nbd::{Export, NbdServer};
 use crate::replication::{ClientConfig, ReplicaClient, ReplicaIo};
 
@@ -112,19 +113,7 @@ pub struct Targets {
     config: TargetsConfig,
     local: Arc<LocalReplicas>,
     running: Mutex<BTreeMap<String, Running>>,
-    busy: Arc<Mutex<HashSet<String>>>,
-}
-
-/// Held while an operation runs on a volume.
-struct Guard {
-    busy: Arc<Mutex<HashSet<String>>>,
-    volume_id: String,
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        lock(&self.busy).remove(&self.volume_id);
-    }
+    busy: OpGuards,
 }
 
 impl Targets {
@@ -134,18 +123,12 @@ impl Targets {
             config,
             local,
             running: Mutex::new(BTreeMap::new()),
-            busy: Arc::new(Mutex::new(HashSet::new())),
+            busy: OpGuards::default(),
         }
     }
 
-    fn guard(&self, volume_id: &str) -> Result<Guard, Error> {
-        if !lock(&self.busy).insert(volume_id.to_owned()) {
-            return Err(Error::Busy {
-                volume_id: volume_id.to_owned(),
-            });
-        }
-        Ok(Guard {
-            busy: Arc::clone(&self.busy),
+    fn guard(&self, volume_id: &str) -> Result<OpGuard, Error> {
+        self.busy.try_acquire(volume_id).ok_or_else(|| Error::Busy {
             volume_id: volume_id.to_owned(),
         })
     }

@@ -50,7 +50,7 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -623,14 +623,9 @@ fn create_ring(entries: u32) -> Result<(IoUring, bool), Error> {
 
 /// Creates a non-blocking eventfd for completion notifications.
 fn nonblocking_eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd(2) takes no pointers; it returns a new descriptor or -1.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a valid descriptor that nothing else owns; the
-    // `OwnedFd` becomes its only owner and closes it once.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    let fd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+    Ok(OwnedFd::from(fd))
 }
 
 /// Resets the eventfd's counter (one non-blocking read).

@@ -134,26 +134,14 @@ struct ControllerArgs {
     agent_timeout: Duration,
 }
 
-/// Parses "500ms", "10s", "10m", "1h" (a bare number is seconds).
+/// Parses a positive duration as humantime does ("500ms", "10s", "10m",
+/// "1h 30m"); a bare number is seconds, as this flag always took it.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 500ms, 10s, 10m, 1h"))?;
-    let duration = match unit {
-        "ms" => Duration::from_millis(number),
-        "" | "s" => Duration::from_secs(number),
-        "m" => Duration::from_secs(number.saturating_mul(60)),
-        "h" => Duration::from_secs(number.saturating_mul(3600)),
-        other => {
-            return Err(format!(
-                "invalid duration unit {other:?} in {text:?}: use ms, s, m or h"
-            ));
-        }
+    let duration = match text.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => humantime::parse_duration(text)
+            .map_err(|e| format!("invalid duration {text:?}: {e} (e.g. 500ms, 10s, 10m, 1h)"))?,
     };
     if duration.is_zero() {
         return Err(format!("the duration {text:?} must be greater than zero"));
@@ -319,7 +307,9 @@ mod tests {
         assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        for bad in ["", "s", "10x", "-1s", "0s", "1.5s"] {
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        for bad in ["", "s", "10x", "-1s", "0s", "0"] {
             assert!(parse_duration(bad).is_err(), "{bad} was accepted");
         }
     }

@@ -8,7 +8,7 @@ use ballast_csi::cluster::{self, ClusterInfo, ClusterSpec, StoreKind};
 use clap::Subcommand;
 
 use crate::output::{self, Format};
-use crate::parse_bytes;
+use ballast_storage_node::parse_bytes;
 
 /// The cluster store a local cluster uses.
 #[derive(Clone, Copy, clap::ValueEnum)]

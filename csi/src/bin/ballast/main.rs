@@ -157,11 +157,3 @@ async fn connect(what: &str, address: &str) -> anyhow::Result<Channel> {
 fn status_error(action: &str, status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{action}: {} ({:?})", status.message(), status.code())
 }
-
-/// Parses a size in bytes with an optional SI or IEC suffix (`512MiB`,
-/// `4GiB`, `1Gi`, `10G`).
-fn parse_bytes(text: &str) -> Result<u64, String> {
-    text.parse::<bytesize::ByteSize>()
-        .map(|size| size.as_u64())
-        .map_err(|e| format!("invalid size {text:?}: {e}"))
-}

@@ -9,7 +9,8 @@ use clap::Subcommand;
 use tonic::transport::Channel;
 
 use crate::output::{self, Format};
-use crate::{parse_bytes, status_error};
+use crate::status_error;
+use ballast_storage_node::parse_bytes;
 
 #[derive(Subcommand)]
 pub enum VolumeCommand {

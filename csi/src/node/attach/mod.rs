@@ -116,6 +116,12 @@ pub enum Error {
         #[source]
         source: command::Error,
     },
+    /// A loop device could not be attached or detached.
+    #[error("Loop device")]
+    LoopDevice(#[source] ballast_storage_node::host::loopdev::Error),
+    /// A blocking helper task panicked or was cancelled.
+    #[error("Blocking task")]
+    Join(#[source] tokio::task::JoinError),
     /// A file operation failed.
     #[error("{op} {path}")]
     Io {
@@ -148,9 +154,11 @@ impl From<Error> for tonic::Status {
             Error::NoFreeDevice => tonic::Status::resource_exhausted(msg),
             Error::NbdfuseExited { .. } => tonic::Status::unavailable(msg),
             Error::Timeout { .. } => tonic::Status::deadline_exceeded(msg),
-            Error::Tool { .. } | Error::Io { .. } | Error::MountInfo(_) => {
-                tonic::Status::internal(msg)
-            }
+            Error::Tool { .. }
+            | Error::LoopDevice(_)
+            | Error::Join(_)
+            | Error::Io { .. }
+            | Error::MountInfo(_) => tonic::Status::internal(msg),
         }
     }
 }
@@ -353,13 +361,7 @@ pub(crate) fn sys_block_dev(name: &str) -> Option<u64> {
 
 /// Reads and parses `/proc/self/mountinfo`.
 pub(crate) fn read_mounts() -> Result<Vec<MountEntry>> {
-    let path = Path::new("/proc/self/mountinfo");
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        op: "read",
-        path: path.to_path_buf(),
-        source,
-    })?;
-    super::mount::mountinfo::parse(&text).map_err(|e| Error::MountInfo(Box::new(e)))
+    super::mount::mountinfo::read().map_err(|e| Error::MountInfo(Box::new(e)))
 }
 
 /// Polls `probe` every 50 ms until it returns `Some`, for at most `timeout`.

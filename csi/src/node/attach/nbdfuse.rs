@@ -28,6 +28,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ballast_storage_node::host::loopdev;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tracing::{info, warn};
 
@@ -271,22 +272,11 @@ impl NbdfuseLoop {
     }
 
     async fn setup_loop(&self, p: &Paths) -> Result<PathBuf> {
-        let out = command::run(
-            "losetup",
-            [
-                "--find".as_ref(),
-                "--show".as_ref(),
-                "--direct-io=off".as_ref(),
-                p.file.as_os_str(),
-            ],
-            TOOL_TIMEOUT,
-        )
-        .await
-        .map_err(|source| Error::Tool {
-            what: "losetup --find",
-            source,
-        })?;
-        Ok(PathBuf::from(out.trim()))
+        let file = p.file.clone();
+        tokio::task::spawn_blocking(move || loopdev::attach_buffered(&file))
+            .await
+            .map_err(Error::Join)?
+            .map_err(Error::LoopDevice)
     }
 
     /// Tears down everything of one volume; the caller holds the lock.
@@ -303,18 +293,20 @@ impl NbdfuseLoop {
             }
         }
         for (name, device) in &state.loops {
-            command::run("losetup", ["-d".as_ref(), device.as_os_str()], TOOL_TIMEOUT)
+            let detached = device.clone();
+            tokio::task::spawn_blocking(move || loopdev::detach(&detached))
                 .await
-                .map_err(|source| Error::Tool {
-                    what: "losetup -d",
-                    source,
-                })?;
+                .map_err(Error::Join)?
+                .map_err(Error::LoopDevice)?;
             // The kernel only lets go of the file once nobody has the
             // device open; until then LOOP_CLR_FD merely sets autoclear.
             let released = wait_for(
                 format!("{} to release {}", device.display(), p.file.display()),
                 LOOP_RELEASE_TIMEOUT,
-                || (loop_backing_file(name).as_deref() != Some(p.file.as_path())).then_some(()),
+                || {
+                    (loopdev::backing_file_of(name).as_deref() != Some(p.file.as_path()))
+                        .then_some(())
+                },
             )
             .await;
             if released.is_err() {
@@ -484,16 +476,8 @@ fn loops_backed_by() -> Vec<(String, PathBuf)> {
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
         .filter(|name| name.starts_with("loop"))
-        .filter_map(|name| loop_backing_file(&name).map(|f| (name, f)))
+        .filter_map(|name| loopdev::backing_file_of(&name).map(|f| (name, f)))
         .collect()
-}
-
-fn loop_backing_file(name: &str) -> Option<PathBuf> {
-    let text = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
-    let text = text.trim_end_matches('\n');
-    Some(PathBuf::from(
-        text.strip_suffix(" (deleted)").unwrap_or(text),
-    ))
 }
 
 fn read_pid(pidfile: &Path) -> Option<i32> {

@@ -39,7 +39,7 @@
 //! A new filesystem is a new [`FsType`] variant with its mkfs command, its
 //! default mount options and its grow command in `system.rs`.
 
-pub mod mountinfo;
+pub use ballast_storage_node::host::mountinfo;
 mod system;
 
 use std::path::{Path, PathBuf};

@@ -280,11 +280,10 @@ impl Mounter for SystemMounter {
     }
 
     async fn mounts(&self) -> Result<Vec<MountEntry>> {
-        let path = Path::new("/proc/self/mountinfo");
-        let text = tokio::fs::read_to_string(path)
+        tokio::task::spawn_blocking(mountinfo::read)
             .await
-            .map_err(io_err("read", path))?;
-        mountinfo::parse(&text).map_err(|e| Error::MountInfo(Box::new(e)))
+            .map_err(Error::Join)?
+            .map_err(|e| Error::MountInfo(Box::new(e)))
     }
 
     async fn device_number(&self, path: &Path) -> Result<u64> {

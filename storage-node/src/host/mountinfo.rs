@@ -1,10 +1,23 @@
 //! Parses `/proc/self/mountinfo`: what is mounted where, from which device,
 //! read-only or not. The kernel's table is the only source of truth for
-//! mounts; the node plugin never keeps its own list.
+//! mounts; neither the agent (its pools) nor the node plugin (staged and
+//! published volumes) keeps its own list.
+//!
+//! A line that does not have the shape proc(5) documents is an error, not
+//! skipped: callers decide from this table whether a device is already
+//! mounted (the agent adopts a pool mount instead of mounting the same XFS
+//! a second time, the node plugin finds a volume already staged), and a
+//! skipped line may be exactly the mount they look for. The kernel writes
+//! this file; a line it wrote that we cannot read means the parser is wrong,
+//! which should be loud rather than lead to a second mount.
 
 use std::ffi::OsString;
+use std::io;
 use std::os::unix::ffi::OsStringExt as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// Where the kernel shows the calling process's mount namespace.
+const MOUNTINFO: &str = "/proc/self/mountinfo";
 
 /// One line of `/proc/self/mountinfo` (see proc(5)).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +65,34 @@ pub struct ParseError {
     pub line: usize,
     /// The line.
     pub text: String,
+}
+
+/// Why the mount table could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `/proc/self/mountinfo` could not be read.
+    #[error("Cannot read {MOUNTINFO}")]
+    Read(#[source] io::Error),
+    /// It has a line this parser does not understand.
+    #[error("Cannot parse {MOUNTINFO}")]
+    Parse(#[source] ParseError),
+}
+
+/// Reads and parses the mount table of the calling process's mount
+/// namespace, in mount order. Blocks (a read of procfs, which is quick).
+///
+/// # Errors
+///
+/// [`Error::Read`] if the file cannot be read, [`Error::Parse`] for a
+/// malformed line (see the module docs for why it is not skipped).
+pub fn read() -> Result<Vec<MountEntry>, Error> {
+    let text = std::fs::read_to_string(MOUNTINFO).map_err(Error::Read)?;
+    parse(&text).map_err(Error::Parse)
+}
+
+/// Returns the entries mounted exactly at `path`, topmost last.
+pub fn at<'a>(mounts: &'a [MountEntry], path: &Path) -> Vec<&'a MountEntry> {
+    mounts.iter().filter(|m| m.mount_point == path).collect()
 }
 
 /// Parses the whole text of a mountinfo file, in mount order (later entries
@@ -172,6 +213,47 @@ mod tests {
     fn leaves_non_octal_backslashes_alone() {
         assert_eq!(unescape(r"a\b\0"), PathBuf::from(r"a\b\0"));
         assert_eq!(unescape(r"a\134b"), PathBuf::from(r"a\b"));
+    }
+
+    /// Moved from the agent's copy of this parser, which skipped the
+    /// malformed lines this one rejects.
+    const AGENT_SAMPLE: &str = "\
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard
+42 27 7:3 / /var/lib/ballast/pools/pool\\040a rw,noatime shared:5 - xfs /dev/loop3 rw,inode64
+";
+
+    #[test]
+    fn parses_entries_and_unescapes_paths() {
+        let mounts = parse(AGENT_SAMPLE).expect("parse");
+        assert_eq!(mounts.len(), 2, "{mounts:?}");
+        let pool = &mounts[1];
+        assert_eq!((pool.major, pool.minor), (7, 3));
+        assert_eq!(
+            pool.mount_point,
+            PathBuf::from("/var/lib/ballast/pools/pool a")
+        );
+        assert_eq!(pool.fs_type, "xfs");
+        assert_eq!(pool.source, "/dev/loop3");
+        assert_eq!(at(&mounts, Path::new("/")).len(), 1);
+        assert!(at(&mounts, Path::new("/bad")).is_empty());
+    }
+
+    #[test]
+    fn a_malformed_line_anywhere_is_an_error_not_skipped() {
+        for (bad, line) in [
+            ("garbage line without separator\n", 3),
+            ("43 27 7:x / /bad rw - xfs /dev/loop4 rw\n", 3),
+        ] {
+            let text = format!("{AGENT_SAMPLE}{bad}");
+            let err = parse(&text).expect_err("malformed line");
+            assert_eq!(err.line, line, "{err}");
+        }
+    }
+
+    #[test]
+    fn reads_own_mount_table() {
+        let mounts = read().expect("read mountinfo");
+        assert!(!at(&mounts, Path::new("/")).is_empty(), "{mounts:?}");
     }
 
     #[test]

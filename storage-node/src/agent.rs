@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::{info, warn};
 
-use crate::exports::{self, ExportInfo, Exports};
 use crate::pool::{self, Pool, PoolCapacity, PoolConfig, PoolManager};
+use crate::raw_export::{self, ExportInfo, Exports};
 use crate::replica::{self, CreateReplica, Replica, ReplicaCatalog};
 use crate::replication::{self, ReplicaServer};
 use crate::target::{LocalReplicas, Targets, TargetsConfig};
@@ -32,7 +32,7 @@ pub enum Error {
     Replica(#[from] replica::Error),
     /// An export operation failed.
     #[error(transparent)]
-    Export(#[from] exports::Error),
+    Export(#[from] raw_export::Error),
     /// The I/O engine could not start.
     #[error("Cannot start the io_uring I/O engine")]
     Engine(#[source] uring::Error),
@@ -229,7 +229,7 @@ impl Agent {
     }
 
     /// Starts an NBD export of the standalone replica `name` (idempotent
-    /// for the same arguments). Errors: `exports::Error::VolumeReplica`
+    /// for the same arguments). Errors: `raw_export::Error::VolumeReplica`
     /// for a replica of a volume (only its target writes it).
     pub async fn start_export(
         &self,

@@ -10,7 +10,8 @@
 //!
 //! One folder per resource, each with the same files (Mayastor's control
 //! plane): `mod.rs` (records and the module's error), `operations.rs` (what
-//! the service does, callable without gRPC), `service.rs` (the gRPC adapter)
+//! the resource does, callable without gRPC), `api.rs` (the management
+//! API's gRPC adapter; "service" means a CSI service, in `crate::service`)
 //! and `reconcile.rs` (its reconcilers); `volume/scheduling.rs` is replica
 //! placement. Shared plumbing: [`Context`], the per-volume operation guard
 //! ([`guard`]), and cached clients of the agents ([`agents`]).
@@ -154,14 +155,14 @@ pub async fn run(
     let volumes = Arc::new(volume::Volumes::new(context.clone()));
     info!(%listen, "Serving the management API");
     let served = tonic::transport::Server::builder()
-        .add_service(NodeServiceServer::new(node::service::NodeApi::new(
+        .add_service(NodeServiceServer::new(node::api::NodeApi::new(
             context.clone(),
         )))
-        .add_service(VolumeServiceServer::new(volume::service::VolumeApi::new(
+        .add_service(VolumeServiceServer::new(volume::api::VolumeApi::new(
             volumes.clone(),
         )))
         .add_service(TargetControlServiceServer::new(
-            volume::service::TargetControlApi::new(volumes),
+            volume::api::TargetControlApi::new(volumes),
         ))
         .serve_with_shutdown(listen, shutdown)
         .await;

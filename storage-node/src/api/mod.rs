@@ -6,8 +6,8 @@
 //! through the single `From<agent::Error> for Status` below, so adding an
 //! error variant forces a decision about its code.
 
-mod export;
 mod pool;
+mod raw_export;
 mod replica;
 mod target;
 
@@ -36,7 +36,7 @@ pub async fn serve(
         .add_service(ReplicaServiceServer::new(replica::ReplicaApi::new(
             agent.clone(),
         )))
-        .add_service(ExportServiceServer::new(export::ExportApi::new(
+        .add_service(ExportServiceServer::new(raw_export::ExportApi::new(
             agent.clone(),
         )))
         .add_service(TargetServiceServer::new(target::TargetApi::new(agent)))
@@ -51,12 +51,14 @@ impl From<agent::Error> for Status {
             agent::Error::Replica(e) => e.into(),
             agent::Error::Export(e) => {
                 let code = match &e {
-                    crate::exports::Error::Conflict { .. } => tonic::Code::AlreadyExists,
-                    crate::exports::Error::RelativeSocket { .. } => tonic::Code::InvalidArgument,
-                    crate::exports::Error::VolumeReplica { .. } => tonic::Code::FailedPrecondition,
-                    crate::exports::Error::Open { .. }
-                    | crate::exports::Error::Start { .. }
-                    | crate::exports::Error::Resize { .. } => tonic::Code::Internal,
+                    crate::raw_export::Error::Conflict { .. } => tonic::Code::AlreadyExists,
+                    crate::raw_export::Error::RelativeSocket { .. } => tonic::Code::InvalidArgument,
+                    crate::raw_export::Error::VolumeReplica { .. } => {
+                        tonic::Code::FailedPrecondition
+                    }
+                    crate::raw_export::Error::Open { .. }
+                    | crate::raw_export::Error::Start { .. }
+                    | crate::raw_export::Error::Resize { .. } => tonic::Code::Internal,
                 };
                 Status::new(code, crate::pool::error_chain(&e))
             }

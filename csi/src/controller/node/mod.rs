@@ -17,9 +17,9 @@
 //! replicas this controller created since the last heartbeat). This module
 //! must never make decisions about volumes.
 
+pub mod api;
 pub mod operations;
 pub mod reconcile;
-pub mod service;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

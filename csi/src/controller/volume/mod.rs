@@ -32,13 +32,13 @@
 //! request, with the target's epoch checked) and never raise an epoch
 //! except in publish.
 
+pub mod api;
 pub mod control;
 pub mod expand;
 pub mod operations;
 pub mod reconcile;
 pub mod record;
 pub mod scheduling;
-pub mod service;
 #[cfg(test)]
 mod tests;
 

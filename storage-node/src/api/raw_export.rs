@@ -1,4 +1,4 @@
-//! `ExportService`: NBD exports of replicas.
+//! `ExportService`: the gRPC adapter of the raw export path ([`crate::raw_export`]).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use crate::agent::Agent;
-use crate::exports::ExportInfo;
+use crate::raw_export::ExportInfo;
 
 pub(super) struct ExportApi {
     agent: Arc<Agent>,

@@ -14,8 +14,9 @@
 //! sync) take no guard: a target must get an answer even while a
 //! reconciler works on its volume.
 
+use parking_lot::Mutex;
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 /// The set of volumes with an operation in progress.
 #[derive(Debug, Default, Clone)]
@@ -27,7 +28,7 @@ impl OpGuards {
     /// Takes the guard of `volume_id`, or `None` if another operation holds
     /// it. The guard is released when the returned value drops.
     pub fn try_acquire(&self, volume_id: &str) -> Option<OpGuard> {
-        let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut busy = self.busy.lock();
         if !busy.insert(volume_id.to_string()) {
             return None;
         }
@@ -39,10 +40,7 @@ impl OpGuards {
 
     /// True while an operation holds the guard of `volume_id`.
     pub fn is_busy(&self, volume_id: &str) -> bool {
-        self.busy
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(volume_id)
+        self.busy.lock().contains(volume_id)
     }
 }
 
@@ -56,11 +54,7 @@ pub struct OpGuard {
 
 impl Drop for OpGuard {
     fn drop(&mut self) {
-        self.guards
-            .busy
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.volume_id);
+        self.guards.busy.lock().remove(&self.volume_id);
     }
 }
 

@@ -9,8 +9,8 @@
 //! [`AgentError`], which keeps the agent's code so the caller can tell
 //! "node unreachable" from "agent refused".
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use ballast_proto::agent::replica_service_client::ReplicaServiceClient;
@@ -144,7 +144,7 @@ impl AgentClients {
     }
 
     fn channel(&self, address: &str) -> Result<Channel, Error> {
-        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut channels = self.channels.lock();
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }

@@ -7,9 +7,10 @@
 //! not needed (unit tests of the controller's decisions and error paths);
 //! the integration tests in `tests/` start real agents.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_proto::agent as pb;
@@ -75,7 +76,7 @@ impl FakeAgent {
     }
 
     pub(crate) fn state(&self) -> MutexGuard<'_, FakeState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock()
     }
 
     pub(crate) fn replica_names(&self) -> Vec<String> {
@@ -90,7 +91,7 @@ struct FakeService {
 
 impl FakeService {
     fn state(&self) -> MutexGuard<'_, FakeState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock()
     }
 }
 
@@ -298,12 +299,7 @@ impl Fixture {
             let alive = alive.clone();
             tokio::spawn(async move {
                 loop {
-                    let nodes: Vec<String> = alive
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .iter()
-                        .cloned()
-                        .collect();
+                    let nodes: Vec<String> = alive.lock().iter().cloned().collect();
                     for node in nodes {
                         let _ = context.nodes.heartbeat(&node, &[pool(4 * GIB, 0)]).await;
                     }
@@ -330,7 +326,7 @@ impl Fixture {
     /// Stops heartbeats of `node_id` (it goes down after the timeout) or
     /// resumes them.
     pub(crate) fn set_alive(&self, node_id: &str, alive: bool) {
-        let mut set = self.alive.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut set = self.alive.lock();
         if alive {
             set.insert(node_id.to_string());
         } else {

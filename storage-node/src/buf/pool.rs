@@ -36,9 +36,9 @@
 //! initialised: recycled memory holds whatever an earlier buffer left there.
 //! Whether that is acceptable is decided by the callers in `buf.rs`.
 
+use parking_lot::Mutex;
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::IO_ALIGN;
@@ -117,7 +117,7 @@ pub(super) fn take(len: usize) -> (Chunk, bool) {
     };
     let pool_class = &POOL.classes[class];
     pool_class.used.store(true, Ordering::Relaxed);
-    let reused = lock(&pool_class.idle).pop();
+    let reused = pool_class.idle.lock().pop();
     match reused {
         Some(NonNullSend(ptr)) => {
             POOL.idle_bytes.fetch_sub(capacity, Ordering::Relaxed);
@@ -142,7 +142,7 @@ pub(super) fn give(chunk: Chunk) {
         })
         .is_ok();
     if reserved {
-        let mut idle = lock(&POOL.classes[class].idle);
+        let mut idle = POOL.classes[class].idle.lock();
         if (idle.len() + 1) * capacity <= CLASS_IDLE_MAX_BYTES {
             idle.push(NonNullSend(chunk.ptr));
             return;
@@ -161,7 +161,7 @@ pub fn trim() -> usize {
         if pool_class.used.swap(false, Ordering::Relaxed) {
             continue;
         }
-        let idle = std::mem::take(&mut *lock(&pool_class.idle));
+        let idle = std::mem::take(&mut *pool_class.idle.lock());
         let capacity = IO_ALIGN << class;
         for NonNullSend(ptr) in idle {
             POOL.idle_bytes.fetch_sub(capacity, Ordering::Relaxed);
@@ -175,13 +175,6 @@ pub fn trim() -> usize {
 /// Bytes idle in the pool now.
 pub fn idle_bytes() -> usize {
     POOL.idle_bytes.load(Ordering::Relaxed)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The lists stay consistent whatever panicked while holding the lock.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Allocates `capacity` zeroed bytes (a non-zero multiple of [`IO_ALIGN`]).
@@ -256,6 +249,6 @@ mod tests {
             give(chunk);
         }
         assert!(idle_bytes() <= IDLE_MAX_BYTES);
-        assert!(lock(&POOL.classes[8].idle).len() * (1 << 20) <= CLASS_IDLE_MAX_BYTES);
+        assert!(POOL.classes[8].idle.lock().len() * (1 << 20) <= CLASS_IDLE_MAX_BYTES);
     }
 }

@@ -33,11 +33,12 @@ mod manager;
 mod open;
 mod signature;
 
+use parking_lot::Mutex;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 
 use nix::errno::Errno;
 use nix::mount::MntFlags;
@@ -637,7 +638,7 @@ impl Pool {
         let total_bytes = u64::from(st.blocks()).saturating_mul(frsize);
         let free_bytes = u64::from(st.blocks_available()).saturating_mul(frsize);
         let limit = u128::from(total_bytes) * u128::from(self.overcommit_percent) / 100;
-        let accounting = self.lock_accounting();
+        let accounting = self.accounting.lock();
         Ok(PoolCapacity {
             total_bytes,
             free_bytes,
@@ -665,7 +666,7 @@ impl Pool {
         new_replica: bool,
     ) -> Result<Provision, Error> {
         let capacity = self.capacity()?;
-        let mut accounting = self.lock_accounting();
+        let mut accounting = self.accounting.lock();
         // Checked against the accounting under the lock: statvfs figures may
         // be a moment old, the provisioned sum may not.
         self.check_fits(
@@ -691,7 +692,7 @@ impl Pool {
     /// Returns `bytes` of provisioned capacity, and one replica if
     /// `removed_replica`.
     pub fn release(&self, bytes: u64, removed_replica: bool) {
-        let mut accounting = self.lock_accounting();
+        let mut accounting = self.accounting.lock();
         accounting.provisioned_bytes = accounting.provisioned_bytes.saturating_sub(bytes);
         if removed_replica {
             accounting.replicas = accounting.replicas.saturating_sub(1);
@@ -701,7 +702,7 @@ impl Pool {
     /// Replaces the provisioning figures, after the replica catalog scanned
     /// the pool.
     pub fn set_provisioned(&self, provisioned_bytes: u64, replicas: u64) {
-        *self.lock_accounting() = Accounting {
+        *self.accounting.lock() = Accounting {
             provisioned_bytes,
             replicas,
         };
@@ -731,13 +732,6 @@ impl Pool {
             });
         }
         Ok(())
-    }
-
-    fn lock_accounting(&self) -> std::sync::MutexGuard<'_, Accounting> {
-        // Two integers cannot be left half-updated by a panic.
-        self.accounting
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 

@@ -44,10 +44,11 @@
 //! Complete a request with another request's response, hand out bytes that
 //! failed their CRC, or keep waiting on a connection it has given up on.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -148,7 +149,7 @@ impl ReplicaClient {
 
     /// True when a connection is established and has not failed.
     pub fn is_connected(&self) -> bool {
-        lock(&self.current).as_ref().is_some_and(|c| !c.is_failed())
+        self.current.lock().as_ref().is_some_and(|c| !c.is_failed())
     }
 
     /// Returns the live connection, connecting if there is none.
@@ -161,12 +162,13 @@ impl ReplicaClient {
             return Ok(connection);
         }
         let connection = self.connect().await?;
-        *lock(&self.current) = Some(Arc::clone(&connection));
+        *self.current.lock() = Some(Arc::clone(&connection));
         Ok(connection)
     }
 
     fn live(&self) -> Option<Arc<Connection>> {
-        lock(&self.current)
+        self.current
+            .lock()
             .as_ref()
             .filter(|c| !c.is_failed())
             .cloned()
@@ -347,7 +349,7 @@ impl ReplicaClient {
 
 impl Drop for ReplicaClient {
     fn drop(&mut self) {
-        if let Some(connection) = lock(&self.current).take() {
+        if let Some(connection) = self.current.lock().take() {
             connection.shared.fail(protocol::Error::ClientClosed);
         }
     }
@@ -652,7 +654,7 @@ struct State {
 
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
-        lock(&self.state)
+        self.state.lock()
     }
 
     fn adopt(&self, tasks: &[AbortHandle]) {
@@ -766,10 +768,4 @@ async fn read_responses(mut reader: BufReader<OwnedReadHalf>, shared: Arc<Shared
         shared.complete(header.request_id, (header, payload));
     };
     shared.fail(cause);
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded state stays consistent across a panic (single inserts and
-    // removals), so a poisoned lock is still usable.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -42,11 +42,12 @@ mod local;
 mod op;
 mod ring;
 
+use parking_lot::Mutex;
 use std::fs::File;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use io_uring::{IoUring, Probe, opcode};
@@ -457,7 +458,7 @@ impl Shared {
     /// Returns the request back if the engine is shutting down.
     fn submit(&self, request: Request) -> Result<(), Request> {
         let wake = {
-            let mut inbox = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut inbox = self.inbox.lock();
             if inbox.closed {
                 return Err(request);
             }
@@ -475,10 +476,7 @@ impl Shared {
 
     /// Stops accepting requests and wakes the ring thread so it winds down.
     fn close(&self) {
-        self.inbox
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .closed = true;
+        self.inbox.lock().closed = true;
         self.wake();
     }
 

@@ -15,10 +15,11 @@
 //! In-flight requests are capped at the CQ size minus one (the eventfd read),
 //! so the CQ cannot overflow.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use io_uring::{IoUring, opcode, squeue, types};
 use tokio::sync::oneshot;
@@ -156,11 +157,7 @@ impl RingThread {
 
     /// Moves queued requests to `pending`; returns (closing, sleeping).
     fn take_inbox(&mut self) -> (bool, bool) {
-        let mut inbox = self
-            .shared
-            .inbox
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut inbox = self.shared.inbox.lock();
         std::mem::swap(&mut inbox.requests, &mut self.batch);
         let closing = inbox.closed;
         // Sleep only when nothing new arrived: new requests are submitted
@@ -321,11 +318,7 @@ impl Drop for RingThread {
         // Whatever ends this thread (shutdown or a bug), submitters must stop
         // queueing: dropping the queued requests fails their futures.
         let queued = {
-            let mut inbox = self
-                .shared
-                .inbox
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut inbox = self.shared.inbox.lock();
             inbox.closed = true;
             std::mem::take(&mut inbox.requests)
         };

@@ -21,8 +21,9 @@ pub mod api;
 pub mod operations;
 pub mod reconcile;
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ballast_proto::controller as pb;

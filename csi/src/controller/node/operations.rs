@@ -1,7 +1,7 @@
 //! What the node registry does: register, heartbeat, list, and the
 //! liveness and capacity questions placement and reconcilers ask.
 
-use std::sync::{MutexGuard, PoisonError};
+use parking_lot::MutexGuard;
 use std::time::{Duration, Instant};
 
 use ballast_proto::controller as pb;
@@ -202,7 +202,7 @@ impl Registry {
     fn live(&self) -> MutexGuard<'_, std::collections::HashMap<String, Liveness>> {
         // Plain values: a panic while the lock was held cannot leave them
         // half-updated.
-        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+        self.live.lock()
     }
 }
 

@@ -6,8 +6,9 @@
 //! per node in memory; after a restart it starts from "unknown" and logs
 //! each node once.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tracing::{info, warn};
@@ -47,7 +48,7 @@ impl Reconciler for NodeLiveness {
                 return Ok(());
             }
         };
-        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut last = self.last.lock();
         for node in nodes {
             let previous = last.insert(node.record.node_id.clone(), node.state);
             if previous == Some(node.state) {

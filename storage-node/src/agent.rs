@@ -106,7 +106,7 @@ impl Agent {
             Ok(catalog) => catalog,
             Err(e) => {
                 if let Err(close) = pools.close_all() {
-                    warn!(error = %pool::error_chain(&close), "Cannot close pools after a failed start");
+                    warn!(error = %crate::error_chain(&close), "Cannot close pools after a failed start");
                 }
                 return Err(e.into());
             }
@@ -177,7 +177,7 @@ impl Agent {
         exports.resize(name, replica.meta.size_bytes)?;
         drop(exports);
         if let Err(e) = self.local.resize(name, replica.meta.size_bytes) {
-            warn!(replica.id = %name, error = %pool::error_chain(&e), "Cannot serve the new size to targets");
+            warn!(replica.id = %name, error = %crate::error_chain(&e), "Cannot serve the new size to targets");
         }
         self.replica_status(name).await
     }

@@ -169,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
     let config = args.agent_config();
     let agent = tokio::task::spawn_blocking(move || Agent::open(&config))
         .await?
-        .map_err(|e| anyhow::anyhow!(pool::error_chain(&e)))
+        .map_err(|e| anyhow::anyhow!(ballast_storage_node::error_chain(&e)))
         .context("Cannot start the agent")?;
     let agent = Arc::new(agent);
     warn_unless_loopback("agent API (--grpc-listen)", args.grpc_listen);
@@ -212,7 +212,7 @@ async fn main() -> anyhow::Result<()> {
         server.stop().await;
     }
     if let Err(e) = agent.shutdown().await {
-        error!(error = %pool::error_chain(&e), "Clean shutdown failed");
+        error!(error = %ballast_storage_node::error_chain(&e), "Clean shutdown failed");
     }
     served.context("The agent API failed")?;
     info!("Agent stopped");

@@ -24,7 +24,6 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use crate::agent::Agent;
-use crate::pool;
 
 /// Time between two heartbeats. The controller's heartbeat timeout (10 s
 /// by default) must be several times longer.
@@ -262,7 +261,7 @@ async fn pools(agent: &Agent) -> Vec<pb::Pool> {
 }
 
 fn error_text(e: &crate::agent::Error) -> String {
-    pool::error_chain(e)
+    crate::error_chain(e)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 //! API's gRPC adapter; "service" means a CSI service, in `crate::service`)
 //! and `reconcile.rs` (its reconcilers); `volume/scheduling.rs` is replica
 //! placement. Shared plumbing: [`Context`], the per-volume operation guard
-//! ([`guard`]), and cached clients of the agents ([`agents`]).
+//! ([`ballast_storage_node::guard`]), and cached clients of the agents ([`agents`]).
 //!
 //! # Invariants
 //!
@@ -31,7 +31,6 @@
 //! both of which a restart may lose without harm.
 
 pub mod agents;
-pub mod guard;
 pub mod node;
 pub mod reconciler;
 #[cfg(test)]
@@ -93,7 +92,7 @@ pub struct Context {
     /// Clients of the agents' gRPC APIs.
     pub agents: agents::AgentClients,
     /// Per-volume operation guards.
-    pub guards: guard::OpGuards,
+    pub guards: ballast_storage_node::guard::OpGuards,
     /// Rebuild progress reported by targets (memory only).
     pub rebuilds: volume::RebuildProgress,
     /// The controller's settings.
@@ -106,7 +105,7 @@ impl Context {
         Arc::new(Self {
             nodes: node::Registry::new(store.clone(), config.heartbeat_timeout),
             agents: agents::AgentClients::new(config.agent_timeout),
-            guards: guard::OpGuards::default(),
+            guards: ballast_storage_node::guard::OpGuards::default(),
             rebuilds: volume::RebuildProgress::default(),
             store,
             config,

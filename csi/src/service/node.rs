@@ -22,11 +22,11 @@ use tracing::instrument;
 
 use super::TOPOLOGY_NODE_KEY;
 use super::controller::CONTEXT_FS_TYPE;
-use crate::controller::guard::{OpGuard, OpGuards};
 use crate::node::PUBLISH_CONTEXT_NBD_URI;
 use crate::node::attach::Attacher;
 use crate::node::mount::{FsType, Mounter};
 use crate::node::staging::{self, Access, Capability, PublishRequest, StageRequest};
+use ballast_storage_node::guard::{OpGuard, OpGuards};
 
 /// Errors of the Node service's own checks; the staging logic's errors
 /// pass through [`Error::Staging`].

@@ -60,13 +60,13 @@ impl From<agent::Error> for Status {
                     | crate::raw_export::Error::Start { .. }
                     | crate::raw_export::Error::Resize { .. } => tonic::Code::Internal,
                 };
-                Status::new(code, crate::pool::error_chain(&e))
+                Status::new(code, crate::error_chain(&e))
             }
             agent::Error::ReplicaExported { .. } => {
-                Status::failed_precondition(crate::pool::error_chain(&e))
+                Status::failed_precondition(crate::error_chain(&e))
             }
             agent::Error::Engine(_) | agent::Error::Task(_) => {
-                Status::internal(crate::pool::error_chain(&e))
+                Status::internal(crate::error_chain(&e))
             }
         }
     }

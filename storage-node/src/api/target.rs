@@ -167,7 +167,7 @@ impl From<target::Error> for Status {
             | target::Error::Replica { .. } => Code::Unavailable,
             target::Error::SocketDir { .. } | target::Error::Export { .. } => Code::Internal,
         };
-        let mut message = crate::pool::error_chain(&e);
+        let mut message = crate::error_chain(&e);
         if let target::Error::NoInSyncReplica { errors, .. } = &e {
             message.push_str(": ");
             message.push_str(errors);

@@ -375,12 +375,9 @@ impl Error {
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        tonic::Status::new(e.code(), error_chain(&e))
+        tonic::Status::new(e.code(), crate::error_chain(&e))
     }
 }
-
-/// Kept under its old path for the agent's callers; see [`crate::error_chain`].
-pub use crate::error_chain;
 
 /// Where a pool's storage comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -282,7 +282,7 @@ impl Error {
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        tonic::Status::new(e.code(), pool::error_chain(&e))
+        tonic::Status::new(e.code(), crate::error_chain(&e))
     }
 }
 
@@ -707,7 +707,7 @@ impl ReplicaCatalog {
                     Ok(()) => Ok(meta),
                     Err(reason) => Err((reason, Some(meta))),
                 },
-                Err(e) => Err((pool::error_chain(&e), None)),
+                Err(e) => Err((crate::error_chain(&e), None)),
             };
             match checked {
                 Ok(meta) => {

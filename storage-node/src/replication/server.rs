@@ -279,7 +279,7 @@ impl Response {
 
     fn from_error(request_id: u64, error: &Error) -> Response {
         let (status, detail) = error.status();
-        Response::error(request_id, status, detail, &crate::pool::error_chain(error))
+        Response::error(request_id, status, detail, &crate::error_chain(error))
     }
 }
 
@@ -310,7 +310,7 @@ async fn serve_connection(
     match outcome {
         Ok(()) => debug!(%peer, "Replica connection closed"),
         Err(error) => {
-            warn!(%peer, error = %crate::pool::error_chain(&error), "Closed a replica connection after bad input");
+            warn!(%peer, error = %crate::error_chain(&error), "Closed a replica connection after bad input");
             // Read what the peer still sends until it closes, so that the
             // close is not a reset that could destroy the answer in flight.
             let mut sink = tokio::io::sink();
@@ -530,7 +530,7 @@ fn respond(
                     replica.id = %replica.replica_id(),
                     epoch = header.epoch,
                     op = %header.op,
-                    error = %crate::pool::error_chain(&error),
+                    error = %crate::error_chain(&error),
                     "Replica request failed"
                 );
             }

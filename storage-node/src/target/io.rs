@@ -163,7 +163,7 @@ impl Core {
             return Err(unavailable(self));
         }
         for (member, counts, error) in &failures {
-            let reason = format!("{} failed: {}", op.name(), crate::pool::error_chain(error));
+            let reason = format!("{} failed: {}", op.name(), crate::error_chain(error));
             if !counts {
                 self.rebuild_write_failed(member, range, flush, &reason);
             } else if acknowledged > 0 {
@@ -258,7 +258,7 @@ impl Core {
                 Err(error) if !error.replica_failed() => return Err(error.into()),
                 Err(error) => {
                     member.set_healthy(false);
-                    let reason = format!("read failed: {}", crate::pool::error_chain(&error));
+                    let reason = format!("read failed: {}", crate::error_chain(&error));
                     debug!(volume.id = %self.volume_id, node.id = %member.node_id, %reason, "Read failing over");
                     if let Wait::LastInSync = self.fail_member(&member, None, false, &reason) {
                         return Err(error.into());

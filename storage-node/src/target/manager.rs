@@ -333,9 +333,9 @@ impl Targets {
             replica.data_address.is_empty() || self.local.is_local_address(&replica.data_address);
         let open_error = |e: crate::replica::data::Error| Error::Replica {
             node_id: replica.node_id.clone(),
-            source: crate::replication::Error::Device(std::io::Error::other(
-                crate::pool::error_chain(&e),
-            )),
+            source: crate::replication::Error::Device(std::io::Error::other(crate::error_chain(
+                &e,
+            ))),
         };
         let found = if local {
             self.local.get(volume_id).map_err(open_error)?

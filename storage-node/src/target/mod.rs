@@ -480,7 +480,7 @@ impl Core {
                         current,
                     });
                 }
-                Ok(Err(error)) => Some(crate::pool::error_chain(&error)),
+                Ok(Err(error)) => Some(crate::error_chain(&error)),
                 Err(_) => Some(format!("no answer within {timeout:?}")),
             };
             member.set_healthy(problem.is_none());

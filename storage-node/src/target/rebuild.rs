@@ -260,7 +260,7 @@ fn replica_error(
     source: &Arc<Member>,
     error: replication::Error,
 ) -> Abort {
-    let message = crate::pool::error_chain(&error);
+    let message = crate::error_chain(&error);
     if let replication::Error::StaleEpoch { .. } = error {
         core.fence(&message);
         return Abort::new(format!("Stale epoch: {message}"));

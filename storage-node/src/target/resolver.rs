@@ -166,7 +166,7 @@ impl ReplicaResolver for LocalReplicas {
         match self.get(volume_id) {
             Ok(found) => found,
             Err(error) => {
-                tracing::warn!(volume.id = %volume_id, error = %crate::pool::error_chain(&error), "Cannot open replica");
+                tracing::warn!(volume.id = %volume_id, error = %crate::error_chain(&error), "Cannot open replica");
                 None
             }
         }

@@ -31,9 +31,9 @@ use super::record::{
 use super::scheduling::{self, Candidate};
 use super::{Error, Volumes};
 use crate::controller::agents::AgentError;
-use crate::controller::guard::OpGuard;
 use crate::controller::node::{self, NodeView, Topology};
 use crate::controller::now_unix_ms;
+use ballast_storage_node::guard::OpGuard;
 
 /// Longest volume name, in bytes (the agents' replica name limit).
 pub const MAX_NAME_LEN: usize = 128;

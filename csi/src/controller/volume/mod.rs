@@ -312,7 +312,10 @@ impl Volumes {
                 silent_for: nodes.silent_for(&replica.node_id),
             },
             target: record.target.as_ref().map(|t| nodes.state(&t.node_id)),
-            progress: self.context.rebuilds.get(&record.volume_id, &replica.node_id),
+            progress: self
+                .context
+                .rebuilds
+                .get(&record.volume_id, &replica.node_id),
             now_unix_ms: super::now_unix_ms(),
             node_down_after: self.context.config.node_down_after,
         }

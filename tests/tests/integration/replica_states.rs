@@ -19,7 +19,7 @@ use ballast_proto::csi::controller_client::ControllerClient;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-use crate::harness::cluster::{Cluster, ControllerCli as _};
+use crate::harness::cluster::Cluster;
 use crate::harness::csi::channel;
 use crate::harness::{fio, wait_for};
 

@@ -8,7 +8,9 @@
 //! - [`ReplicaRepair`] brings faulted replicas back. A faulted replica
 //!   whose node is up is handed to the volume's target for a delta rebuild
 //!   (`AddReplica(full_rebuild=false)`), and its state becomes
-//!   `rebuilding`. One whose node has been silent for longer than
+//!   `rebuilding`; a replica recorded `rebuilding` that the live target
+//!   reports faulted (its rebuild was aborted, e.g. its node died) is
+//!   recorded `faulted` again. One whose node has been silent for longer than
 //!   `--node-down-after` is replaced: a new replica on another node that
 //!   holds none of the volume (and lies in its requisite topology, if
 //!   CreateVolume gave one), recorded first (the old one becomes

@@ -95,16 +95,24 @@ async fn a_sigkilled_replica_agent_is_shown_down_not_rebuilding() -> Result<()> 
 
     // Once the heartbeat timeout passes, the replica is shown down, with
     // when its node went silent and when it is replaced.
+    // The sync states the record went through meanwhile, for the logs and
+    // failure messages (whether the reconciler started a rebuild before
+    // the heartbeat timeout depends on timing).
+    let mut seen: Vec<String> = Vec::new();
     let replica = wait_for(
         "node-3's replica to be shown down",
         Duration::from_secs(90),
         || {
-            lost_replica(&cluster)
-                .ok()
-                .filter(|r| r["state"] == "node-down")
+            let replica = lost_replica(&cluster).ok()?;
+            let sync = replica["sync_state"].as_str().unwrap_or_default();
+            if seen.last().map(String::as_str) != Some(sync) {
+                seen.push(sync.to_string());
+            }
+            (replica["state"] == "node-down").then_some(replica)
         },
     )?;
-    ensure!(replica["node_state"] == "down", "{replica}");
+    eprintln!("node-3's recorded sync states until it was shown down: {seen:?}");
+    ensure!(replica["node_state"] == "down", "{replica} after {seen:?}");
     let since = int(&replica, "node_down_since_unix_ms");
     ensure!(since > 0, "the node's silence has a start: {replica}");
     ensure!(

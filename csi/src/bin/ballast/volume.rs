@@ -33,7 +33,8 @@ pub enum VolumeCommand {
     },
     /// Lists volumes.
     List,
-    /// Shows a volume with its replicas and rebuild progress.
+    /// Shows a volume with its replicas, rebuild progress, and for a replica
+    /// whose node is down how long it has been down and when it is replaced.
     Show {
         /// Volume name.
         name: String,
@@ -270,4 +271,41 @@ fn now_unix_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    fn replica(state: &str, down_since: i64, replace_at: i64) -> Replica {
+        Replica {
+            node_id: "node-3".into(),
+            state: state.into(),
+            node_down_since_unix_ms: down_since,
+            replace_at_unix_ms: replace_at,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_replica_whose_node_is_down_says_for_how_long_and_when_it_is_replaced() {
+        let down = replica("node-down", NOW - 75_000, NOW + 525_000);
+        assert_eq!(
+            replica_detail(&down, NOW),
+            "node down for 1m 15s; replaced in 8m 45s"
+        );
+        let due = replica("node-down", NOW - 700_000, NOW - 100_000);
+        assert_eq!(
+            replica_detail(&due, NOW),
+            "node down for 11m 40s; being replaced"
+        );
+        let in_sync = replica("node-down", NOW - 5_000, 0);
+        assert_eq!(
+            replica_detail(&in_sync, NOW),
+            "node down for 5s; dropped by the target on its next failed write"
+        );
+        assert_eq!(replica_detail(&replica("faulted", 0, 0), NOW), "");
+    }
 }

@@ -19,4 +19,5 @@ mod harness;
 mod nbd_clients;
 mod netcut;
 mod pools;
+mod replica_states;
 mod replication;

@@ -2,7 +2,7 @@
 
 use ballast_proto::controller::{
     CreateVolumeRequest, DeleteVolumeRequest, GetVolumeRequest, ListVolumesRequest,
-    PublishVolumeRequest, UnpublishVolumeRequest, Volume,
+    PublishVolumeRequest, Replica, UnpublishVolumeRequest, Volume,
     volume_service_client::VolumeServiceClient,
 };
 use clap::Subcommand;
@@ -34,7 +34,8 @@ pub enum VolumeCommand {
     },
     /// Lists volumes.
     List,
-    /// Shows a volume with its replicas and rebuild progress.
+    /// Shows a volume with its replicas, rebuild progress, and for a replica
+    /// whose node is down how long it has been down and when it is replaced.
     Show {
         /// Volume name.
         name: String,
@@ -218,21 +219,94 @@ fn print_volume(volume: &Volume) {
     let mut table = comfy_table::Table::new();
     table
         .load_style(comfy_table::presets::NOTHING)
-        .set_header(vec!["  NODE", "STATE", "REBUILD"]);
+        .set_header(vec!["  NODE", "STATE", "DETAIL"]);
+    let now = now_unix_ms();
     for replica in &volume.replicas {
-        let rebuild = if replica.state == "rebuilding" {
-            ballast_csi::demo::progress::bar(
-                replica.rebuild_done_bytes,
-                replica.rebuild_total_bytes,
-            )
-        } else {
-            String::new()
-        };
         table.add_row(vec![
             format!("  {}", replica.node_id),
             replica.state.clone(),
-            rebuild,
+            replica_detail(replica, now),
         ]);
     }
     println!("{table}");
+}
+
+/// Rebuild progress, or for a replica whose node is down how long it has
+/// been down and when it is replaced.
+fn replica_detail(replica: &Replica, now_unix_ms: i64) -> String {
+    match replica.state.as_str() {
+        "rebuilding" => ballast_csi::demo::progress::bar(
+            replica.rebuild_done_bytes,
+            replica.rebuild_total_bytes,
+        ),
+        "node-down" => {
+            let down = format!(
+                "node down for {}",
+                elapsed(replica.node_down_since_unix_ms, now_unix_ms)
+            );
+            let at = replica.replace_at_unix_ms;
+            if at == 0 {
+                format!("{down}; dropped by the target on its next failed write")
+            } else if at > now_unix_ms {
+                format!("{down}; replaced in {}", elapsed(now_unix_ms, at))
+            } else {
+                format!("{down}; being replaced")
+            }
+        }
+        _ => String::new(),
+    }
+}
+
+/// "5m 3s", "42s": the time from `from` to `to` (Unix ms).
+fn elapsed(from: i64, to: i64) -> String {
+    let secs = to.saturating_sub(from).max(0) / 1000;
+    if secs >= 60 {
+        format!("{}m {}s", secs / 60, secs % 60)
+    } else {
+        format!("{secs}s")
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    fn replica(state: &str, down_since: i64, replace_at: i64) -> Replica {
+        Replica {
+            node_id: "node-3".into(),
+            state: state.into(),
+            node_down_since_unix_ms: down_since,
+            replace_at_unix_ms: replace_at,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_replica_whose_node_is_down_says_for_how_long_and_when_it_is_replaced() {
+        let down = replica("node-down", NOW - 75_000, NOW + 525_000);
+        assert_eq!(
+            replica_detail(&down, NOW),
+            "node down for 1m 15s; replaced in 8m 45s"
+        );
+        let due = replica("node-down", NOW - 700_000, NOW - 100_000);
+        assert_eq!(
+            replica_detail(&due, NOW),
+            "node down for 11m 40s; being replaced"
+        );
+        let in_sync = replica("node-down", NOW - 5_000, 0);
+        assert_eq!(
+            replica_detail(&in_sync, NOW),
+            "node down for 5s; dropped by the target on its next failed write"
+        );
+        assert_eq!(replica_detail(&replica("faulted", 0, 0), NOW), "");
+    }
 }

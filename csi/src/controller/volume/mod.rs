@@ -10,6 +10,8 @@
 //!   mark it in sync) and rebuild progress.
 //! - [`service`]: the gRPC adapters (`VolumeService`,
 //!   `TargetControlService`).
+//! - [`state`]: a replica's shown state, from its sync state and its
+//!   node's health.
 //! - [`reconcile`]: finishing interrupted creates and deletes, rebuilding
 //!   faulted replicas and replacing those on nodes that stay down.
 //!
@@ -39,6 +41,7 @@ pub mod operations;
 pub mod reconcile;
 pub mod record;
 pub mod scheduling;
+pub mod state;
 #[cfg(test)]
 mod tests;
 
@@ -300,25 +303,59 @@ impl Volumes {
         Self { context }
     }
 
+    /// What the controller observes of `replica` besides its record.
+    fn observe(&self, record: &VolumeRecord, replica: &record::ReplicaRecord) -> state::Observed {
+        let nodes = &self.context.nodes;
+        state::Observed {
+            node: state::Liveness {
+                state: nodes.state(&replica.node_id),
+                silent_for: nodes.silent_for(&replica.node_id),
+            },
+            target: record.target.as_ref().map(|t| nodes.state(&t.node_id)),
+            progress: self
+                .context
+                .rebuilds
+                .get(&record.volume_id, &replica.node_id),
+            now_unix_ms: super::now_unix_ms(),
+            node_down_after: self.context.config.node_down_after,
+        }
+    }
+
+    /// The shown state of `replica` (see [`state`]).
+    fn shown(&self, record: &VolumeRecord, replica: &record::ReplicaRecord) -> state::Shown {
+        state::derive(replica, &self.observe(record, replica))
+    }
+
     /// The volume as the API returns it, with its status for people.
     pub fn to_proto(&self, record: &VolumeRecord) -> pb::Volume {
         let replicas = record
             .replicas
             .iter()
             .map(|r| {
-                let progress = match r.state {
-                    ReplicaState::Rebuilding => {
-                        self.context.rebuilds.get(&record.volume_id, &r.node_id)
-                    }
-                    ReplicaState::InSync | ReplicaState::Faulted => None,
+                let shown = self.shown(record, r);
+                let (progress, down_since, replace_at) = match shown {
+                    state::Shown::Rebuilding { progress } => (progress, 0, 0),
+                    state::Shown::NodeDown {
+                        since_unix_ms,
+                        replace_at_unix_ms,
+                    } => (None, since_unix_ms, replace_at_unix_ms.unwrap_or(0)),
+                    state::Shown::InSync | state::Shown::Faulted => (None, 0, 0),
+                };
+                let node_state = match shown {
+                    state::Shown::NodeDown { .. } => node::NodeState::Down,
+                    _ => node::NodeState::Up,
                 };
                 pb::Replica {
                     node_id: r.node_id.clone(),
                     replica_name: r.replica_name.clone(),
-                    state: r.state.as_str().to_string(),
+                    state: shown.as_str().to_string(),
                     rebuild_done_bytes: progress.map(|p| p.done_bytes).unwrap_or(0),
                     rebuild_total_bytes: progress.map(|p| p.total_bytes).unwrap_or(0),
                     faulted_since_unix_ms: r.faulted_since_unix_ms,
+                    sync_state: r.state.as_str().to_string(),
+                    node_state: node_state.as_str().to_string(),
+                    node_down_since_unix_ms: down_since,
+                    replace_at_unix_ms: replace_at,
                 }
             })
             .collect::<Vec<_>>();
@@ -361,7 +398,8 @@ impl Volumes {
             }
             VolumeState::Ready => {}
         }
-        if record.is_healthy() {
+        let wanted = usize::try_from(record.replica_count).unwrap_or(usize::MAX);
+        if self.shown_in_sync(record) >= wanted.max(record.replicas.len()) {
             return ("healthy", String::new());
         }
         (
@@ -370,11 +408,20 @@ impl Volumes {
         )
     }
 
+    /// Replicas shown in sync: in the in-sync set, on a node that is up.
+    fn shown_in_sync(&self, record: &VolumeRecord) -> usize {
+        record
+            .replicas
+            .iter()
+            .filter(|r| self.shown(record, r) == state::Shown::InSync)
+            .count()
+    }
+
     /// The volume's condition (CSI VolumeCondition): abnormal while fewer
-    /// replicas are in sync than the volume asks for, saying which
-    /// replicas are not and why.
+    /// replicas are in sync (on nodes that are up) than the volume asks
+    /// for, saying which replicas are not and why.
     pub fn condition(&self, record: &VolumeRecord) -> Condition {
-        let in_sync = record.in_sync_count();
+        let in_sync = self.shown_in_sync(record);
         let wanted = usize::try_from(record.replica_count).unwrap_or(usize::MAX);
         if in_sync >= wanted {
             return Condition {
@@ -391,35 +438,46 @@ impl Volumes {
         }
     }
 
-    /// What keeps each replica that is not in sync out of the in-sync set,
-    /// and missing replicas.
+    /// What keeps each replica that is not in sync (or whose node is down)
+    /// out of the in-sync set, and missing replicas.
     fn replica_issues(&self, record: &VolumeRecord) -> Vec<String> {
         let published = record.target.is_some();
-        let nodes = &self.context.nodes;
-        let down_after = self.context.config.node_down_after;
+        let now = super::now_unix_ms();
         let mut issues = Vec::new();
         for replica in &record.replicas {
             let node = &replica.node_id;
-            match replica.state {
-                ReplicaState::InSync => {}
-                ReplicaState::Faulted if !published => issues.push(format!(
-                    "replica on {node} is faulted; the volume is not published, so no target can rebuild it until it is"
-                )),
-                ReplicaState::Faulted if nodes.state(node) == node::NodeState::Down => {
-                    let left = down_after.saturating_sub(nodes.silent_for(node));
+            match self.shown(record, replica) {
+                state::Shown::InSync => {}
+                state::Shown::NodeDown {
+                    since_unix_ms,
+                    replace_at_unix_ms,
+                } => {
+                    let down = human_duration(unix_ms_between(since_unix_ms, now));
+                    let then = match replace_at_unix_ms {
+                        Some(at) if at > now => format!(
+                            "it is replaced on another node in {}",
+                            human_duration(unix_ms_between(now, at))
+                        ),
+                        Some(_) => "it is replaced on another node now".to_string(),
+                        None => "the target drops it on its next failed write, then it is replaced".to_string(),
+                    };
                     issues.push(format!(
-                        "replica on {node} is faulted and its node is down; it is replaced on another node in {}",
-                        human_duration(left)
+                        "replica on {node} is down: its node has sent no heartbeat for {down}; {then}"
                     ));
                 }
-                ReplicaState::Faulted => issues.push(format!(
+                state::Shown::Faulted if !published => issues.push(format!(
+                    "replica on {node} is faulted; the volume is not published, so no target can rebuild it until it is"
+                )),
+                state::Shown::Faulted if replica.state == ReplicaState::Rebuilding => {
+                    issues.push(format!(
+                        "replica on {node} is faulted; its rebuild stopped with its target, which is down"
+                    ));
+                }
+                state::Shown::Faulted => issues.push(format!(
                     "replica on {node} is faulted; its rebuild starts shortly"
                 )),
-                ReplicaState::Rebuilding => {
-                    let percent = self
-                        .context
-                        .rebuilds
-                        .get(&record.volume_id, node)
+                state::Shown::Rebuilding { progress } => {
+                    let percent = progress
                         .filter(|p| p.total_bytes > 0)
                         .map(|p| format!(" ({}%)", p.done_bytes.saturating_mul(100) / p.total_bytes))
                         .unwrap_or_default();
@@ -444,6 +502,11 @@ fn capitalise(text: &str) -> String {
         Some(first) => first.to_uppercase().chain(chars).collect(),
         None => String::new(),
     }
+}
+
+/// The time from `from` to `to` (Unix ms), zero if `to` is earlier.
+fn unix_ms_between(from: i64, to: i64) -> Duration {
+    Duration::from_millis(u64::try_from(to.saturating_sub(from)).unwrap_or(0))
 }
 
 /// "5m 3s", "42s".

@@ -8,7 +8,9 @@
 //! - [`ReplicaRepair`] brings faulted replicas back. A faulted replica
 //!   whose node is up is handed to the volume's target for a delta rebuild
 //!   (`AddReplica(full_rebuild=false)`), and its state becomes
-//!   `rebuilding`. One whose node has been silent for longer than
+//!   `rebuilding`; a replica recorded `rebuilding` that the live target
+//!   reports faulted (its rebuild was aborted, e.g. its node died) is
+//!   recorded `faulted` again. One whose node has been silent for longer than
 //!   `--node-down-after` is replaced: a new replica on another node that
 //!   holds none of the volume (and lies in its requisite topology, if
 //!   CreateVolume gave one), recorded first (the old one becomes
@@ -320,6 +322,7 @@ impl ReplicaRepair {
         if view.epoch != volume.epoch {
             return Ok(());
         }
+        self.settle_aborted_rebuilds(&volume, &view).await?;
         let replicas = self.volumes.target_replicas(&volume).await?;
         for replica in &volume.replicas {
             if replica.state == ReplicaState::InSync
@@ -388,6 +391,61 @@ impl ReplicaRepair {
             })
             .await?;
             info!(volume.id = %volume_id, node.id = %replica.node_id, epoch, full = replica.full_rebuild, "Rebuild started");
+        }
+        Ok(())
+    }
+
+    /// Records as faulted the replicas the record holds as rebuilding but
+    /// the live target at the volume's epoch reports faulted (or does not
+    /// hold): their rebuild was aborted (the target tells the controller
+    /// only of drops from the in-sync set and of joins), so the record's
+    /// `rebuilding` no longer says what the target does. Membership of the
+    /// in-sync set is unchanged; the replica is handed to the target again
+    /// once its node is up.
+    async fn settle_aborted_rebuilds(
+        &self,
+        volume: &record::VolumeRecord,
+        view: &agent_pb::Target,
+    ) -> Result<(), Error> {
+        let aborted: Vec<&ReplicaRecord> = volume
+            .replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::Rebuilding)
+            .filter(|r| {
+                let seen = view
+                    .replicas
+                    .iter()
+                    .find(|t| t.node_id == r.node_id)
+                    .map(|t| t.state.as_str());
+                !matches!(seen, Some("rebuilding" | "in-sync"))
+            })
+            .collect();
+        if aborted.is_empty() {
+            return Ok(());
+        }
+        let epoch = volume.epoch;
+        record::update(&self.context().store, &volume.volume_id, |r| {
+            if r.epoch != epoch {
+                return Ok::<_, Error>(Change::Keep);
+            }
+            let mut change = Change::Keep;
+            for old in &aborted {
+                if let Some(entry) = r.replica_mut(&old.node_id)
+                    && entry.state == ReplicaState::Rebuilding
+                    && entry.faulted_since_unix_ms == old.faulted_since_unix_ms
+                {
+                    entry.state = ReplicaState::Faulted;
+                    change = Change::Write;
+                }
+            }
+            Ok(change)
+        })
+        .await?;
+        for old in &aborted {
+            self.context()
+                .rebuilds
+                .clear(&volume.volume_id, &old.node_id);
+            info!(volume.id = %volume.volume_id, node.id = %old.node_id, epoch, "The target no longer rebuilds the replica; recorded as faulted");
         }
         Ok(())
     }

@@ -861,3 +861,82 @@ async fn volumes_and_epochs_survive_a_controller_restart() {
         .value;
     assert_eq!(after, before);
 }
+
+#[tokio::test]
+async fn a_replica_left_rebuilding_on_a_dead_node_is_shown_down_not_rebuilding() {
+    // As above, but the node has not been down for --node-down-after yet:
+    // the replica must be shown down with when it is replaced, the
+    // condition must say so, and the record must stop claiming a rebuild
+    // the live target reports aborted.
+    let fixture =
+        Fixture::with_timing(3, Duration::from_millis(300), Duration::from_secs(600)).await;
+    let volumes = Volumes::new(fixture.context.clone());
+    let mut req = request("v", GIB, 2);
+    req.preferred_node = Some("node-1".into());
+    let created = volumes.create(&req).await.expect("create");
+    let lost = created
+        .replicas
+        .iter()
+        .map(|r| r.node_id.clone())
+        .find(|n| n != "node-1")
+        .expect("another replica node");
+    let epoch = volumes
+        .publish("v", "node-1", false)
+        .await
+        .expect("publish")
+        .epoch;
+    volumes
+        .drop_replica("v", epoch, &lost, "node lost")
+        .await
+        .expect("drop");
+    record::update::<Error>(&fixture.context.store, "v", |r| {
+        if let Some(entry) = r.replica_mut(&lost) {
+            entry.state = ReplicaState::Rebuilding;
+        }
+        Ok(record::Change::Write)
+    })
+    .await
+    .expect("record the rebuild");
+    mark_faulted_at_target(&fixture, "node-1", "v", &lost);
+    fixture.set_alive(&lost, false);
+    fixture.wait_node(&lost, NodeState::Down).await;
+
+    let record = stored(&fixture, "v").await.expect("record");
+    let shown = volumes.to_proto(&record);
+    let replica = shown
+        .replicas
+        .iter()
+        .find(|r| r.node_id == lost)
+        .expect("the lost replica");
+    assert_eq!(replica.state, "node-down", "{replica:?}");
+    assert_eq!(replica.sync_state, "rebuilding", "{replica:?}");
+    assert_eq!(replica.node_state, "down", "{replica:?}");
+    assert!(replica.node_down_since_unix_ms > 0, "{replica:?}");
+    assert_eq!(
+        replica.replace_at_unix_ms,
+        replica.node_down_since_unix_ms + 600_000,
+        "{replica:?}"
+    );
+    assert!(shown.status_detail.contains("is down"), "{shown:?}");
+    let condition = volumes.condition(&record);
+    assert!(condition.abnormal);
+    assert!(
+        condition
+            .message
+            .contains(&format!("replica on {lost} is down"))
+            && condition.message.contains("replaced on another node in")
+            && !condition.message.contains("rebuilding"),
+        "{condition:?}"
+    );
+
+    ReplicaRepair::new(fixture.context.clone())
+        .reconcile()
+        .await
+        .expect("pass");
+    let record = stored(&fixture, "v").await.expect("record");
+    assert_eq!(
+        record.replica(&lost).map(|r| r.state),
+        Some(ReplicaState::Faulted),
+        "the target aborted the rebuild; the record must not say rebuilding: {record:?}"
+    );
+}

@@ -275,11 +275,14 @@ async fn create_validate_list_and_capacity() -> Result<()> {
     thick.parameters.insert("thin".into(), "false".into());
     incompatible.push(("thick", thick, "thin"));
     let mut elsewhere = create_request("vol-a", 64 * MIB, 3);
-    elsewhere.accessibility_requirements = Some(csi::TopologyRequirement {
-        requisite: vec![on_node("node-1"), on_node("node-2")],
-        preferred: Vec::new(),
-    });
-    incompatible.push(("outside the requisite", elsewhere, "node-3"));
+    elsewhere
+        .parameters
+        .insert("allowedNodes".into(), "node-1,node-2".into());
+    incompatible.push((
+        "outside allowedNodes",
+        elsewhere,
+        "replica on node-3 is not among allowedNodes",
+    ));
     for (case, req, says) in incompatible {
         refused(
             ctl.create_volume(req).await,
@@ -384,34 +387,70 @@ async fn create_validate_list_and_capacity() -> Result<()> {
         "larger than any pool may hold",
     )?;
     let mut nowhere = create_request("vol-x", MIB, 1);
-    nowhere.accessibility_requirements = Some(csi::TopologyRequirement {
-        requisite: vec![on_node("node-9")],
-        preferred: Vec::new(),
-    });
+    nowhere
+        .parameters
+        .insert("allowedNodes".into(), "node-9".into());
     refused(
         ctl.create_volume(nowhere).await,
         Code::ResourceExhausted,
-        "outside the requisite topology",
-        "requisite node that does not exist",
+        "3 other up node(s) are not among allowedNodes",
+        "an allowed node that does not exist",
     )?;
     let mut cramped = create_request("vol-x", MIB, 2);
-    cramped.accessibility_requirements = Some(csi::TopologyRequirement {
-        requisite: vec![on_node("node-2")],
-        preferred: vec![on_node("node-2")],
-    });
+    cramped
+        .parameters
+        .insert("allowedNodes".into(), "node-2".into());
     refused(
         ctl.create_volume(cramped).await,
         Code::ResourceExhausted,
-        "outside the requisite topology",
-        "two replicas in one node's segment",
+        "2 other up node(s) are not among allowedNodes",
+        "two replicas on one allowed node",
+    )?;
+    let mut malformed = create_request("vol-x", MIB, 1);
+    malformed
+        .parameters
+        .insert("allowedNodes".into(), "node-1,,node-2".into());
+    refused(
+        ctl.create_volume(malformed).await,
+        Code::InvalidArgument,
+        "allowedNodes",
+        "an empty node id in allowedNodes",
     )?;
     assert!(
         holders(&cluster, "vol-x")?.is_empty(),
         "no refused request created a replica"
     );
 
-    // Topology: the first preferred node that fits holds a replica;
-    // requisite segments hold every replica.
+    // Topology: the volume is reachable from every node, so a requisite
+    // of one node (what csi-sanity and a WaitForFirstConsumer claim send)
+    // is met by any placement; its node gets one replica for locality.
+    let mut pinned = create_request("vol-pinned", 16 * MIB, 3);
+    pinned.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![on_node("node-1")],
+        preferred: Vec::new(),
+    });
+    let volume = create(&mut ctl, pinned).await?;
+    assert!(volume.accessible_topology.is_empty(), "{volume:?}");
+    assert_eq!(
+        holders(&cluster, "vol-pinned")?,
+        ["node-1", "node-2", "node-3"]
+    );
+    let mut near = create_request("vol-near", 16 * MIB, 1);
+    near.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![on_node("node-3"), on_node("node-1")],
+        preferred: Vec::new(),
+    });
+    create(&mut ctl, near).await?;
+    assert_eq!(holders(&cluster, "vol-near")?, ["node-3"]);
+    for volume_id in ["vol-pinned", "vol-near"] {
+        ctl.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: volume_id.into(),
+            ..Default::default()
+        })
+        .await?;
+    }
+    // The first preferred node that fits holds a replica; allowedNodes
+    // hold every replica.
     let mut local = create_request("vol-local", 16 * MIB, 1);
     local.accessibility_requirements = Some(csi::TopologyRequirement {
         requisite: Vec::new(),
@@ -420,8 +459,11 @@ async fn create_validate_list_and_capacity() -> Result<()> {
     create(&mut ctl, local).await?;
     assert_eq!(holders(&cluster, "vol-local")?, ["node-2"]);
     let mut fenced = create_request("vol-fenced", 16 * MIB, 2);
+    fenced
+        .parameters
+        .insert("allowedNodes".into(), "node-1,node-3".into());
     fenced.accessibility_requirements = Some(csi::TopologyRequirement {
-        requisite: vec![on_node("node-1"), on_node("node-3")],
+        requisite: vec![on_node("node-2")],
         preferred: vec![on_node("node-3")],
     });
     create(&mut ctl, fenced).await?;

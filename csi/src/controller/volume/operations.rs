@@ -61,12 +61,15 @@ pub struct CreateRequest {
     /// Segments tried in order for one replica (CSI preferred topology);
     /// none fitting is not an error.
     pub preferred_topology: Vec<Topology>,
-    /// Segments every replica must lie in one of (CSI requisite
-    /// topology); empty: any node.
+    /// Segments the volume must be accessible from (CSI requisite
+    /// topology): every node, so they restrict nothing (ADR 0009); tried
+    /// for one replica when there are no preferred ones.
     pub requisite_topology: Vec<Topology>,
     /// The capabilities the volume must serve; kept in the record.
     pub capabilities: Vec<CapabilityRecord>,
-    /// The StorageClass parameters; kept in the record.
+    /// The StorageClass parameters; kept in the record. `allowedNodes`
+    /// and `replicaTopologyKey` constrain placement
+    /// ([`scheduling::Constraints`]).
     pub parameters: BTreeMap<String, String>,
 }
 
@@ -174,11 +177,22 @@ impl CreateRequest {
         Ok(())
     }
 
+    /// Where the parameters let replicas go.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a bad `allowedNodes` or
+    /// `replicaTopologyKey`.
+    pub fn constraints(&self) -> Result<scheduling::Constraints, Error> {
+        scheduling::Constraints::from_parameters(&self.parameters)
+            .map_err(|reason| Error::InvalidArgument { reason })
+    }
+
     /// Why `existing`, a volume of the same name, is not the volume this
     /// request asks for (CSI spec, CreateVolume: "Volume already exists
-    /// but is incompatible"); empty if it is. `nodes` give the replicas'
-    /// topology. The preferred topology is not compared: it is a wish.
-    fn incompatibilities(&self, existing: &VolumeRecord, nodes: &[Candidate]) -> Vec<String> {
+    /// but is incompatible"); empty if it is. The topology requirement is
+    /// not compared: a volume is reachable from every node (ADR 0009).
+    fn incompatibilities(&self, existing: &VolumeRecord) -> Vec<String> {
         let mut reasons = Vec::new();
         if !self.compatible_sizes.contains(&existing.size_bytes) {
             let (low, high) = (*self.compatible_sizes.start(), *self.compatible_sizes.end());
@@ -212,16 +226,13 @@ impl CreateRequest {
                 .iter()
                 .filter_map(|c| existing.supports(c).err()),
         );
-        if !self.requisite_topology.is_empty() {
+        if let Ok(constraints) = self.constraints() {
             for replica in &existing.replicas {
-                let inside = nodes
-                    .iter()
-                    .find(|n| n.node_id == replica.node_id)
-                    .is_some_and(|n| n.in_any(&self.requisite_topology));
-                if !inside {
+                if !constraints.allows(&replica.node_id) {
                     reasons.push(format!(
-                        "its replica on {} lies outside the requisite topology",
-                        replica.node_id
+                        "its replica on {} is not among {}",
+                        replica.node_id,
+                        scheduling::ALLOWED_NODES_PARAMETER
                     ));
                 }
             }
@@ -249,12 +260,7 @@ impl Volumes {
         let store = &self.context.store;
         if let Some(existing) = record::read(store, &request.name).await? {
             let existing = existing.value;
-            let nodes = if request.requisite_topology.is_empty() {
-                Vec::new()
-            } else {
-                self.candidates().await?
-            };
-            let reasons = request.incompatibilities(&existing, &nodes);
+            let reasons = request.incompatibilities(&existing);
             if !reasons.is_empty() {
                 return Err(Error::VolumeMismatch {
                     volume: request.name.clone(),
@@ -271,6 +277,13 @@ impl Volumes {
         }
         let candidates = self.candidates().await?;
         let count = usize::try_from(request.replica_count).unwrap_or(usize::MAX);
+        // Data locality (ADR 0009): the preferred segments, else the
+        // requisite ones; neither restricts where replicas may go.
+        let locality = if request.preferred_topology.is_empty() {
+            &request.requisite_topology
+        } else {
+            &request.preferred_topology
+        };
         let nodes = scheduling::place(
             &candidates,
             &scheduling::Request {
@@ -278,9 +291,10 @@ impl Volumes {
                 thin: request.thin,
                 count,
                 preferred_node: request.preferred_node.as_deref(),
-                preferred: &request.preferred_topology,
-                requisite: &request.requisite_topology,
+                preferred: locality,
+                constraints: &request.constraints()?,
                 exclude: &[],
+                holders: &[],
             },
         )?;
         let planned = VolumeRecord {

@@ -12,8 +12,8 @@
 //!   reports faulted (its rebuild was aborted, e.g. its node died) is
 //!   recorded `faulted` again. One whose node has been silent for longer than
 //!   `--node-down-after` is replaced: a new replica on another node that
-//!   holds none of the volume (and lies in its requisite topology, if
-//!   CreateVolume gave one), recorded first (the old one becomes
+//!   holds none of the volume (within its `allowedNodes` and in a free
+//!   failure domain, see the scheduling module), recorded first (the old one becomes
 //!   retired), then created, then rebuilt in full. A volume that is not
 //!   published has no target, so nothing can rebuild it: its replicas stay
 //!   faulted (replacements are still placed and created) and its status
@@ -213,6 +213,17 @@ impl ReplicaRepair {
         for old in lost {
             let occupied = volume.occupied_nodes();
             let candidates = self.volumes.candidates().await?;
+            let holders: Vec<String> = volume
+                .replicas
+                .iter()
+                .filter(|r| r.node_id != old.node_id)
+                .map(|r| r.node_id.clone())
+                .collect();
+            // Parameters were checked at create; a record that fails the
+            // check now (written by hand) is placed without constraints
+            // rather than left short of a replica.
+            let constraints =
+                scheduling::Constraints::from_parameters(&volume.parameters).unwrap_or_default();
             let placed = scheduling::place(
                 &candidates,
                 &scheduling::Request {
@@ -221,8 +232,9 @@ impl ReplicaRepair {
                     count: 1,
                     preferred_node: None,
                     preferred: &[],
-                    requisite: &volume.requisite_topology,
+                    constraints: &constraints,
                     exclude: &occupied,
+                    holders: &holders,
                 },
             );
             let new_node = match placed {

@@ -183,9 +183,10 @@ pub struct VolumeRecord {
     /// the volume must be compared with, and what operators read.
     #[serde(default)]
     pub parameters: BTreeMap<String, String>,
-    /// Topology segments every replica must lie in one of (CSI
-    /// `accessibility_requirements.requisite`), also when a reconciler
-    /// replaces a replica. Empty: any node.
+    /// The requisite topology CreateVolume was given (CSI
+    /// `accessibility_requirements.requisite`), as given, for people: a
+    /// volume is accessible from every node, so it restricts no replica
+    /// (ADR 0009).
     #[serde(default)]
     pub requisite_topology: Vec<Topology>,
     /// The last target went away without confirming that it finished its

@@ -4,26 +4,40 @@
 //! ([`place`]), so it is tested without any process. The rules:
 //!
 //! - every replica on a distinct node that is up;
-//! - with requisite topology segments (CSI `accessibility_requirements`),
-//!   only nodes in one of them; too few such nodes is an error, never a
-//!   silent widening;
+//! - with allowed nodes (the StorageClass's `allowedNodes`), only those;
+//!   too few of them with room is an error, never a silent widening;
+//! - with a failure-domain key (the StorageClass's `replicaTopologyKey`,
+//!   e.g. `topology.kubernetes.io/zone`), every replica on a node with a
+//!   distinct value of that topology label (nodes without it get none);
+//!   without one, nodes are the failure domains;
 //! - a node fits if one of its pools does, by the agent's own rule (the
 //!   provisioned sum stays within the pool's overcommit limit; a thick
 //!   replica also needs that much free space), so the agent will not refuse
 //!   what placement chose unless the figures changed since the heartbeat;
 //! - the preferred node (the operator's explicit choice) must fit and gets
-//!   the first replica; otherwise the preferred segments (CSI preferred
-//!   topology, data locality) are tried in order and the first one with a
-//!   fitting node gets the first replica, on its roomiest node. None
-//!   fitting is not an error: the volume is reachable from every node;
+//!   the first replica; otherwise the preferred segments (data locality:
+//!   CSI preferred topology, else requisite, see ADR 0009) are tried in
+//!   order and the first one with a fitting node gets the first replica,
+//!   on its roomiest node (a segment may name a zone: any node in it).
+//!   None fitting is not an error: the volume is reachable from every
+//!   node, so CSI topology never restricts placement;
 //! - the others are taken by most headroom (overcommit limit minus
 //!   provisioned) of their best pool, then by node id, so placement is
 //!   deterministic and spreads volumes over emptier nodes.
 //!
-//! Nodes are the failure domains: replicas are not spread over zones or
-//! racks yet. This module must never read the store or call agents.
+//! This module must never read the store or call agents.
+
+use std::collections::BTreeSet;
 
 use crate::controller::node::{PoolCapacity, Topology, in_segment};
+
+/// StorageClass parameter: comma-separated ids of the nodes replicas may
+/// be placed on.
+pub const ALLOWED_NODES_PARAMETER: &str = "allowedNodes";
+
+/// StorageClass parameter: the node topology label whose values are the
+/// failure domains replicas are spread across.
+pub const REPLICA_TOPOLOGY_KEY_PARAMETER: &str = "replicaTopologyKey";
 
 /// Errors of placement.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,8 +60,23 @@ pub enum Error {
         /// "thin" or "thick".
         kind: &'static str,
         /// A note on up nodes left out because they already hold the
-        /// volume or lie outside the requisite topology.
+        /// volume, are not among the allowed nodes or lack the failure
+        /// domain label.
         excluded: String,
+    },
+    /// The nodes with room span fewer failure domains than replicas.
+    #[error(
+        "Not enough failure domains: {needed} replica(s) need {needed} distinct values of node label {key} (replicaTopologyKey) among up nodes with room, but only {free} are free ({taken} already hold a replica of the volume)"
+    )]
+    NotEnoughFailureDomains {
+        /// Replicas to place.
+        needed: usize,
+        /// The topology label.
+        key: String,
+        /// Distinct values among fitting nodes not yet holding a replica.
+        free: usize,
+        /// Values already holding a replica of the volume.
+        taken: usize,
     },
     /// The preferred node cannot take a replica.
     #[error("Preferred node {node} cannot hold a replica: {reason}")]
@@ -62,11 +91,11 @@ pub enum Error {
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         match err {
-            // CSI spec, CreateVolume: "Unable to provision in
-            // accessible_topology" is RESOURCE_EXHAUSTED, and so is no room.
-            Error::NotEnoughNodes { .. } | Error::PreferredNode { .. } => {
-                tonic::Status::resource_exhausted(err.to_string())
-            }
+            // CSI spec, CreateVolume: no room for the volume is
+            // RESOURCE_EXHAUSTED.
+            Error::NotEnoughNodes { .. }
+            | Error::NotEnoughFailureDomains { .. }
+            | Error::PreferredNode { .. } => tonic::Status::resource_exhausted(err.to_string()),
         }
     }
 }
@@ -101,6 +130,70 @@ impl Candidate {
     }
 }
 
+/// Where a volume's replicas may go, from its StorageClass parameters
+/// ([`ALLOWED_NODES_PARAMETER`], [`REPLICA_TOPOLOGY_KEY_PARAMETER`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Constraints {
+    /// Nodes replicas may be placed on; empty: any.
+    pub allowed_nodes: Vec<String>,
+    /// Node topology label whose values are the failure domains; `None`:
+    /// nodes are.
+    pub failure_domain_key: Option<String>,
+}
+
+impl Constraints {
+    /// Reads the constraints from a volume's parameters; other keys are
+    /// ignored.
+    ///
+    /// # Errors
+    ///
+    /// A message for people if `allowedNodes` is empty, names an empty or
+    /// invalid node id or one twice, or `replicaTopologyKey` is empty.
+    pub fn from_parameters<'a>(
+        parameters: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Result<Self, String> {
+        let mut constraints = Self::default();
+        for (key, value) in parameters {
+            match key.as_str() {
+                ALLOWED_NODES_PARAMETER => {
+                    let mut seen = BTreeSet::new();
+                    for id in value.split(',').map(str::trim) {
+                        if id.is_empty() {
+                            return Err(format!(
+                                "parameter {ALLOWED_NODES_PARAMETER}={value:?} holds an empty node id (give comma-separated node ids)"
+                            ));
+                        }
+                        crate::controller::node::operations::validate_node_id(id).map_err(
+                            |err| format!("parameter {ALLOWED_NODES_PARAMETER}={value:?}: {err}"),
+                        )?;
+                        if !seen.insert(id) {
+                            return Err(format!(
+                                "parameter {ALLOWED_NODES_PARAMETER}={value:?} names node {id:?} twice"
+                            ));
+                        }
+                        constraints.allowed_nodes.push(id.to_string());
+                    }
+                }
+                REPLICA_TOPOLOGY_KEY_PARAMETER => {
+                    if value.trim().is_empty() {
+                        return Err(format!(
+                            "parameter {REPLICA_TOPOLOGY_KEY_PARAMETER} is empty (give a node topology label key, e.g. topology.kubernetes.io/zone)"
+                        ));
+                    }
+                    constraints.failure_domain_key = Some(value.trim().to_string());
+                }
+                _ => {}
+            }
+        }
+        Ok(constraints)
+    }
+
+    /// Whether replicas may be placed on `node_id`.
+    pub fn allows(&self, node_id: &str) -> bool {
+        self.allowed_nodes.is_empty() || self.allowed_nodes.iter().any(|n| n == node_id)
+    }
+}
+
 /// What to place.
 #[derive(Debug, Clone)]
 pub struct Request<'a> {
@@ -113,12 +206,14 @@ pub struct Request<'a> {
     /// A node that must get one of them.
     pub preferred_node: Option<&'a str>,
     /// Segments tried in order for the first replica when there is no
-    /// preferred node.
+    /// preferred node (data locality); none fitting is not an error.
     pub preferred: &'a [Topology],
-    /// Segments every replica must lie in one of; empty: anywhere.
-    pub requisite: &'a [Topology],
+    /// Allowed nodes and failure domains.
+    pub constraints: &'a Constraints,
     /// Nodes that must not get any (they already hold one).
     pub exclude: &'a [String],
+    /// Nodes holding replicas that stay: their failure domains are taken.
+    pub holders: &'a [String],
 }
 
 /// Chooses `request.count` distinct nodes, the preferred one first.
@@ -126,22 +221,48 @@ pub struct Request<'a> {
 /// # Errors
 ///
 /// [`Error::PreferredNode`] if the preferred node is unknown, down,
-/// excluded, outside the requisite topology or full;
-/// [`Error::NotEnoughNodes`] if fewer nodes fit than replicas are needed.
+/// excluded, not allowed, in a taken failure domain or full;
+/// [`Error::NotEnoughNodes`] if fewer nodes fit than replicas are needed;
+/// [`Error::NotEnoughFailureDomains`] if they span too few failure domains.
 pub fn place(candidates: &[Candidate], request: &Request<'_>) -> Result<Vec<String>, Error> {
+    let constraints = request.constraints;
+    let key = constraints.failure_domain_key.as_deref();
     let excluded = |id: &str| request.exclude.iter().any(|e| e == id);
-    let usable = |c: &Candidate| c.up && !excluded(&c.node_id) && c.in_any(request.requisite);
+    // A node's failure domain: its id, or its value of the key (`None`:
+    // it has no such label and gets no replica).
+    let domain = |c: &Candidate| -> Option<String> {
+        match key {
+            None => Some(c.node_id.clone()),
+            Some(k) => c.topology.get(k).cloned(),
+        }
+    };
+    let usable = |c: &Candidate| c.up && !excluded(&c.node_id) && constraints.allows(&c.node_id);
+    let mut taken: BTreeSet<String> = candidates
+        .iter()
+        .filter(|c| request.holders.contains(&c.node_id))
+        .filter_map(domain)
+        .collect();
+    let already_taken = taken.len();
     let mut chosen: Vec<String> = Vec::with_capacity(request.count);
     if let Some(preferred) = request.preferred_node {
-        let reason = match candidates.iter().find(|c| c.node_id == preferred) {
+        let found = candidates.iter().find(|c| c.node_id == preferred);
+        let reason = match found {
             None => Some("it is not registered".to_string()),
             Some(c) if !c.up => Some("it is down".to_string()),
             Some(_) if excluded(preferred) => {
                 Some("it already holds a replica of the volume".to_string())
             }
-            Some(c) if !c.in_any(request.requisite) => {
-                Some("it lies outside the requisite topology".to_string())
+            Some(_) if !constraints.allows(preferred) => {
+                Some(format!("it is not among {ALLOWED_NODES_PARAMETER}"))
             }
+            Some(c) if domain(c).is_none() => Some(format!(
+                "it has no topology label {} ({REPLICA_TOPOLOGY_KEY_PARAMETER})",
+                key.unwrap_or_default()
+            )),
+            Some(c) if domain(c).is_some_and(|d| taken.contains(&d)) => Some(format!(
+                "its failure domain {} already holds a replica of the volume",
+                domain(c).unwrap_or_default()
+            )),
             Some(c) if best_headroom(c, request).is_none() => Some(format!(
                 "none of its pools has room for {}",
                 describe_size(request)
@@ -155,54 +276,84 @@ pub fn place(candidates: &[Candidate], request: &Request<'_>) -> Result<Vec<Stri
             });
         }
         chosen.push(preferred.to_string());
+        taken.extend(found.and_then(domain));
     }
-    let mut fitting: Vec<(u64, &Candidate)> = candidates
+    let mut fitting: Vec<(u64, &Candidate, String)> = candidates
         .iter()
         .filter(|c| usable(c))
-        .filter_map(|c| best_headroom(c, request).map(|h| (h, c)))
+        .filter_map(|c| Some((best_headroom(c, request)?, c, domain(c)?)))
         .collect();
     // Most headroom first; ties by node id for a deterministic choice.
     fitting.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.node_id.cmp(&b.1.node_id)));
+    let fitting_nodes = fitting.len();
     if chosen.is_empty() && request.count > 0 {
         let local = request.preferred.iter().find_map(|segment| {
             fitting
                 .iter()
-                .find(|(_, c)| in_segment(&c.topology, segment))
-                .map(|(_, c)| c.node_id.clone())
+                .find(|(_, c, d)| in_segment(&c.topology, segment) && !taken.contains(d))
         });
-        chosen.extend(local);
+        if let Some((_, c, d)) = local {
+            chosen.push(c.node_id.clone());
+            taken.insert(d.clone());
+        }
     }
-    fitting.retain(|(_, c)| !chosen.contains(&c.node_id));
-    let missing = request.count.saturating_sub(chosen.len());
-    if fitting.len() < missing {
-        let up = candidates.iter().filter(|c| usable(c)).count();
-        let count_up =
-            |f: &dyn Fn(&Candidate) -> bool| candidates.iter().filter(|c| c.up && f(c)).count();
-        let excluded_up = count_up(&|c| excluded(&c.node_id));
-        let outside_up = count_up(&|c| !excluded(&c.node_id) && !c.in_any(request.requisite));
-        let mut notes = String::new();
-        if excluded_up > 0 {
-            notes.push_str(&format!(
-                "; {excluded_up} other up node(s) already hold a replica of the volume"
-            ));
+    fitting.retain(|(_, c, _)| !chosen.contains(&c.node_id));
+    for (_, c, d) in &fitting {
+        if chosen.len() >= request.count {
+            break;
         }
-        if outside_up > 0 {
-            notes.push_str(&format!(
-                "; {outside_up} other up node(s) lie outside the requisite topology"
-            ));
+        if taken.insert(d.clone()) {
+            chosen.push(c.node_id.clone());
         }
-        return Err(Error::NotEnoughNodes {
+    }
+    if chosen.len() >= request.count {
+        chosen.truncate(request.count);
+        return Ok(chosen);
+    }
+    // The preferred node is usable, so it is among the fitting nodes.
+    let placed_before_domains = fitting_nodes;
+    if let Some(key) = key
+        && placed_before_domains >= request.count
+    {
+        return Err(Error::NotEnoughFailureDomains {
             needed: request.count,
-            fitting: fitting.len() + chosen.len(),
-            up,
-            registered: candidates.len(),
-            size: bytes(request.size_bytes),
-            kind: if request.thin { "thin" } else { "thick" },
-            excluded: notes,
+            key: key.to_string(),
+            free: taken.len() - already_taken,
+            taken: already_taken,
         });
     }
-    chosen.extend(fitting.iter().take(missing).map(|(_, c)| c.node_id.clone()));
-    Ok(chosen)
+    let up = candidates.iter().filter(|c| usable(c)).count();
+    let count_up =
+        |f: &dyn Fn(&Candidate) -> bool| candidates.iter().filter(|c| c.up && f(c)).count();
+    let excluded_up = count_up(&|c| excluded(&c.node_id));
+    let outside_up = count_up(&|c| !excluded(&c.node_id) && !constraints.allows(&c.node_id));
+    let unlabelled_up = count_up(&|c| usable(c) && domain(c).is_none());
+    let mut notes = String::new();
+    if excluded_up > 0 {
+        notes.push_str(&format!(
+            "; {excluded_up} other up node(s) already hold a replica of the volume"
+        ));
+    }
+    if outside_up > 0 {
+        notes.push_str(&format!(
+            "; {outside_up} other up node(s) are not among {ALLOWED_NODES_PARAMETER}"
+        ));
+    }
+    if unlabelled_up > 0 {
+        notes.push_str(&format!(
+            "; {unlabelled_up} up node(s) have no topology label {} ({REPLICA_TOPOLOGY_KEY_PARAMETER})",
+            key.unwrap_or_default()
+        ));
+    }
+    Err(Error::NotEnoughNodes {
+        needed: request.count,
+        fitting: placed_before_domains,
+        up,
+        registered: candidates.len(),
+        size: bytes(request.size_bytes),
+        kind: if request.thin { "thin" } else { "thick" },
+        excluded: notes,
+    })
 }
 
 /// What can still be provisioned (CSI GetCapacity), in bytes.
@@ -319,6 +470,11 @@ mod tests {
         }
     }
 
+    static ANYWHERE: Constraints = Constraints {
+        allowed_nodes: Vec::new(),
+        failure_domain_key: None,
+    };
+
     fn request(count: usize, size: u64, thin: bool) -> Request<'static> {
         Request {
             size_bytes: size,
@@ -326,10 +482,19 @@ mod tests {
             count,
             preferred_node: None,
             preferred: &[],
-            requisite: &[],
+            constraints: &ANYWHERE,
             exclude: &[],
+            holders: &[],
         }
     }
+
+    fn zoned(id: &str, zone: &str, provisioned: u64) -> Candidate {
+        let mut candidate = node(id, true, 4 * GIB, 4 * GIB, provisioned);
+        candidate.topology.insert(ZONE.into(), zone.into());
+        candidate
+    }
+
+    const ZONE: &str = "topology.kubernetes.io/zone";
 
     fn segment(node: &str) -> Topology {
         Topology::from([(
@@ -457,31 +622,116 @@ mod tests {
     }
 
     #[test]
-    fn requisite_segments_limit_every_replica() {
-        let mut nodes = vec![
+    fn allowed_nodes_limit_every_replica() {
+        let nodes = [
             node("a", true, 4 * GIB, 4 * GIB, 0),
             node("b", true, 4 * GIB, 4 * GIB, 3 * GIB),
-            node("c", true, 4 * GIB, 4 * GIB, 0),
+            node("c", true, 4 * GIB, 4 * GIB, GIB),
         ];
-        nodes[1].topology.insert("zone".into(), "z1".into());
-        nodes[2].topology.insert("zone".into(), "z1".into());
-        let requisite = [Topology::from([("zone".to_string(), "z1".to_string())])];
+        let allowed = Constraints {
+            allowed_nodes: vec!["b".into(), "c".into()],
+            failure_domain_key: None,
+        };
         let mut req = request(2, GIB, true);
-        req.requisite = &requisite;
-        assert_eq!(place(&nodes, &req).expect("placement"), ["c", "b"]);
+        req.constraints = &allowed;
+        assert_eq!(
+            place(&nodes, &req).expect("placement"),
+            ["c", "b"],
+            "a has the most headroom but is not allowed"
+        );
         req.count = 3;
-        let err = place(&nodes, &req).expect_err("only two nodes in z1");
+        let err = place(&nodes, &req).expect_err("only two nodes allowed");
+        assert!(matches!(err, Error::NotEnoughNodes { .. }), "{err:?}");
         assert!(
-            err.to_string().contains("1 other up node(s) lie outside"),
+            err.to_string()
+                .contains("1 other up node(s) are not among allowedNodes"),
             "{err}"
         );
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::ResourceExhausted
+        );
         let mut strict = request(1, GIB, true);
-        strict.requisite = &requisite;
+        strict.constraints = &allowed;
         strict.preferred_node = Some("a");
         assert!(matches!(
             place(&nodes, &strict),
             Err(Error::PreferredNode { .. })
         ));
+        // A preferred segment outside the allowed nodes is only a wish.
+        let preferred = [segment("a")];
+        let mut local = request(1, GIB, true);
+        local.constraints = &allowed;
+        local.preferred = &preferred;
+        assert_eq!(place(&nodes, &local).expect("placement"), ["c"]);
+    }
+
+    #[test]
+    fn the_first_preferred_node_gets_a_replica_and_the_others_go_anywhere() {
+        let nodes = [
+            node("node-1", true, 4 * GIB, 4 * GIB, 3 * GIB),
+            node("node-2", true, 4 * GIB, 4 * GIB, 0),
+            node("node-3", true, 4 * GIB, 4 * GIB, 0),
+        ];
+        // One segment naming node-1, the least roomy node: what csi-sanity
+        // and a WaitForFirstConsumer claim send.
+        let preferred = [segment("node-1")];
+        let mut req = request(3, GIB, true);
+        req.preferred = &preferred;
+        assert_eq!(
+            place(&nodes, &req).expect("placement"),
+            ["node-1", "node-2", "node-3"]
+        );
+        req.count = 2;
+        assert_eq!(
+            place(&nodes, &req).expect("placement"),
+            ["node-1", "node-2"]
+        );
+    }
+
+    #[test]
+    fn a_failure_domain_key_spreads_replicas_across_its_values() {
+        let nodes = [
+            zoned("a1", "a", 0),
+            zoned("a2", "a", 0),
+            zoned("b1", "b", GIB),
+            zoned("b2", "b", 2 * GIB),
+            zoned("c1", "c", 3 * GIB),
+            node("x", true, 4 * GIB, 4 * GIB, 0),
+        ];
+        let spread = Constraints {
+            allowed_nodes: Vec::new(),
+            failure_domain_key: Some(ZONE.into()),
+        };
+        let mut req = request(3, GIB, true);
+        req.constraints = &spread;
+        // By headroom alone: a1, a2, x. One per zone, x has no zone.
+        assert_eq!(place(&nodes, &req).expect("placement"), ["a1", "b1", "c1"]);
+        // A preferred zone (a segment naming a zone, not a node) takes one.
+        let preferred = [Topology::from([(ZONE.to_string(), "c".to_string())])];
+        req.preferred = &preferred;
+        assert_eq!(place(&nodes, &req).expect("placement"), ["c1", "a1", "b1"]);
+        req.preferred = &[];
+        req.count = 4;
+        let err = place(&nodes, &req).expect_err("three zones");
+        assert!(
+            matches!(
+                err,
+                Error::NotEnoughFailureDomains {
+                    needed: 4,
+                    free: 3,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // A replacement avoids the zones of the replicas that stay.
+        let holders = vec!["a1".to_string(), "b2".to_string()];
+        let mut replace = request(1, GIB, true);
+        replace.constraints = &spread;
+        replace.exclude = &holders;
+        replace.holders = &holders;
+        assert_eq!(place(&nodes, &replace).expect("placement"), ["c1"]);
     }
 
     #[test]

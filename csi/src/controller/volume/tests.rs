@@ -661,16 +661,15 @@ async fn a_replica_on_a_node_down_too_long_is_replaced_elsewhere() {
 }
 
 #[tokio::test]
-async fn a_replacement_stays_in_the_requisite_topology() {
-    use crate::controller::node::{TOPOLOGY_NODE_KEY, Topology};
+async fn a_replacement_stays_within_the_allowed_nodes() {
     let fixture =
         Fixture::with_timing(3, Duration::from_millis(300), Duration::from_millis(800)).await;
     let volumes = Volumes::new(fixture.context.clone());
     let mut req = request("v", GIB, 2);
-    req.requisite_topology = ["node-1", "node-2"]
-        .iter()
-        .map(|n| Topology::from([(TOPOLOGY_NODE_KEY.to_string(), n.to_string())]))
-        .collect();
+    req.parameters = std::collections::BTreeMap::from([(
+        "allowedNodes".to_string(),
+        "node-1,node-2".to_string(),
+    )]);
     volumes.create(&req).await.expect("create");
     let epoch = volumes
         .publish("v", "node-1", false)
@@ -692,7 +691,7 @@ async fn a_replacement_stays_in_the_requisite_topology() {
     let record = stored(&fixture, "v").await.expect("record");
     assert!(
         record.replica("node-3").is_none() && record.replica("node-2").is_some(),
-        "node-3 lies outside the requisite topology: {record:?}"
+        "node-3 is not among allowedNodes: {record:?}"
     );
     assert!(fixture.agent("node-3").replica_names().is_empty());
 }

@@ -8,6 +8,11 @@
 //! - `thin`: `"true"` (default) or `"false"`.
 //! - `fsType`: `ext4` (default) or `xfs`, for mount access when the
 //!   capability names no `fs_type`.
+//! - `allowedNodes`: comma-separated node ids; replicas go only to
+//!   these (too few with room is `RESOURCE_EXHAUSTED`). Default: any node.
+//! - `replicaTopologyKey`: a node topology label key (e.g.
+//!   `topology.kubernetes.io/zone`); each replica goes to a node with a
+//!   distinct value of it. Default: nodes are the failure domains.
 //! - Keys under `csi.storage.k8s.io/` (added by the external-provisioner)
 //!   are ignored; any other key is `INVALID_ARGUMENT`.
 //!
@@ -23,6 +28,9 @@ use super::{Error, invalid};
 use crate::controller::node::Topology;
 use crate::controller::volume::operations::SIZE_ALIGN_BYTES;
 use crate::controller::volume::record::VolumeRecord;
+use crate::controller::volume::scheduling::{
+    ALLOWED_NODES_PARAMETER, Constraints, REPLICA_TOPOLOGY_KEY_PARAMETER,
+};
 use crate::node::mount::FsType;
 
 /// Size of a volume whose request gives no capacity (CSI spec,
@@ -47,6 +55,8 @@ pub(super) struct Parameters {
     pub thin: bool,
     /// `None` when not given.
     pub fs_type: Option<FsType>,
+    /// `allowedNodes` and `replicaTopologyKey`.
+    pub constraints: Constraints,
 }
 
 impl Parameters {
@@ -60,6 +70,7 @@ impl Parameters {
             replicas: DEFAULT_REPLICAS,
             thin: true,
             fs_type: None,
+            constraints: Constraints::from_parameters(parameters).map_err(invalid)?,
         };
         for (key, value) in parameters {
             match key.as_str() {
@@ -86,6 +97,7 @@ impl Parameters {
                         invalid(format!("parameter fsType={value:?} is not ext4 or xfs"))
                     })?);
                 }
+                ALLOWED_NODES_PARAMETER | REPLICA_TOPOLOGY_KEY_PARAMETER => {}
                 other if other.starts_with(PROVISIONER_PREFIX) => {}
                 other => return Err(invalid(format!("unknown parameter {other:?}"))),
             }
@@ -126,6 +138,26 @@ pub(super) fn differences(given: &HashMap<String, String>, volume: &VolumeRecord
             if volume.thin { "thin" } else { "thick" }
         ));
     }
+    // A record whose own parameters fail the check has no constraints.
+    let kept = Constraints::from_parameters(&volume.parameters).unwrap_or_default();
+    if given.contains_key(ALLOWED_NODES_PARAMETER)
+        && sorted(&parsed.constraints.allowed_nodes) != sorted(&kept.allowed_nodes)
+    {
+        reasons.push(format!(
+            "parameter {ALLOWED_NODES_PARAMETER}={:?} but the volume was created with {:?}",
+            parsed.constraints.allowed_nodes.join(","),
+            kept.allowed_nodes.join(",")
+        ));
+    }
+    if given.contains_key(REPLICA_TOPOLOGY_KEY_PARAMETER)
+        && parsed.constraints.failure_domain_key != kept.failure_domain_key
+    {
+        reasons.push(format!(
+            "parameter {REPLICA_TOPOLOGY_KEY_PARAMETER}={:?} but the volume was created with {:?}",
+            parsed.constraints.failure_domain_key.unwrap_or_default(),
+            kept.failure_domain_key.unwrap_or_default()
+        ));
+    }
     if let (Some(wanted), Some(actual)) = (parsed.fs_type, volume.fs_type())
         && wanted.as_str() != actual
     {
@@ -134,6 +166,12 @@ pub(super) fn differences(given: &HashMap<String, String>, volume: &VolumeRecord
         ));
     }
     reasons
+}
+
+fn sorted(ids: &[String]) -> Vec<&String> {
+    let mut ids: Vec<&String> = ids.iter().collect();
+    ids.sort();
+    ids
 }
 
 /// The size to create for `range` (CSI spec, CapacityRange: at least
@@ -193,9 +231,11 @@ fn bounds(range: Option<&csi::CapacityRange>) -> Result<(u64, u64), Error> {
 /// A topology requirement, checked (CSI spec, TopologyRequirement).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct Requirement {
-    /// Every replica must lie in one of these; empty: anywhere.
+    /// Where the volume must be accessible from: every node is, so they
+    /// restrict nothing; tried in order for one replica (data locality)
+    /// when there are no preferred ones (ADR 0009).
     pub requisite: Vec<Topology>,
-    /// Tried in order for one replica.
+    /// Tried in order for one replica (data locality).
     pub preferred: Vec<Topology>,
 }
 
@@ -289,9 +329,35 @@ mod tests {
             Parameters {
                 replicas: DEFAULT_REPLICAS,
                 thin: true,
-                fs_type: None
+                fs_type: None,
+                constraints: Constraints::default(),
             }
         );
+        let placed = parse(&[
+            ("allowedNodes", "node-1, node-3"),
+            ("replicaTopologyKey", "topology.kubernetes.io/zone"),
+        ])
+        .expect("parse");
+        assert_eq!(
+            placed.constraints,
+            Constraints {
+                allowed_nodes: vec!["node-1".into(), "node-3".into()],
+                failure_domain_key: Some("topology.kubernetes.io/zone".into()),
+            }
+        );
+        for (key, value, says) in [
+            ("allowedNodes", "", "empty node id"),
+            ("allowedNodes", "node-1,,node-2", "empty node id"),
+            ("allowedNodes", "node-1,node-1", "twice"),
+            ("allowedNodes", "node 1", "allowedNodes"),
+            ("replicaTopologyKey", " ", "is empty"),
+        ] {
+            let err = parse(&[(key, value)]).expect_err(value);
+            assert!(
+                matches!(&err, Error::InvalidArgument(m) if m.contains(says)),
+                "{key}={value:?}: {err:?}"
+            );
+        }
         assert!(parse(&[("replicas", "0")]).is_err());
         assert!(parse(&[("thin", "yes")]).is_err());
         assert!(parse(&[("fsType", "btrfs")]).is_err());

@@ -614,45 +614,60 @@ async fn topology_requirements_place_replicas() {
         "reachable everywhere"
     );
 
-    let mut fenced = create_request("fenced", 4096, 2);
-    fenced.accessibility_requirements = Some(csi::TopologyRequirement {
-        requisite: vec![node("node-1"), node("node-3")],
+    // Requisite says where the volume must be accessible from: every
+    // node, so a one-node requisite (csi-sanity, WaitForFirstConsumer)
+    // places one replica there and the others anywhere.
+    let mut pinned = create_request("pinned", 4096, 3);
+    pinned.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![node("node-2")],
         preferred: Vec::new(),
     });
+    let volume = create(&c, pinned.clone()).await.expect("create");
+    assert_eq!(holders("pinned"), ["node-1", "node-2", "node-3"]);
+    assert!(volume.accessible_topology.is_empty());
+    let mut elsewhere = pinned.clone();
+    elsewhere.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![node("node-9")],
+        preferred: Vec::new(),
+    });
+    create(&c, elsewhere)
+        .await
+        .expect("the same volume: reachable from anywhere");
+    let mut near = create_request("near", 4096, 1);
+    near.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![node("node-3"), node("node-1")],
+        preferred: Vec::new(),
+    });
+    create(&c, near).await.expect("create");
+    assert_eq!(holders("near"), ["node-3"], "the first requisite node");
+
+    let mut fenced = create_request("fenced", 4096, 2);
+    fenced
+        .parameters
+        .insert("allowedNodes".to_string(), "node-1,node-3".to_string());
     create(&c, fenced.clone()).await.expect("create");
     assert_eq!(holders("fenced"), ["node-1", "node-3"]);
-    let record = crate::controller::volume::record::read(&fixture.context.store, "fenced")
-        .await
-        .expect("read")
-        .expect("exists")
-        .value;
-    assert_eq!(record.requisite_topology.len(), 2, "kept for replacements");
     let mut elsewhere = fenced.clone();
-    elsewhere.accessibility_requirements = Some(csi::TopologyRequirement {
-        requisite: vec![node("node-2"), node("node-3")],
-        preferred: Vec::new(),
-    });
+    elsewhere
+        .parameters
+        .insert("allowedNodes".to_string(), "node-2,node-3".to_string());
     assert_eq!(
         create(&c, elsewhere).await.err(),
         Some(Code::AlreadyExists),
-        "its replica on node-1 lies outside the new requisite"
+        "its replica on node-1 is not among the new allowedNodes"
     );
-
     let mut cramped = create_request("cramped", 4096, 3);
-    cramped.accessibility_requirements = fenced.accessibility_requirements.clone();
+    cramped
+        .parameters
+        .insert("allowedNodes".to_string(), "node-1,node-3".to_string());
     assert_eq!(
         create(&c, cramped).await.err(),
         Some(Code::ResourceExhausted)
     );
-    let mut nowhere = create_request("nowhere", 4096, 1);
-    nowhere.accessibility_requirements = Some(csi::TopologyRequirement {
-        requisite: vec![node("node-9")],
-        preferred: Vec::new(),
-    });
-    assert_eq!(
-        create(&c, nowhere).await.err(),
-        Some(Code::ResourceExhausted)
-    );
+    let mut bad = create_request("bad", 4096, 1);
+    bad.parameters
+        .insert("allowedNodes".to_string(), "node-1,".to_string());
+    assert_eq!(create(&c, bad).await.err(), Some(Code::InvalidArgument));
     let mut empty = create_request("empty", 4096, 1);
     empty.accessibility_requirements = Some(csi::TopologyRequirement::default());
     assert_eq!(create(&c, empty).await.err(), Some(Code::InvalidArgument));

@@ -116,11 +116,12 @@ impl NodeIdentity {
 
 /// The host name of this machine, the default node id.
 ///
-/// Reads `/proc/sys/kernel/hostname`; falls back to `localhost`.
+/// The node name from `uname(2)` (this UTS namespace's host name); falls
+/// back to `localhost` when it is empty or not UTF-8.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|name| name.trim().to_string())
+    nix::sys::utsname::uname()
         .ok()
+        .and_then(|uts| uts.nodename().to_str().map(str::to_string))
         .filter(|name| !name.is_empty())
         .unwrap_or_else(|| "localhost".to_string())
 }

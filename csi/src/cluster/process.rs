@@ -186,17 +186,13 @@ pub fn spawn_daemon(program: &Path, args: &[String], log: &Path) -> Result<Proce
     })
 }
 
-/// Start time and state letter of `pid` from `/proc/<pid>/stat`.
+/// Start time (clock ticks after boot) and state letter of `pid` from
+/// `/proc/<pid>/stat`.
 fn stat(pid: i32) -> Option<(u64, char)> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces and
-    // parentheses: fields are counted after the last ')'.
-    let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); field 22 is at index 19.
-    let state = fields.first()?.chars().next()?;
-    let start = fields.get(19)?.parse().ok()?;
-    Some((start, state))
+    let stat = procfs::process::Process::new(pid)
+        .and_then(|p| p.stat())
+        .ok()?;
+    Some((stat.starttime, stat.state))
 }
 
 /// Reaps `pid` if it is an exited child of this process (a no-op for any

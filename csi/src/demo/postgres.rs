@@ -702,38 +702,23 @@ impl Server {
 
 /// The children of `parent` as (pid, start time), from `/proc`.
 fn children_of(parent: i32) -> Vec<(i32, u64)> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
+    let Ok(processes) = procfs::process::all_processes() else {
         return Vec::new();
     };
-    entries
+    processes
         .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| {
-            let (ppid, start) = stat_fields(pid)?;
-            (ppid == parent).then_some((pid, start))
-        })
+        .filter_map(|process| process.stat().ok())
+        .filter(|stat| stat.ppid == parent)
+        .map(|stat| (stat.pid, stat.starttime))
         .collect()
 }
 
 /// The start time of `pid` if it exists and is not a zombie.
 fn process_start(pid: i32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 1..];
-    if rest.trim_start().starts_with('Z') {
-        return None;
-    }
-    stat_fields(pid).map(|(_, start)| start)
-}
-
-/// Parent pid (field 4) and start time (field 22) of `/proc/<pid>/stat`.
-fn stat_fields(pid: i32) -> Option<(i32, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: fields
-    // are counted after the last ')'. `rest` starts at field 3.
-    let fields: Vec<&str> = text[text.rfind(')')? + 1..].split_whitespace().collect();
-    let ppid = fields.get(1)?.parse().ok()?;
-    let start = fields.get(19)?.parse().ok()?;
-    Some((ppid, start))
+    let stat = procfs::process::Process::new(pid)
+        .and_then(|p| p.stat())
+        .ok()?;
+    (stat.state != 'Z').then_some(stat.starttime)
 }
 
 /// The last `lines` lines of `path`.
@@ -795,11 +780,18 @@ mod tests {
     }
 
     #[test]
-    fn stat_fields_of_this_process() {
+    fn a_child_is_listed_with_its_start_time() {
         let me = i32::try_from(std::process::id()).expect("pid");
-        let (ppid, start) = stat_fields(me).expect("own stat");
-        assert_eq!(ppid, nix::unistd::getppid().as_raw());
-        assert!(start > 0);
-        assert_eq!(process_start(me), Some(start));
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let start = process_start(pid).expect("child runs");
+        let listed = children_of(me);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(listed.contains(&(pid, start)), "{listed:?}");
+        assert_eq!(process_start(pid), None, "a reaped child has no start time");
     }
 }

@@ -107,20 +107,19 @@ fn loops_under(dir: &Path) -> Vec<PathBuf> {
 
 /// Live (not zombie) nbdfuse processes whose arguments mention `dir`.
 fn nbdfuse_pids_under(dir: &Path) -> Vec<i32> {
-    let Ok(rd) = std::fs::read_dir("/proc") else {
+    let Ok(processes) = procfs::process::all_processes() else {
         return Vec::new();
     };
-    let needle = dir.as_os_str().as_encoded_bytes();
-    rd.filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                c.split(|b| *b == 0)
-                    .next()
-                    .is_some_and(|a| a.ends_with(b"nbdfuse"))
-                    && c.windows(needle.len()).any(|w| w == needle)
+    let needle = dir.to_string_lossy();
+    processes
+        .flatten()
+        .filter(|p| {
+            p.cmdline().is_ok_and(|args| {
+                args.first().is_some_and(|a| a.ends_with("nbdfuse"))
+                    && args.iter().any(|a| a.contains(&*needle))
             })
         })
+        .map(|p| p.pid())
         .filter(|pid| super::attach::nbdfuse_process_alive(*pid))
         .collect()
 }
@@ -592,17 +591,9 @@ async fn online_grow_ext4_and_xfs() {
     let mounter = SystemMounter::new();
     // CAP_SYS_RESOURCE (bit 24) is needed by ext4's online resize ioctl;
     // containers often drop it.
-    let sys_resource = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let hex = s
-                .lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))?
-                .trim()
-                .to_string();
-            u64::from_str_radix(&hex, 16).ok()
-        })
-        .is_some_and(|caps| caps & (1 << 24) != 0);
+    let sys_resource = procfs::process::Process::myself()
+        .and_then(|p| p.status())
+        .is_ok_and(|status| status.capeff & (1 << 24) != 0);
     for (fs, small, big) in [
         (FsType::Ext4, 64u64 << 20, 256u64 << 20),
         (FsType::Xfs, 320u64 << 20, 640u64 << 20),

@@ -393,9 +393,10 @@ fn thread_lost() -> io::Error {
 
 /// Release of the running kernel, for error messages.
 fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "(unknown release)".to_owned())
+    nix::sys::utsname::uname()
+        .ok()
+        .and_then(|uts| uts.release().to_str().map(str::to_owned))
+        .unwrap_or_else(|| "(unknown release)".to_owned())
 }
 
 fn create_ring(queue_depth: u32) -> Result<IoUring, Error> {

@@ -486,28 +486,20 @@ fn read_pid(pidfile: &Path) -> Option<i32> {
 
 /// True when `pid` runs and is not a zombie.
 pub(crate) fn process_alive(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state follows the parenthesised command name.
-    match stat
-        .rsplit_once(") ")
-        .and_then(|(_, rest)| rest.chars().next())
-    {
-        Some('Z') | Some('X') | None => false,
-        Some(_) => true,
-    }
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.stat())
+        .is_ok_and(|stat| !matches!(stat.state, 'Z' | 'X'))
 }
 
 /// True when `pid` is an nbdfuse serving `file` (guards against a pid that
 /// was reused after nbdfuse exited).
 fn is_our_nbdfuse(pid: i32, file: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+    // A command line that is not UTF-8 is not one we started.
+    let Ok(args) = procfs::process::Process::new(pid).and_then(|p| p.cmdline()) else {
         return false;
     };
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    let is_nbdfuse = args.first().is_some_and(|a| a.ends_with(b"nbdfuse"));
-    is_nbdfuse && args.contains(&file.as_os_str().as_encoded_bytes())
+    let is_nbdfuse = args.first().is_some_and(|a| a.ends_with("nbdfuse"));
+    is_nbdfuse && args.iter().any(|a| Path::new(a) == file)
 }
 
 /// The last lines of nbdfuse's log, for error messages.

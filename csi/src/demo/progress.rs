@@ -8,8 +8,9 @@
 //! stdout is not a terminal the status line is printed as an ordinary line,
 //! at most once a second.
 
+use parking_lot::Mutex;
 use std::io::{IsTerminal as _, Write as _};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The demo's output; see the module docs.
@@ -101,10 +102,7 @@ impl Console {
 
     fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
         // A panic while printing leaves nothing inconsistent: keep going.
-        let mut inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut inner = self.inner.lock();
         f(&mut inner)
     }
 }

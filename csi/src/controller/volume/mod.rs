@@ -45,8 +45,9 @@ pub mod state;
 #[cfg(test)]
 mod tests;
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_proto::controller as pb;
@@ -278,7 +279,7 @@ impl RebuildProgress {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<(String, String), Progress>> {
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+        self.entries.lock()
     }
 }
 

@@ -24,8 +24,9 @@
 //! and write with compare-and-set; running a pass twice, or after a crash
 //! half-way, is harmless.
 
+use parking_lot::Mutex;
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use ballast_proto::agent as agent_pb;
@@ -241,13 +242,14 @@ impl ReplicaRepair {
                 Ok(mut nodes) => nodes.remove(0),
                 Err(err) => {
                     let key = (volume_id.to_string(), old.node_id.clone());
-                    if self.lock_warned().insert(key) {
+                    if self.warned.lock().insert(key) {
                         warn!(volume.id = %volume_id, node.id = %old.node_id, error = %err, "Replica's node is gone but no other node can take a replacement");
                     }
                     continue;
                 }
             };
-            self.lock_warned()
+            self.warned
+                .lock()
                 .remove(&(volume_id.to_string(), old.node_id.clone()));
             // Record first: a crash after this leaves a replacement the
             // next pass creates, never a replica nobody knows about.
@@ -294,14 +296,14 @@ impl ReplicaRepair {
         let volume = volume.value;
         for replica in volume.replicas.iter().filter(|r| r.full_rebuild) {
             let key = (volume_id.to_string(), replica.node_id.clone());
-            if self.lock_created().contains(&key)
+            if self.created.lock().contains(&key)
                 || self.context().nodes.state(&replica.node_id) != NodeState::Up
             {
                 continue;
             }
             match self.volumes.create_replica(&volume, &replica.node_id).await {
                 Ok(()) => {
-                    self.lock_created().insert(key);
+                    self.created.lock().insert(key);
                 }
                 Err(err) => {
                     warn!(volume.id = %volume_id, node.id = %replica.node_id, error = %error_chain(&err), "Cannot create the replacement replica yet");
@@ -344,7 +346,8 @@ impl ReplicaRepair {
             }
             if replica.full_rebuild
                 && !self
-                    .lock_created()
+                    .created
+                    .lock()
                     .contains(&(volume_id.to_string(), replica.node_id.clone()))
             {
                 continue;
@@ -460,14 +463,6 @@ impl ReplicaRepair {
             info!(volume.id = %volume.volume_id, node.id = %old.node_id, epoch, "The target no longer rebuilds the replica; recorded as faulted");
         }
         Ok(())
-    }
-
-    fn lock_warned(&self) -> std::sync::MutexGuard<'_, HashSet<(String, String)>> {
-        self.warned.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn lock_created(&self) -> std::sync::MutexGuard<'_, HashSet<(String, String)>> {
-        self.created.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

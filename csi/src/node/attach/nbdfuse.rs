@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -57,7 +57,7 @@ pub struct NbdfuseLoop {
     /// not wait for each other: an export slow to answer nbdfuse's
     /// handshake must not hold up every other volume of the node
     /// (`losetup --find` picks free loop devices safely on its own).
-    locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    locks: parking_lot::Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 /// The files of one volume.
@@ -95,7 +95,7 @@ impl NbdfuseLoop {
         })?;
         Ok(NbdfuseLoop {
             root,
-            locks: std::sync::Mutex::default(),
+            locks: parking_lot::Mutex::default(),
         })
     }
 
@@ -111,7 +111,7 @@ impl NbdfuseLoop {
     /// Dropping the future before it completes takes nothing.
     async fn lock(&self, volume_id: &str) -> OwnedMutexGuard<()> {
         let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut locks = self.locks.lock();
             locks.retain(|_, l| Arc::strong_count(l) > 1);
             Arc::clone(locks.entry(volume_id.to_string()).or_default())
         };

@@ -8,7 +8,7 @@
 //! - [`expand`]: offline growth of every replica, then the record.
 //! - [`control`]: the in-sync set changes targets ask for (drop a replica,
 //!   mark it in sync) and rebuild progress.
-//! - [`service`]: the gRPC adapters (`VolumeService`,
+//! - [`api`]: the management API's gRPC adapters (`VolumeService`,
 //!   `TargetControlService`).
 //! - [`state`]: a replica's shown state, from its sync state and its
 //!   node's health.

@@ -1,5 +1,5 @@
 //! What the volume resource does: create, delete, get and list here,
-//! publish and unpublish in [`publish`], and the agent calls they are made
+//! publish and unpublish in `publish`, and the agent calls they are made
 //! of (shared with the reconcilers) in `agent_calls`.
 //!
 //! Every operation follows the host-path driver's shape: validate the

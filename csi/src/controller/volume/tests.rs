@@ -696,16 +696,16 @@ async fn a_replacement_stays_within_the_allowed_nodes() {
     assert!(fixture.agent("node-3").replica_names().is_empty());
 }
 
-#[tokio::test]
-async fn a_replica_left_rebuilding_on_a_node_that_died_is_replaced() {
-    // The repair reconciler handed the replica to the target just before
-    // its node died (the node still counted as up): the record says
-    // rebuilding, the target's rebuild failed at once. The replica must
-    // still be replaced once the node is down for --node-down-after.
-    let fixture =
-        Fixture::with_timing(4, Duration::from_millis(300), Duration::from_millis(800)).await;
-    let volumes = Volumes::new(fixture.context.clone());
-    let mut req = request("v", GIB, 3);
+/// Creates volume "v" with `replicas` replicas, publishes it on node-1 and
+/// leaves another replica recorded as rebuilding, faulted at the target,
+/// on a node that has just died (a repair handed to the target just before
+/// the node went). Returns that node's id.
+async fn leave_rebuilding_on_a_dead_node(
+    fixture: &Fixture,
+    volumes: &Volumes,
+    replicas: u32,
+) -> String {
+    let mut req = request("v", GIB, replicas);
     req.preferred_node = Some("node-1".into());
     let created = volumes.create(&req).await.expect("create");
     let lost = created
@@ -733,6 +733,19 @@ async fn a_replica_left_rebuilding_on_a_node_that_died_is_replaced() {
     .expect("record the rebuild");
     mark_faulted_at_target(&fixture, "node-1", "v", &lost);
     fixture.set_alive(&lost, false);
+    lost
+}
+
+#[tokio::test]
+async fn a_replica_left_rebuilding_on_a_node_that_died_is_replaced() {
+    // The repair reconciler handed the replica to the target just before
+    // its node died (the node still counted as up): the record says
+    // rebuilding, the target's rebuild failed at once. The replica must
+    // still be replaced once the node is down for --node-down-after.
+    let fixture =
+        Fixture::with_timing(4, Duration::from_millis(300), Duration::from_millis(800)).await;
+    let volumes = Volumes::new(fixture.context.clone());
+    let lost = leave_rebuilding_on_a_dead_node(&fixture, &volumes, 3).await;
     fixture.wait_node(&lost, NodeState::Down).await;
     tokio::time::sleep(Duration::from_millis(900)).await;
     ReplicaRepair::new(fixture.context.clone())
@@ -870,34 +883,7 @@ async fn a_replica_left_rebuilding_on_a_dead_node_is_shown_down_not_rebuilding()
     let fixture =
         Fixture::with_timing(3, Duration::from_millis(300), Duration::from_secs(600)).await;
     let volumes = Volumes::new(fixture.context.clone());
-    let mut req = request("v", GIB, 2);
-    req.preferred_node = Some("node-1".into());
-    let created = volumes.create(&req).await.expect("create");
-    let lost = created
-        .replicas
-        .iter()
-        .map(|r| r.node_id.clone())
-        .find(|n| n != "node-1")
-        .expect("another replica node");
-    let epoch = volumes
-        .publish("v", "node-1", false)
-        .await
-        .expect("publish")
-        .epoch;
-    volumes
-        .drop_replica("v", epoch, &lost, "node lost")
-        .await
-        .expect("drop");
-    record::update::<Error>(&fixture.context.store, "v", |r| {
-        if let Some(entry) = r.replica_mut(&lost) {
-            entry.state = ReplicaState::Rebuilding;
-        }
-        Ok(record::Change::Write)
-    })
-    .await
-    .expect("record the rebuild");
-    mark_faulted_at_target(&fixture, "node-1", "v", &lost);
-    fixture.set_alive(&lost, false);
+    let lost = leave_rebuilding_on_a_dead_node(&fixture, &volumes, 2).await;
     fixture.wait_node(&lost, NodeState::Down).await;
 
     let record = stored(&fixture, "v").await.expect("record");

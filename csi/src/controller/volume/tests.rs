@@ -731,7 +731,7 @@ async fn leave_rebuilding_on_a_dead_node(
     })
     .await
     .expect("record the rebuild");
-    mark_faulted_at_target(&fixture, "node-1", "v", &lost);
+    mark_faulted_at_target(fixture, "node-1", "v", &lost);
     fixture.set_alive(&lost, false);
     lost
 }

@@ -1,17 +1,26 @@
 //! What the demo prints while it runs: a line per step with the time since
-//! the start, detail lines under it, and a status line (the rebuild's
-//! progress bar) that is redrawn in place on a terminal.
+//! the start, detail lines under it, and a status line (a spinner, or the
+//! rebuild's progress bar) that indicatif redraws in place on a terminal.
 //!
 //! A [`Console`] is shared (cheap clones) by the steps and by the task that
 //! prints pgbench's progress, so their lines never tear the status line:
-//! every printed line first clears it, and it is drawn again below. When
-//! stdout is not a terminal the status line is printed as an ordinary line,
-//! at most once a second.
+//! every line is printed with the status line suspended. When stdout is not
+//! a terminal the status line is printed as an ordinary line, at most once
+//! a second and only when it changed.
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use parking_lot::Mutex;
-use std::io::{IsTerminal as _, Write as _};
+use std::io::IsTerminal as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Indent of detail and status lines: the width of a time stamp and a space.
+const INDENT: &str = "          ";
+/// How often a terminal's spinner turns.
+const TICK: Duration = Duration::from_millis(120);
+/// How often, at most, a changed status is printed when stdout is not a
+/// terminal.
+const PLAIN_STATUS_EVERY: Duration = Duration::from_secs(1);
 
 /// The demo's output; see the module docs.
 #[derive(Debug, Clone)]
@@ -24,9 +33,10 @@ struct Inner {
     start: Instant,
     terminal: bool,
     step: usize,
-    /// The status line currently drawn (terminal) or last printed.
-    status: Option<String>,
-    status_printed: Option<Instant>,
+    /// The status line drawn on a terminal.
+    bar: Option<ProgressBar>,
+    /// The status line last printed when stdout is not a terminal, and when.
+    plain: Option<(String, Instant)>,
 }
 
 impl Console {
@@ -37,73 +47,79 @@ impl Console {
                 start: Instant::now(),
                 terminal: std::io::stdout().is_terminal(),
                 step: 0,
-                status: None,
-                status_printed: None,
+                bar: None,
+                plain: None,
             })),
         }
     }
 
     /// Time since the console was created.
     pub fn elapsed(&self) -> Duration {
-        self.with(|inner| inner.start.elapsed())
+        self.inner.lock().start.elapsed()
     }
 
     /// Prints the next numbered step: `[  12.3s] 4. title`.
     pub fn step(&self, title: &str) {
-        self.with(|inner| {
-            inner.step += 1;
-            let line = format!("{} {}. {title}", stamp(inner.start), inner.step);
-            inner.print(&line);
-        });
+        let mut inner = self.inner.lock();
+        inner.step += 1;
+        let line = format!("{} {}. {title}", stamp(inner.start), inner.step);
+        inner.print(&line);
     }
 
     /// Prints a detail line under the current step.
     pub fn detail(&self, text: &str) {
-        self.with(|inner| inner.print(&format!("{:10} {text}", "")));
+        self.inner.lock().print(&format!("{INDENT}{text}"));
     }
 
     /// Prints a line with a time stamp but no step number.
     pub fn note(&self, text: &str) {
-        self.with(|inner| {
-            let line = format!("{}    {text}", stamp(inner.start));
-            inner.print(&line);
-        });
+        let inner = self.inner.lock();
+        let line = format!("{}    {text}", stamp(inner.start));
+        inner.print(&line);
     }
 
-    /// Shows `text` as the status line (replacing the previous one).
+    /// Shows `text` with a spinner as the status line (replacing the
+    /// previous one).
     pub fn status(&self, text: &str) {
-        self.with(|inner| {
-            let line = format!("{:10} {text}", "");
-            if inner.terminal {
-                inner.clear_status();
-                print!("{line}");
-                let _ = std::io::stdout().flush();
-                inner.status = Some(line);
-            } else if inner.status.as_deref() != Some(line.as_str())
-                && inner
-                    .status_printed
-                    .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
-            {
-                println!("{line}");
-                inner.status = Some(line);
-                inner.status_printed = Some(Instant::now());
-            }
-        });
+        let mut inner = self.inner.lock();
+        if inner.terminal {
+            let bar = inner.bar();
+            bar.set_style(style("{spinner} {msg}"));
+            bar.unset_length();
+            bar.set_message(text.to_string());
+        } else {
+            inner.print_plain(text);
+        }
+    }
+
+    /// Shows a progress bar of `done_bytes` out of `total_bytes` after
+    /// `label` as the status line; `label starting` while the total is not
+    /// known (0).
+    pub fn progress(&self, label: &str, done_bytes: u64, total_bytes: u64) {
+        if total_bytes == 0 {
+            return self.status(&format!("{label} starting"));
+        }
+        let mut inner = self.inner.lock();
+        if inner.terminal {
+            let bar = inner.bar();
+            bar.set_style(style(
+                "{spinner} {msg} [{bar:20}] {percent}% ({bytes} of {total_bytes})",
+            ));
+            bar.set_length(total_bytes);
+            bar.set_position(done_bytes.min(total_bytes));
+            bar.set_message(label.to_string());
+        } else {
+            inner.print_plain(&format!("{label} {}", bar(done_bytes, total_bytes)));
+        }
     }
 
     /// Removes the status line.
     pub fn clear_status(&self) {
-        self.with(|inner| {
-            inner.clear_status();
-            inner.status = None;
-            inner.status_printed = None;
-        });
-    }
-
-    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
-        // A panic while printing leaves nothing inconsistent: keep going.
         let mut inner = self.inner.lock();
-        f(&mut inner)
+        if let Some(bar) = inner.bar.take() {
+            bar.finish_and_clear();
+        }
+        inner.plain = None;
     }
 }
 
@@ -114,26 +130,43 @@ impl Default for Console {
 }
 
 impl Inner {
-    fn print(&mut self, line: &str) {
-        if self.terminal {
-            self.clear_status();
-            println!("{line}");
-            if let Some(status) = &self.status {
-                print!("{status}");
-            }
-        } else {
-            println!("{line}");
+    /// Prints `line` above the status line.
+    fn print(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| println!("{line}")),
+            None => println!("{line}"),
         }
-        let _ = std::io::stdout().flush();
     }
 
-    /// Erases the drawn status line on a terminal (carriage return, clear
-    /// to the end of the line).
-    fn clear_status(&self) {
-        if self.terminal && self.status.is_some() {
-            print!("\r\x1b[2K");
+    /// The terminal's status line, drawn from now on.
+    fn bar(&mut self) -> &ProgressBar {
+        self.bar.get_or_insert_with(|| {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stdout());
+            bar.enable_steady_tick(TICK);
+            bar
+        })
+    }
+
+    /// Prints a status line on a non-terminal stdout: only a changed one,
+    /// and at most once per [`PLAIN_STATUS_EVERY`].
+    fn print_plain(&mut self, text: &str) {
+        let due = self
+            .plain
+            .as_ref()
+            .is_none_or(|(last, at)| last != text && at.elapsed() >= PLAIN_STATUS_EVERY);
+        if due {
+            println!("{INDENT}{text}");
+            self.plain = Some((text.to_string(), Instant::now()));
         }
     }
+}
+
+/// A status line style, indented, from a template that is a constant of
+/// this module.
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(&format!("{INDENT}{template}"))
+        .unwrap_or_else(|_| ProgressStyle::default_spinner())
+        .progress_chars("#>.")
 }
 
 /// `[  12.3s]`

@@ -13,7 +13,7 @@ use ballast_proto::controller::{GetVolumeRequest, Volume};
 use tonic::transport::{Channel, Endpoint};
 
 use super::Error;
-use super::progress::{Console, bar};
+use super::progress::Console;
 use crate::cluster::{ClusterInfo, NodeInfo};
 
 /// How long a killed replica may take to leave the in-sync set.
@@ -144,9 +144,7 @@ impl Watch {
                     rebuild.in_sync = Some((restarted.elapsed(), SystemTime::now()));
                     return Ok(rebuild);
                 }
-                ("rebuilding", Some((done, total))) => {
-                    console.status(&format!("rebuild {}", bar(done, total)));
-                }
+                ("rebuilding", Some((done, total))) => console.progress("rebuild", done, total),
                 ("rebuilding", None) => console.status("rebuild starting"),
                 (other, _) => {
                     console.status(&format!(

@@ -32,6 +32,7 @@ fn to_proto(status: ReplicaStatus) -> pb::Replica {
         epoch: r.meta.epoch,
         path: r.data_path.display().to_string(),
         exported: status.exported,
+        source_snapshot: String::new(),
     }
 }
 

@@ -67,6 +67,7 @@ pub async fn run(cmd: ReplicaCommand, channel: Channel, format: Format) -> anyho
                     thin,
                     pool,
                     volume_id,
+                    source_snapshot: String::new(),
                 })
                 .await
                 .map_err(|s| status_error(&format!("Creating replica {name} failed"), s))?

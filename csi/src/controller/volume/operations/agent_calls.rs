@@ -69,6 +69,7 @@ impl Volumes {
                 thin: volume.thin,
                 pool: String::new(),
                 volume_id: volume.volume_id.clone(),
+                source_snapshot: String::new(),
             })
             .await
             .map_err(|status| {

@@ -34,6 +34,12 @@ pub(crate) struct FakeState {
     pub fail_create: Option<tonic::Code>,
     /// Make StartTarget fail with this code.
     pub fail_start_target: Option<tonic::Code>,
+    /// The pause id holding each volume's barrier.
+    pub paused: BTreeMap<String, String>,
+    pub pause_calls: Vec<pb::PauseTargetRequest>,
+    pub resume_calls: Vec<pb::ResumeTargetRequest>,
+    /// Make PauseTarget fail with this code.
+    pub fail_pause: Option<tonic::Code>,
 }
 
 /// An in-memory agent on a loopback port.
@@ -238,6 +244,58 @@ impl TargetService for FakeService {
             });
         }
         Ok(Response::new(target.clone()))
+    }
+
+    async fn pause_target(
+        &self,
+        request: Request<pb::PauseTargetRequest>,
+    ) -> Result<Response<pb::PauseTargetResponse>, Status> {
+        let request = request.into_inner();
+        let mut state = self.state();
+        state.pause_calls.push(request.clone());
+        if let Some(code) = state.fail_pause {
+            return Err(Status::new(code, "fake agent: pause refused"));
+        }
+        let target = state
+            .targets
+            .get(&request.volume_id)
+            .ok_or_else(|| Status::not_found("fake agent: no target"))?;
+        if target.epoch != request.epoch {
+            return Err(Status::failed_precondition("fake agent: other epoch"));
+        }
+        let in_sync_node_ids = target
+            .replicas
+            .iter()
+            .filter(|r| r.in_sync)
+            .map(|r| r.node_id.clone())
+            .collect();
+        if let Some(holder) = state.paused.get(&request.volume_id)
+            && *holder != request.pause_id
+        {
+            return Err(Status::failed_precondition("fake agent: paused by another"));
+        }
+        state.paused.insert(request.volume_id, request.pause_id);
+        Ok(Response::new(pb::PauseTargetResponse {
+            paused_at_unix_nanos: 1_700_000_000_000_000_000,
+            in_sync_node_ids,
+        }))
+    }
+
+    async fn resume_target(
+        &self,
+        request: Request<pb::ResumeTargetRequest>,
+    ) -> Result<Response<pb::ResumeTargetResponse>, Status> {
+        let request = request.into_inner();
+        let mut state = self.state();
+        state.resume_calls.push(request.clone());
+        let was_paused = state.paused.get(&request.volume_id) == Some(&request.pause_id);
+        if was_paused {
+            state.paused.remove(&request.volume_id);
+        }
+        Ok(Response::new(pb::ResumeTargetResponse {
+            was_paused,
+            paused_ms: u64::from(was_paused),
+        }))
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use ballast_proto::agent as pb;
 use ballast_proto::agent::target_service_server::TargetService;
@@ -10,6 +11,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use crate::agent::Agent;
+use crate::target::barrier::PauseError;
 use crate::target::{self, ReplicaAddress, StartTarget, TargetInfo};
 
 /// The TargetService handlers.
@@ -147,6 +149,55 @@ impl TargetService for TargetApi {
             .await?;
         Ok(Response::new(to_proto(info)))
     }
+
+    #[instrument(err, skip(self, request), fields(volume.id = %request.get_ref().volume_id, epoch = request.get_ref().epoch, pause.id = %request.get_ref().pause_id))]
+    async fn pause_target(
+        &self,
+        request: Request<pb::PauseTargetRequest>,
+    ) -> Result<Response<pb::PauseTargetResponse>, Status> {
+        // The deadline counts from the request's arrival.
+        let started = Instant::now();
+        let request = request.into_inner();
+        require(&request.volume_id)?;
+        let deadline = Duration::from_millis(u64::from(request.deadline_ms));
+        let cut = self
+            .agent
+            .targets()
+            .pause(
+                &request.volume_id,
+                request.epoch,
+                &request.pause_id,
+                started,
+                deadline,
+            )
+            .await?;
+        let paused_at_unix_nanos = cut
+            .paused_at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        Ok(Response::new(pb::PauseTargetResponse {
+            paused_at_unix_nanos,
+            in_sync_node_ids: cut.in_sync_node_ids,
+        }))
+    }
+
+    #[instrument(err, skip(self, request), fields(volume.id = %request.get_ref().volume_id, pause.id = %request.get_ref().pause_id))]
+    async fn resume_target(
+        &self,
+        request: Request<pb::ResumeTargetRequest>,
+    ) -> Result<Response<pb::ResumeTargetResponse>, Status> {
+        let request = request.into_inner();
+        require(&request.volume_id)?;
+        let resumed = self
+            .agent
+            .targets()
+            .resume(&request.volume_id, &request.pause_id)?;
+        Ok(Response::new(pb::ResumeTargetResponse {
+            was_paused: resumed.was_paused,
+            paused_ms: u64::try_from(resumed.paused.as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
 }
 
 impl From<target::Error> for Status {
@@ -165,6 +216,11 @@ impl From<target::Error> for Status {
             target::Error::ReplicaDropping { .. }
             | target::Error::NoInSyncReplica { .. }
             | target::Error::Replica { .. } => Code::Unavailable,
+            target::Error::Pause { source, .. } => match source {
+                PauseError::Held { .. } => Code::FailedPrecondition,
+                PauseError::Deadline { .. } => Code::DeadlineExceeded,
+                PauseError::InvalidDeadline { .. } => Code::InvalidArgument,
+            },
             target::Error::SocketDir { .. } | target::Error::Export { .. } => Code::Internal,
         };
         let mut message = crate::error_chain(&e);

@@ -111,6 +111,11 @@ impl Core {
         if let Some((offset, length)) = range {
             BlockError::check_range(offset, length, self.size_bytes)?;
         }
+        // Held to the answer, so a snapshot's pause waits for this request
+        // and no request changes a replica while a pause holds.
+        let _admission = self.barrier.admit().await;
+        // It may have waited out a pause during which the target stopped.
+        self.check_serving()?;
         let flush = matches!(op, Op::Flush);
         let generation = flush.then(|| self.generations.flush_started());
         // Held until every replica answered, so a rebuild copy of these

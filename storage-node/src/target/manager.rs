@@ -14,8 +14,10 @@ use std::time::Duration;
 
 use tracing::info;
 
+use super::barrier::Resumed;
 use super::{
-    Controller, Error, LocalReplicas, ReplicaSpec, Target, TargetConfig, TargetStatus, lock,
+    Controller, Error, LocalReplicas, PausedCut, ReplicaSpec, Target, TargetConfig, TargetStatus,
+    lock,
 };
 use crate::guard::{OpGuard, OpGuards};
 use crate::nbd::{Export, NbdServer};
@@ -289,6 +291,63 @@ impl Targets {
         lock(&self.running).values().map(Running::info).collect()
     }
 
+    /// The running target of `volume_id`, checked to run at `epoch`.
+    ///
+    /// Errors: [`Error::TargetNotFound`], [`Error::EpochMismatch`].
+    fn running_at(&self, volume_id: &str, epoch: u64) -> Result<Arc<Target>, Error> {
+        let target = lock(&self.running)
+            .get(volume_id)
+            .map(|r| Arc::clone(&r.target))
+            .ok_or_else(|| Error::TargetNotFound {
+                volume_id: volume_id.to_owned(),
+            })?;
+        if target.epoch() != epoch {
+            return Err(Error::EpochMismatch {
+                volume_id: volume_id.to_owned(),
+                epoch,
+                running: target.epoch(),
+            });
+        }
+        Ok(target)
+    }
+
+    /// Raises the write barrier of the running target of `volume_id` at
+    /// `epoch` (see [`Target::pause`]). Not serialised with the volume's
+    /// other operations: a pause must not wait behind a rebuild's start.
+    ///
+    /// Errors: [`Error::TargetNotFound`], [`Error::EpochMismatch`],
+    /// [`Error::Fenced`], [`Error::Pause`].
+    pub async fn pause(
+        &self,
+        volume_id: &str,
+        epoch: u64,
+        pause_id: &str,
+        started: std::time::Instant,
+        deadline: std::time::Duration,
+    ) -> Result<PausedCut, Error> {
+        if pause_id.is_empty() {
+            return Err(Error::InvalidArgument {
+                reason: "a pause id is required".to_owned(),
+            });
+        }
+        let target = self.running_at(volume_id, epoch)?;
+        target.pause(pause_id, started, deadline).await
+    }
+
+    /// Drops the barrier `pause_id` raised on the running target of
+    /// `volume_id` (see [`Target::resume`]).
+    ///
+    /// Errors: [`Error::TargetNotFound`].
+    pub fn resume(&self, volume_id: &str, pause_id: &str) -> Result<Resumed, Error> {
+        let target = lock(&self.running)
+            .get(volume_id)
+            .map(|r| Arc::clone(&r.target))
+            .ok_or_else(|| Error::TargetNotFound {
+                volume_id: volume_id.to_owned(),
+            })?;
+        Ok(target.resume(pause_id))
+    }
+
     /// Starts the rebuild of a replica of the running target of
     /// `volume_id` at `epoch` (see [`Target::add_replica`]).
     ///
@@ -308,19 +367,7 @@ impl Targets {
             });
         }
         let _guard = self.guard(volume_id)?;
-        let target = lock(&self.running)
-            .get(volume_id)
-            .map(|r| Arc::clone(&r.target))
-            .ok_or_else(|| Error::TargetNotFound {
-                volume_id: volume_id.to_owned(),
-            })?;
-        if target.epoch() != epoch {
-            return Err(Error::EpochMismatch {
-                volume_id: volume_id.to_owned(),
-                epoch,
-                running: target.epoch(),
-            });
-        }
+        let target = self.running_at(volume_id, epoch)?;
         let spec = self.spec(volume_id, &replica).await?;
         target.add_replica(spec, full)?;
         self.get(volume_id)

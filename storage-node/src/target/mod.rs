@@ -63,6 +63,7 @@
 //! [`FencedReplica`]: crate::replication::FencedReplica
 //! [`ReplicaClient`]: crate::replication::ReplicaClient
 
+pub mod barrier;
 pub mod control;
 mod io;
 mod manager;
@@ -86,11 +87,13 @@ use tracing::{info, warn};
 
 use crate::replication::{self, Location, ReplicaIo};
 
+pub use barrier::MAX_DEADLINE as MAX_PAUSE_DEADLINE;
 pub use control::{Controller, Verdict};
 pub use manager::{ReplicaAddress, StartTarget, TargetInfo, Targets, TargetsConfig};
 pub use member::SyncState;
 pub use resolver::LocalReplicas;
 
+use barrier::{Barrier, PauseError, Resumed};
 use member::Member;
 use regions::{RegionLocks, WriteGenerations};
 
@@ -187,6 +190,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The write barrier cannot be raised.
+    #[error("Cannot pause the target of volume {volume_id}")]
+    Pause {
+        /// The volume id.
+        volume_id: String,
+        /// Why.
+        #[source]
+        source: PauseError,
+    },
     /// The NBD export cannot start.
     #[error("Cannot start the NBD export of volume {volume_id}")]
     Export {
@@ -280,6 +292,15 @@ pub struct TargetStatus {
     pub replicas: Vec<ReplicaStatus>,
 }
 
+/// A raised write barrier: the instant of the cut and who holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PausedCut {
+    /// When the gate closed.
+    pub paused_at: std::time::SystemTime,
+    /// Nodes of the replicas in the in-sync set at the cut.
+    pub in_sync_node_ids: Vec<String>,
+}
+
 /// The target of one volume; see the module docs.
 pub struct Target {
     core: Arc<Core>,
@@ -298,6 +319,7 @@ pub(crate) struct Core {
     stopped: watch::Sender<bool>,
     locks: RegionLocks,
     generations: WriteGenerations,
+    barrier: Barrier,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -341,6 +363,7 @@ impl Target {
             stopped,
             locks: RegionLocks::default(),
             generations: WriteGenerations::new(config.size_bytes),
+            barrier: Barrier::default(),
             tasks: Mutex::new(Vec::new()),
         });
         core.claim_all(config.claim_timeout).await?;
@@ -392,6 +415,55 @@ impl Target {
         self.core.add_replica(spec, full)
     }
 
+    /// Raises the write barrier for a snapshot's cut (see [`barrier`]):
+    /// returns once no request that changes replicas is in flight, with
+    /// the cut's time and the nodes of the replicas in sync at it, each of
+    /// which holds every write acknowledged before it. The barrier drops at
+    /// `started + deadline` unless [`Target::resume`] drops it first.
+    ///
+    /// Errors: [`Error::Fenced`] or [`Error::TargetNotFound`] (stopped),
+    /// [`Error::Pause`] (held by another pause, or the requests in flight
+    /// outlasted the deadline).
+    pub async fn pause(
+        &self,
+        pause_id: &str,
+        started: std::time::Instant,
+        deadline: Duration,
+    ) -> Result<PausedCut, Error> {
+        let core = &self.core;
+        core.check_target()?;
+        let spawn = |task| core.spawn(task);
+        let paused = core
+            .barrier
+            .pause(pause_id, started, deadline, spawn)
+            .await
+            .map_err(|source| Error::Pause {
+                volume_id: core.volume_id.clone(),
+                source,
+            })?;
+        let in_sync_node_ids = core
+            .members()
+            .iter()
+            .filter(|m| m.sync() == SyncState::InSync)
+            .map(|m| m.node_id.clone())
+            .collect();
+        info!(
+            volume.id = %core.volume_id,
+            epoch = core.epoch,
+            pause.id = pause_id,
+            "Write barrier raised"
+        );
+        Ok(PausedCut {
+            paused_at: paused.paused_at,
+            in_sync_node_ids,
+        })
+    }
+
+    /// Drops the barrier that `pause_id` raised; see [`Resumed`].
+    pub fn resume(&self, pause_id: &str) -> Resumed {
+        self.core.barrier.resume(pause_id)
+    }
+
     /// Stops the target: requests waiting for the controller fail (they are
     /// never acknowledged), new requests are refused, drops and rebuilds
     /// are abandoned. Call it before stopping the NBD server, which waits
@@ -428,6 +500,23 @@ impl Core {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Errors: [`Error::Fenced`] once fenced, [`Error::TargetNotFound`]
+    /// once stopped.
+    fn check_target(&self) -> Result<(), Error> {
+        if self.fenced.load(Ordering::Acquire) {
+            return Err(Error::Fenced {
+                volume_id: self.volume_id.clone(),
+                epoch: self.epoch,
+            });
+        }
+        if self.is_stopped() {
+            return Err(Error::TargetNotFound {
+                volume_id: self.volume_id.clone(),
+            });
+        }
+        Ok(())
     }
 
     fn is_stopped(&self) -> bool {

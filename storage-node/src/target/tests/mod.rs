@@ -15,6 +15,7 @@
 //!   3-replica target, with a replica killed mid-run.
 
 mod agent;
+mod barrier;
 mod bench;
 mod clients;
 mod io;

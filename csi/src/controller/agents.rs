@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ballast_proto::agent::replica_service_client::ReplicaServiceClient;
+use ballast_proto::agent::snapshot_service_client::SnapshotServiceClient;
 use ballast_proto::agent::target_service_client::TargetServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
@@ -141,6 +142,15 @@ impl AgentClients {
     /// [`Error::InvalidAddress`].
     pub fn targets(&self, address: &str) -> Result<TargetServiceClient<Channel>, Error> {
         Ok(TargetServiceClient::new(self.channel(address)?))
+    }
+
+    /// The snapshot service of the agent at `address`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidAddress`].
+    pub fn snapshots(&self, address: &str) -> Result<SnapshotServiceClient<Channel>, Error> {
+        Ok(SnapshotServiceClient::new(self.channel(address)?))
     }
 
     fn channel(&self, address: &str) -> Result<Channel, Error> {

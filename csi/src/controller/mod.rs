@@ -1,7 +1,7 @@
 //! The controller: the one process that owns the cluster store.
 //!
 //! It keeps the node registry ([`node`]), the volumes with their replicas,
-//! epochs and in-sync sets ([`volume`]), serves the management API of
+//! epochs and in-sync sets ([`volume`]), the snapshots ([`snapshot`]), serves the management API of
 //! `proto/ballast/controller.proto` to agents, targets and the CLI, and runs
 //! the reconcilers ([`reconciler`]) that repair what a crash or a lost node
 //! left behind.
@@ -33,6 +33,7 @@
 pub mod agents;
 pub mod node;
 pub mod reconciler;
+pub mod snapshot;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod volume;
@@ -42,6 +43,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_proto::controller::node_service_server::NodeServiceServer;
+use ballast_proto::controller::snapshot_service_server::SnapshotServiceServer;
 use ballast_proto::controller::target_control_service_server::TargetControlServiceServer;
 use ballast_proto::controller::volume_service_server::VolumeServiceServer;
 use tracing::info;
@@ -118,6 +120,7 @@ impl Context {
             Box::new(node::reconcile::NodeLiveness::new(self.clone())),
             Box::new(volume::reconcile::Leftovers::new(self.clone())),
             Box::new(volume::reconcile::ReplicaRepair::new(self.clone())),
+            Box::new(snapshot::reconcile::Leftovers::new(self.clone())),
         ]
     }
 }
@@ -159,6 +162,9 @@ pub async fn run(
         )))
         .add_service(VolumeServiceServer::new(volume::api::VolumeApi::new(
             volumes.clone(),
+        )))
+        .add_service(SnapshotServiceServer::new(snapshot::api::SnapshotApi::new(
+            Arc::new(snapshot::Snapshots::new(context.clone())),
         )))
         .add_service(TargetControlServiceServer::new(
             volume::api::TargetControlApi::new(volumes),

@@ -5,6 +5,7 @@
 //! /ballast/pools/<node>/<pool>      a pool of a node
 //! /ballast/volumes/<volume>         a volume: size, replicas, epoch, in-sync set
 //! /ballast/volume-names/<name>      CSI volume name -> volume id (idempotency)
+//! /ballast/snapshots/<snapshot>     a snapshot: source volume, cut time, copies
 //! ```
 //!
 //! Every id is one path segment: [`segment`] escapes `/` (and `%`, the escape
@@ -29,6 +30,14 @@ pub const VOLUMES: &str = "/ballast/volumes/";
 
 /// Directory of the CSI volume name index (name to volume id).
 pub const VOLUME_NAMES: &str = "/ballast/volume-names/";
+
+/// Directory of snapshot records.
+pub const SNAPSHOTS: &str = "/ballast/snapshots/";
+
+/// The key of snapshot `snapshot` (its id, which is its CSI name).
+pub fn snapshot(snapshot: &str) -> String {
+    format!("{SNAPSHOTS}{}", segment(snapshot))
+}
 
 /// The key of node `node`.
 pub fn node(node: &str) -> String {

@@ -18,6 +18,7 @@ mod node;
 mod output;
 mod pool;
 mod replica;
+mod snapshot;
 mod volume;
 
 use std::path::PathBuf;
@@ -75,6 +76,9 @@ enum Command {
     /// Replicated volumes (through the controller).
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
+    /// Volume snapshots (through the controller).
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Nodes registered with the controller.
     #[command(subcommand)]
     Node(node::NodeCommand),
@@ -113,6 +117,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Volume(cmd) => {
             let address = controller_address(cli.controller, cli.cluster)?;
             volume::run(cmd, connect("controller", &address).await?, cli.output).await
+        }
+        Command::Snapshot(cmd) => {
+            let address = controller_address(cli.controller, cli.cluster)?;
+            snapshot::run(cmd, connect("controller", &address).await?, cli.output).await
         }
         Command::Node(cmd) => {
             let address = controller_address(cli.controller, cli.cluster)?;

@@ -15,13 +15,16 @@ use ballast_storage_node::parse_bytes;
 #[derive(Subcommand)]
 pub enum VolumeCommand {
     /// Creates a volume with replicas on distinct nodes (idempotent for the
-    /// same name, size, replica count and type).
+    /// same name, size, replica count, type and source), empty or restored
+    /// from a snapshot or cloned from a volume.
     Create {
         /// Volume name: letters, digits, '.', '_' and '-' (at most 128).
         name: String,
         /// Size with an optional suffix (1GiB, 512MiB); a multiple of 4096.
-        #[arg(long, value_parser = parse_bytes)]
-        size: u64,
+        /// With --from-snapshot or --from-volume it defaults to the
+        /// source's size, and a larger size grows the new volume.
+        #[arg(long, value_parser = parse_bytes, required_unless_present_any = ["from_snapshot", "from_volume"])]
+        size: Option<u64>,
         /// Number of replicas, each on its own node.
         #[arg(long, default_value_t = 1)]
         replicas: u32,
@@ -31,6 +34,12 @@ pub enum VolumeCommand {
         /// A node that must hold one of the replicas.
         #[arg(long)]
         node: Option<String>,
+        /// Restore this snapshot into the new volume.
+        #[arg(long, conflicts_with = "from_volume")]
+        from_snapshot: Option<String>,
+        /// Clone this volume (at one instant) into the new volume.
+        #[arg(long)]
+        from_volume: Option<String>,
     },
     /// Lists volumes.
     List,
@@ -73,21 +82,32 @@ pub async fn run(cmd: VolumeCommand, channel: Channel, format: Format) -> anyhow
             replicas,
             thin,
             node,
+            from_snapshot,
+            from_volume,
         } => {
             let volume = client
                 .create_volume(CreateVolumeRequest {
                     name: name.clone(),
-                    size_bytes: size,
+                    size_bytes: size.unwrap_or(0),
                     replica_count: replicas,
                     thin,
                     preferred_node_id: node.unwrap_or_default(),
+                    source_snapshot_id: from_snapshot.unwrap_or_default(),
+                    source_volume_id: from_volume.unwrap_or_default(),
                 })
                 .await
                 .map_err(|s| status_error(&format!("Creating volume {name} failed"), s))?
                 .into_inner();
             let nodes: Vec<&str> = volume.replicas.iter().map(|r| r.node_id.as_str()).collect();
+            let source = match (&*volume.source_snapshot_id, &*volume.source_volume_id) {
+                (_, volume) if !volume.is_empty() => format!(", cloned from volume {volume}"),
+                (snapshot, _) if !snapshot.is_empty() => {
+                    format!(", restored from snapshot {snapshot}")
+                }
+                _ => String::new(),
+            };
             let text = format!(
-                "Created volume {} ({}, {}) with replicas on {}",
+                "Created volume {} ({}, {}{source}) with replicas on {}",
                 volume.volume_id,
                 output::bytes(volume.size_bytes),
                 kind(&volume),
@@ -203,6 +223,11 @@ fn print_volume(volume: &Volume) {
     println!("Status:       {}", volume.status);
     if !volume.status_detail.is_empty() {
         println!("Detail:       {}", volume.status_detail);
+    }
+    if !volume.source_volume_id.is_empty() {
+        println!("Cloned from:  volume {}", volume.source_volume_id);
+    } else if !volume.source_snapshot_id.is_empty() {
+        println!("Restored from: snapshot {}", volume.source_snapshot_id);
     }
     println!("Epoch:        {}", volume.epoch);
     if volume.target_node_id.is_empty() {

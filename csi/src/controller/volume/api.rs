@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::Volumes;
-use super::operations::CreateRequest;
+use super::operations::{CreateRequest, Source};
 use super::record::VolumeRecord;
 
 /// The volume service.
@@ -37,10 +37,21 @@ impl VolumeService for VolumeApi {
         request: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let request = request.into_inner();
+        let source = match (&*request.source_snapshot_id, &*request.source_volume_id) {
+            ("", "") => None,
+            (snapshot, "") => Some(Source::Snapshot(snapshot.to_string())),
+            ("", volume) => Some(Source::Volume(volume.to_string())),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "Give at most one of source_snapshot_id and source_volume_id",
+                ));
+            }
+        };
         let volume = self
             .volumes
             .create(&CreateRequest {
                 preferred_node: Some(request.preferred_node_id).filter(|n| !n.is_empty()),
+                source,
                 ..CreateRequest::new(
                     &request.name,
                     request.size_bytes,

@@ -53,6 +53,7 @@ use std::time::Duration;
 use ballast_proto::controller as pb;
 use ballast_proto::controller::target_control_refusal::Reason as RefusalReason;
 
+pub use self::record::ContentSource;
 use self::record::{ReplicaState, VolumeRecord, VolumeState};
 use super::agents::{self, AgentError};
 use super::{Context, node};
@@ -189,6 +190,22 @@ pub enum Error {
     /// Replicas cannot be placed.
     #[error(transparent)]
     Placement(#[from] scheduling::Error),
+    /// The source snapshot of a restore or clone is missing, not ready,
+    /// or could not be taken.
+    #[error(transparent)]
+    Snapshot(#[from] crate::controller::snapshot::Error),
+    /// The volume's size range cannot hold its source.
+    #[error(
+        "The source {source_name} holds {source_bytes} bytes, more than the {limit_bytes} bytes the volume may have"
+    )]
+    SourceTooLarge {
+        /// "snapshot S" or "volume V".
+        source_name: String,
+        /// The source's size.
+        source_bytes: u64,
+        /// The largest size the request allows.
+        limit_bytes: u64,
+    },
     /// An agent failed or refused.
     #[error(transparent)]
     Agent(#[from] AgentError),
@@ -211,6 +228,8 @@ impl From<Error> for tonic::Status {
             Error::AgentAddress(err) => return err.into(),
             Error::Node(err) => return err.into(),
             Error::Store(err) => return err.into(),
+            Error::Snapshot(err) => return err.into(),
+            Error::SourceTooLarge { .. } => Code::OutOfRange,
             Error::Agent(ref agent) => agent.status_code(),
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::VolumeNotFound { .. }
@@ -373,6 +392,17 @@ impl Volumes {
             replicas,
             status: status.to_string(),
             status_detail: detail,
+            source_snapshot_id: record
+                .content_source
+                .as_ref()
+                .filter(|s| s.volume_id.is_none())
+                .map(|s| s.snapshot_id.clone())
+                .unwrap_or_default(),
+            source_volume_id: record
+                .content_source
+                .as_ref()
+                .and_then(|s| s.volume_id.clone())
+                .unwrap_or_default(),
         }
     }
 

@@ -196,6 +196,31 @@ pub struct VolumeRecord {
     /// [`VolumeRecord::resync_from_one`]).
     #[serde(default)]
     pub unclean_stop: bool,
+    /// What the volume was created from (CSI `volume_content_source`);
+    /// `None` for a volume created empty.
+    #[serde(default)]
+    pub content_source: Option<ContentSource>,
+}
+
+/// What a volume was created from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentSource {
+    /// The snapshot whose copies its first replicas are restored from; for
+    /// a clone, the clone's internal snapshot of the source volume.
+    pub snapshot_id: String,
+    /// For a clone: the volume cloned.
+    #[serde(default)]
+    pub volume_id: Option<String>,
+}
+
+impl ContentSource {
+    /// "snapshot S" or "volume V", for people.
+    pub fn describe(&self) -> String {
+        match &self.volume_id {
+            Some(volume) => format!("volume {volume}"),
+            None => format!("snapshot {}", self.snapshot_id),
+        }
+    }
 }
 
 impl VolumeRecord {
@@ -463,6 +488,7 @@ mod tests {
             parameters: BTreeMap::new(),
             requisite_topology: Vec::new(),
             unclean_stop: false,
+            content_source: None,
         }
     }
 

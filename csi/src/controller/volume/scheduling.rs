@@ -78,6 +78,17 @@ pub enum Error {
         /// Values already holding a replica of the volume.
         taken: usize,
     },
+    /// A restore needs at least one replica on a node holding a copy of
+    /// the snapshot, and none of them is up with room.
+    #[error(
+        "No node holding a copy of snapshot {snapshot} ({}) is up with room for a replica", nodes.join(", ")
+    )]
+    NoSourceCopy {
+        /// The snapshot.
+        snapshot: String,
+        /// The nodes holding its copies.
+        nodes: Vec<String>,
+    },
     /// The preferred node cannot take a replica.
     #[error("Preferred node {node} cannot hold a replica: {reason}")]
     PreferredNode {
@@ -96,6 +107,8 @@ impl From<Error> for tonic::Status {
             Error::NotEnoughNodes { .. }
             | Error::NotEnoughFailureDomains { .. }
             | Error::PreferredNode { .. } => tonic::Status::resource_exhausted(err.to_string()),
+            // The copies exist but cannot be reached now: retry later.
+            Error::NoSourceCopy { .. } => tonic::Status::unavailable(err.to_string()),
         }
     }
 }

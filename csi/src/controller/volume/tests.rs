@@ -790,6 +790,7 @@ async fn an_interrupted_create_is_rolled_back_by_a_reconciler() {
         parameters: Default::default(),
         requisite_topology: Vec::new(),
         unclean_stop: false,
+        content_source: None,
     };
     record::create(&fixture.context.store, &leftover)
         .await

@@ -62,6 +62,17 @@ impl Volumes {
     ) -> Result<(), Error> {
         let node = self.up_node(node_id).await?;
         let mut client = self.context.agents.replicas(&node.record.agent_address)?;
+        // The replicas placed on the source's copies start as reflinks of
+        // them; the others start empty and are rebuilt from those.
+        let source_snapshot = match (&volume.content_source, volume.replica(node_id)) {
+            (Some(source), Some(replica))
+                if volume.state == VolumeState::Creating
+                    && replica.state == ReplicaState::InSync =>
+            {
+                source.snapshot_id.clone()
+            }
+            _ => String::new(),
+        };
         let replica = client
             .create_replica(agent_pb::CreateReplicaRequest {
                 name: volume.volume_id.clone(),
@@ -69,7 +80,7 @@ impl Volumes {
                 thin: volume.thin,
                 pool: String::new(),
                 volume_id: volume.volume_id.clone(),
-                source_snapshot: String::new(),
+                source_snapshot,
             })
             .await
             .map_err(|status| {

@@ -26,8 +26,8 @@ use ballast_proto::agent as agent_pb;
 use tracing::{info, instrument, warn};
 
 use super::record::{
-    self, CapabilityRecord, Change, ReplicaRecord, ReplicaState, TargetRecord, VolumeRecord,
-    VolumeState,
+    self, CapabilityRecord, Change, ContentSource, ReplicaRecord, ReplicaState, TargetRecord,
+    VolumeRecord, VolumeState,
 };
 use super::scheduling::{self, Candidate};
 use super::{Error, Volumes};
@@ -38,8 +38,10 @@ use ballast_storage_node::guard::OpGuard;
 
 mod agent_calls;
 mod publish;
+mod restore;
 
 pub use publish::Publication;
+pub use restore::Source;
 
 /// Longest volume name, in bytes (the agents' replica name limit).
 pub const MAX_NAME_LEN: usize = 128;
@@ -53,7 +55,9 @@ pub const SIZE_ALIGN_BYTES: u64 = 4096;
 pub struct CreateRequest {
     /// Volume name, which becomes its id.
     pub name: String,
-    /// Size in bytes, a positive multiple of [`SIZE_ALIGN_BYTES`].
+    /// Size in bytes, a positive multiple of [`SIZE_ALIGN_BYTES`]; 0 with a
+    /// `source` means the source's size. A source larger than this grows
+    /// the volume to the source's size if `compatible_sizes` allows it.
     pub size_bytes: u64,
     /// Sizes in bytes an existing volume of that name may have and still
     /// be the volume asked for (CSI `capacity_range`).
@@ -77,6 +81,9 @@ pub struct CreateRequest {
     /// and `replicaTopologyKey` constrain placement
     /// ([`scheduling::Constraints`]).
     pub parameters: BTreeMap<String, String>,
+    /// What the volume starts with (CSI `volume_content_source`); `None`
+    /// for an empty volume.
+    pub source: Option<Source>,
 }
 
 /// What a delete left behind.
@@ -138,6 +145,7 @@ impl CreateRequest {
             requisite_topology: Vec::new(),
             capabilities: Vec::new(),
             parameters: BTreeMap::new(),
+            source: None,
         }
     }
 
@@ -148,7 +156,7 @@ impl CreateRequest {
     /// [`Error::InvalidArgument`] for the first bad one.
     pub fn validate(&self) -> Result<(), Error> {
         validate_name(&self.name)?;
-        if self.size_bytes == 0 {
+        if self.size_bytes == 0 && self.source.is_none() {
             return Err(Error::InvalidArgument {
                 reason: "the size must be greater than 0".to_string(),
             });
@@ -221,6 +229,27 @@ impl CreateRequest {
                 .iter()
                 .filter_map(|c| existing.supports(c).err()),
         );
+        match &self.source {
+            Some(source) if !source.matches(existing.content_source.as_ref()) => {
+                reasons.push(match &existing.content_source {
+                    Some(theirs) => format!(
+                        "it was created from {}, not {}",
+                        theirs.describe(),
+                        source.describe()
+                    ),
+                    None => format!("it was created empty, not from {}", source.describe()),
+                });
+            }
+            None if existing.content_source.is_some() => reasons.push(format!(
+                "it was created from {}",
+                existing
+                    .content_source
+                    .as_ref()
+                    .map(ContentSource::describe)
+                    .unwrap_or_default()
+            )),
+            _ => {}
+        }
         if let Ok(constraints) = self.constraints() {
             for replica in &existing.replicas {
                 if !constraints.allows(&replica.node_id) {
@@ -270,6 +299,24 @@ impl Volumes {
                 VolumeState::Creating => self.finish_create(existing).await,
             };
         }
+        let restore = match &request.source {
+            Some(source) => Some(self.resolve_source(&request.name, source).await?),
+            None => None,
+        };
+        let size_bytes = match &restore {
+            Some(restore) if restore.snapshot.size_bytes > request.size_bytes => {
+                let needed = restore.snapshot.size_bytes;
+                if request.size_bytes > 0 && !request.compatible_sizes.contains(&needed) {
+                    return Err(Error::SourceTooLarge {
+                        source_name: restore.content_source.describe(),
+                        source_bytes: needed,
+                        limit_bytes: *request.compatible_sizes.end(),
+                    });
+                }
+                needed
+            }
+            _ => request.size_bytes,
+        };
         let candidates = self.candidates().await?;
         let count = usize::try_from(request.replica_count).unwrap_or(usize::MAX);
         // Data locality (ADR 0009): the preferred segments, else the
@@ -279,45 +326,61 @@ impl Volumes {
         } else {
             &request.preferred_topology
         };
-        let nodes = scheduling::place(
-            &candidates,
-            &scheduling::Request {
-                size_bytes: request.size_bytes,
-                thin: request.thin,
-                count,
-                preferred_node: request.preferred_node.as_deref(),
-                preferred: locality,
-                constraints: &request.constraints()?,
-                exclude: &[],
-                holders: &[],
-            },
-        )?;
+        let constraints = request.constraints()?;
+        let placement = scheduling::Request {
+            size_bytes,
+            thin: request.thin,
+            count,
+            preferred_node: request.preferred_node.as_deref(),
+            preferred: locality,
+            constraints: &constraints,
+            exclude: &[],
+            holders: &[],
+        };
+        let (replicas, content_source, unclean_stop) = match restore {
+            None => {
+                // Fresh replicas all read as zeros: they are in sync from
+                // the start.
+                let nodes = scheduling::place(&candidates, &placement)?;
+                (
+                    restore::restored_replicas(&request.name, &nodes, &[]),
+                    None,
+                    false,
+                )
+            }
+            Some(restore) => {
+                let placed = self.place_restore(&candidates, &restore.snapshot, &placement);
+                let (restored, others) = match placed {
+                    Ok(placed) => placed,
+                    Err(err) => {
+                        self.drop_clone_snapshot(&restore.content_source).await;
+                        return Err(err);
+                    }
+                };
+                (
+                    restore::restored_replicas(&request.name, &restored, &others),
+                    Some(restore.content_source),
+                    restore.snapshot.unclean,
+                )
+            }
+        };
+        let nodes: Vec<String> = replicas.iter().map(|r| r.node_id.clone()).collect();
         let planned = VolumeRecord {
             volume_id: request.name.clone(),
-            size_bytes: request.size_bytes,
+            size_bytes,
             replica_count: request.replica_count,
             thin: request.thin,
             epoch: 0,
             state: VolumeState::Creating,
             target: None,
-            // Fresh replicas all read as zeros: they are in sync from the
-            // start.
-            replicas: nodes
-                .iter()
-                .map(|node| ReplicaRecord {
-                    node_id: node.clone(),
-                    replica_name: request.name.clone(),
-                    state: ReplicaState::InSync,
-                    faulted_since_unix_ms: 0,
-                    full_rebuild: false,
-                })
-                .collect(),
+            replicas,
             retired: Vec::new(),
             created_unix_ms: now_unix_ms(),
             capabilities: request.capabilities.clone(),
             parameters: request.parameters.clone(),
             requisite_topology: request.requisite_topology.clone(),
-            unclean_stop: false,
+            unclean_stop,
+            content_source,
         };
         record::create(store, &planned).await?;
         info!(nodes = ?nodes, "Volume record created; creating replicas");
@@ -347,6 +410,9 @@ impl Volumes {
         .await?
         .ok_or_else(|| not_found(&planned.volume_id))?;
         info!("Volume created");
+        if let Some(source) = &ready.value.content_source {
+            self.drop_clone_snapshot(source).await;
+        }
         Ok(ready.value)
     }
 

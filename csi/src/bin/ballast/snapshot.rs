@@ -1,0 +1,174 @@
+//! `ballast snapshot ...`: volume snapshots, through the controller.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use ballast_proto::controller::{
+    CreateSnapshotRequest, DeleteSnapshotRequest, GetSnapshotRequest, ListSnapshotsRequest,
+    Snapshot, snapshot_service_client::SnapshotServiceClient,
+};
+use clap::Subcommand;
+use tonic::transport::Channel;
+
+use crate::output::{self, Format};
+use crate::status_error;
+
+#[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Takes a crash-consistent snapshot of a volume: at its target's write
+    /// barrier when published (writes wait while the copies are taken),
+    /// from its idle replicas when not. Idempotent for the same name and
+    /// volume.
+    Create {
+        /// Snapshot name: letters, digits, '.', '_' and '-' (at most 128).
+        name: String,
+        /// The volume to snapshot.
+        #[arg(long)]
+        volume: String,
+        /// Longest the cut may hold the volume's writes (e.g. 10s, 500ms).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        deadline: Duration,
+    },
+    /// Lists snapshots.
+    List {
+        /// Only this volume's snapshots.
+        #[arg(long)]
+        volume: Option<String>,
+    },
+    /// Shows a snapshot with its copies.
+    Show {
+        /// Snapshot name.
+        name: String,
+    },
+    /// Deletes a snapshot and its copies (volumes restored from it are not
+    /// affected).
+    Delete {
+        /// Snapshot name.
+        name: String,
+    },
+}
+
+pub async fn run(cmd: SnapshotCommand, channel: Channel, format: Format) -> anyhow::Result<()> {
+    let mut client = SnapshotServiceClient::new(channel);
+    match cmd {
+        SnapshotCommand::Create {
+            name,
+            volume,
+            deadline,
+        } => {
+            let deadline_ms = u32::try_from(deadline.as_millis())
+                .map_err(|_| anyhow::anyhow!("The deadline {deadline:?} is too long"))?;
+            let snapshot = client
+                .create_snapshot(CreateSnapshotRequest {
+                    name: name.clone(),
+                    source_volume_id: volume.clone(),
+                    deadline_ms,
+                })
+                .await
+                .map_err(|s| status_error(&format!("Snapshotting volume {volume} failed"), s))?
+                .into_inner();
+            let nodes: Vec<&str> = snapshot.copies.iter().map(|c| c.node_id.as_str()).collect();
+            let text = format!(
+                "Took snapshot {} of volume {} ({}) with copies on {}; writes held {} ms",
+                snapshot.snapshot_id,
+                snapshot.source_volume_id,
+                output::bytes(snapshot.size_bytes),
+                nodes.join(", "),
+                snapshot.paused_ms
+            );
+            output::print_item(format, &snapshot, &text)
+        }
+        SnapshotCommand::List { volume } => {
+            let snapshots = client
+                .list_snapshots(ListSnapshotsRequest {
+                    source_volume_id: volume.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| status_error("Listing snapshots failed", s))?
+                .into_inner()
+                .snapshots;
+            output::print_list(
+                format,
+                &snapshots,
+                &["NAME", "VOLUME", "SIZE", "STATE", "CREATED", "COPIES"],
+                |s| {
+                    vec![
+                        s.snapshot_id.clone(),
+                        s.source_volume_id.clone(),
+                        output::bytes(s.size_bytes),
+                        s.state.clone(),
+                        created(s),
+                        s.copies.len().to_string(),
+                    ]
+                },
+            )
+        }
+        SnapshotCommand::Show { name } => {
+            let snapshot = client
+                .get_snapshot(GetSnapshotRequest {
+                    snapshot_id: name.clone(),
+                })
+                .await
+                .map_err(|s| status_error(&format!("Showing snapshot {name} failed"), s))?
+                .into_inner();
+            match format {
+                Format::Json => output::print_item(format, &snapshot, ""),
+                Format::Table => {
+                    print_snapshot(&snapshot);
+                    Ok(())
+                }
+            }
+        }
+        SnapshotCommand::Delete { name } => {
+            client
+                .delete_snapshot(DeleteSnapshotRequest {
+                    snapshot_id: name.clone(),
+                })
+                .await
+                .map_err(|s| status_error(&format!("Deleting snapshot {name} failed"), s))?;
+            println!("Deleted snapshot {name}");
+            Ok(())
+        }
+    }
+}
+
+/// The cut's time in RFC 3339 (UTC), empty before the cut.
+fn created(snapshot: &Snapshot) -> String {
+    if snapshot.created_at_unix_nanos == 0 {
+        return String::new();
+    }
+    let at = UNIX_EPOCH + Duration::from_nanos(snapshot.created_at_unix_nanos);
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+fn print_snapshot(snapshot: &Snapshot) {
+    println!("Snapshot:     {}", snapshot.snapshot_id);
+    println!("Volume:       {}", snapshot.source_volume_id);
+    println!(
+        "Size:         {} ({} bytes)",
+        output::bytes(snapshot.size_bytes),
+        snapshot.size_bytes
+    );
+    println!(
+        "State:        {}{}",
+        snapshot.state,
+        if snapshot.ready_to_use {
+            " (ready to use)"
+        } else {
+            ""
+        }
+    );
+    println!("Cut at:       {}", created(snapshot));
+    println!("Writes held:  {} ms", snapshot.paused_ms);
+    let mut table = comfy_table::Table::new();
+    table
+        .load_style(comfy_table::presets::NOTHING)
+        .set_header(vec!["  NODE", "POOL", "ALLOCATED"]);
+    for copy in &snapshot.copies {
+        table.add_row(vec![
+            format!("  {}", copy.node_id),
+            copy.pool.clone(),
+            output::bytes(copy.allocated_bytes),
+        ]);
+    }
+    println!("Copies:\n{table}");
+}

@@ -1,0 +1,108 @@
+//! `SnapshotService`: the management API's gRPC adapter of [`Snapshots`].
+//!
+//! Handlers convert messages and errors and hold no state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballast_proto::controller as pb;
+use ballast_proto::controller::snapshot_service_server::SnapshotService;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::record::{SnapshotRecord, SnapshotState};
+use super::{CreateRequest, DEFAULT_DEADLINE, Snapshots};
+
+/// The snapshot service.
+pub struct SnapshotApi {
+    snapshots: Arc<Snapshots>,
+}
+
+impl SnapshotApi {
+    /// Serves `snapshots`.
+    pub fn new(snapshots: Arc<Snapshots>) -> Self {
+        Self { snapshots }
+    }
+}
+
+/// The snapshot as the management API shows it.
+pub fn to_proto(record: &SnapshotRecord) -> pb::Snapshot {
+    pb::Snapshot {
+        snapshot_id: record.snapshot_id.clone(),
+        source_volume_id: record.source_volume_id.clone(),
+        size_bytes: record.size_bytes,
+        state: record.state.as_str().to_string(),
+        ready_to_use: record.state == SnapshotState::Ready,
+        created_at_unix_nanos: record.created_at_unix_nanos,
+        copies: record
+            .copies
+            .iter()
+            .map(|c| pb::SnapshotCopy {
+                node_id: c.node_id.clone(),
+                pool: c.pool.clone(),
+                allocated_bytes: c.allocated_bytes,
+            })
+            .collect(),
+        paused_ms: record.paused_ms,
+    }
+}
+
+#[tonic::async_trait]
+impl SnapshotService for SnapshotApi {
+    #[instrument(err, skip(self, request), fields(snapshot.id = %request.get_ref().name))]
+    async fn create_snapshot(
+        &self,
+        request: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
+        let request = request.into_inner();
+        let deadline = match request.deadline_ms {
+            0 => DEFAULT_DEADLINE,
+            ms => Duration::from_millis(u64::from(ms)),
+        };
+        let snapshot = self
+            .snapshots
+            .create(&CreateRequest {
+                deadline,
+                ..CreateRequest::new(&request.name, &request.source_volume_id)
+            })
+            .await?;
+        Ok(Response::new(to_proto(&snapshot)))
+    }
+
+    #[instrument(err, skip(self, request), fields(snapshot.id = %request.get_ref().snapshot_id))]
+    async fn delete_snapshot(
+        &self,
+        request: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        self.snapshots
+            .delete(&request.get_ref().snapshot_id)
+            .await?;
+        Ok(Response::new(pb::DeleteSnapshotResponse {}))
+    }
+
+    #[instrument(level = "debug", err, skip(self, request), fields(snapshot.id = %request.get_ref().snapshot_id))]
+    async fn get_snapshot(
+        &self,
+        request: Request<pb::GetSnapshotRequest>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
+        let snapshot = self.snapshots.get(&request.get_ref().snapshot_id).await?;
+        Ok(Response::new(to_proto(&snapshot)))
+    }
+
+    #[instrument(level = "debug", err, skip_all)]
+    async fn list_snapshots(
+        &self,
+        request: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let volume = &request.get_ref().source_volume_id;
+        let snapshots = self
+            .snapshots
+            .list()
+            .await?
+            .iter()
+            .filter(|s| volume.is_empty() || s.source_volume_id == *volume)
+            .map(to_proto)
+            .collect();
+        Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
+    }
+}

@@ -214,11 +214,12 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
             let (path, incoming) = service::listen(endpoint)?;
             info!(endpoint = %path.display(), "Serving the CSI Identity and Controller services");
             let volumes = Arc::new(controller::volume::Volumes::new(context.clone()));
+            let snapshots = Arc::new(controller::snapshot::Snapshots::new(context.clone()));
             let mut stopped = stopped.clone();
             Some(tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(IdentityServer::new(Identity))
-                    .add_service(ControllerServer::new(Controller::new(volumes)))
+                    .add_service(ControllerServer::new(Controller::new(volumes, snapshots)))
                     .serve_with_incoming_shutdown(incoming, async move {
                         let _ = stopped.wait_for(|s| *s).await;
                     }),

@@ -32,18 +32,26 @@
 //! agent can run its target, including nodes that join later, which a
 //! list of today's nodes would shut out.
 //!
+//! # Snapshots, restores and clones
+//!
+//! [`snapshot`] serves CREATE_DELETE_SNAPSHOT, LIST_SNAPSHOTS and
+//! GET_SNAPSHOT. CreateVolume takes a `volume_content_source` (a snapshot,
+//! or a volume: CLONE_VOLUME): an unknown source is `NOT_FOUND`, a source
+//! larger than `capacity_range.limit_bytes` is `OUT_OF_RANGE`, a request
+//! without a capacity gets the source's size, and a larger one grows it.
+//! The same name with another source is `ALREADY_EXISTS`.
+//!
 //! # Not yet served
 //!
-//! Snapshots (CREATE_DELETE_SNAPSHOT, LIST_SNAPSHOTS, GET_SNAPSHOT) and
-//! ControllerModifyVolume answer `UNIMPLEMENTED` and are not announced in
-//! ControllerGetCapabilities; ControllerExpandVolume is offline only; a
-//! `volume_content_source` is `INVALID_ARGUMENT` (CSI spec, CreateVolume
-//! errors: "Source incompatible or not supported"); `readonly` publishing
+//! ControllerModifyVolume answers `UNIMPLEMENTED` and is not announced in
+//! ControllerGetCapabilities; ControllerExpandVolume is offline only;
+//! `readonly` publishing
 //! (PUBLISH_READONLY) is `INVALID_ARGUMENT`: a target cannot refuse writes,
 //! so read-only access is a read-only mount by NodePublishVolume.
 
 mod capability;
 mod parameters;
+mod snapshot;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -57,8 +65,9 @@ use tracing::instrument;
 pub use self::parameters::{DEFAULT_REPLICAS, DEFAULT_SIZE_BYTES};
 use self::parameters::{Parameters, Requirement};
 use crate::controller::node::Topology;
-use crate::controller::volume::operations::{CreateRequest, SIZE_ALIGN_BYTES};
-use crate::controller::volume::record::VolumeRecord;
+use crate::controller::snapshot::Snapshots;
+use crate::controller::volume::operations::{CreateRequest, SIZE_ALIGN_BYTES, Source};
+use crate::controller::volume::record::{ContentSource, VolumeRecord};
 use crate::controller::volume::scheduling;
 use crate::controller::volume::{self, Volumes};
 use crate::node::PUBLISH_CONTEXT_NBD_URI;
@@ -88,6 +97,9 @@ pub enum Error {
     /// A volume operation failed.
     #[error(transparent)]
     Volume(#[from] volume::Error),
+    /// A snapshot operation failed.
+    #[error(transparent)]
+    Snapshot(#[from] crate::controller::snapshot::Error),
 }
 
 impl From<Error> for Status {
@@ -98,6 +110,7 @@ impl From<Error> for Status {
             Error::InvalidToken(_) => Status::aborted(err.to_string()),
             Error::Unimplemented(_) => Status::unimplemented(err.to_string()),
             Error::Volume(err) => err.into(),
+            Error::Snapshot(err) => err.into(),
         }
     }
 }
@@ -132,9 +145,25 @@ fn to_volume(record: &VolumeRecord) -> csi::Volume {
         capacity_bytes: i64_bytes(record.size_bytes),
         volume_id: record.volume_id.clone(),
         volume_context: context(record),
-        content_source: None,
+        content_source: record.content_source.as_ref().map(content_source),
         // Empty: accessible from every node (see the module docs).
         accessible_topology: Vec::new(),
+    }
+}
+
+/// The source CreateVolume was given, as CSI spells it.
+fn content_source(source: &ContentSource) -> csi::VolumeContentSource {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let r#type = match &source.volume_id {
+        Some(volume_id) => Type::Volume(VolumeSource {
+            volume_id: volume_id.clone(),
+        }),
+        None => Type::Snapshot(SnapshotSource {
+            snapshot_id: source.snapshot_id.clone(),
+        }),
+    };
+    csi::VolumeContentSource {
+        r#type: Some(r#type),
     }
 }
 
@@ -151,12 +180,13 @@ fn published_nodes(record: &VolumeRecord) -> Vec<String> {
 #[derive(Debug, Clone)]
 pub struct Controller {
     volumes: Arc<Volumes>,
+    snapshots: Arc<Snapshots>,
 }
 
 impl Controller {
-    /// The service over the controller's volume operations.
-    pub fn new(volumes: Arc<Volumes>) -> Self {
-        Self { volumes }
+    /// The service over the controller's volume and snapshot operations.
+    pub fn new(volumes: Arc<Volumes>, snapshots: Arc<Snapshots>) -> Self {
+        Self { volumes, snapshots }
     }
 
     fn condition(&self, record: &VolumeRecord) -> csi::VolumeCondition {
@@ -173,20 +203,18 @@ impl Controller {
         if req.volume_capabilities.is_empty() {
             return Err(invalid("volume_capabilities is required"));
         }
-        if let Some(source) = &req.volume_content_source {
-            let what = match &source.r#type {
-                Some(csi::volume_content_source::Type::Snapshot(s)) => {
-                    format!("snapshot {:?}", s.snapshot_id)
-                }
-                Some(csi::volume_content_source::Type::Volume(v)) => {
-                    format!("volume {:?}", v.volume_id)
-                }
-                None => "an empty source".to_string(),
-            };
-            return Err(invalid(format!(
-                "volume_content_source ({what}) is not supported: Ballast has no snapshots or clones yet, so volumes are created empty"
-            )));
-        }
+        let source = match req.volume_content_source.as_ref().map(|s| &s.r#type) {
+            None => None,
+            Some(Some(csi::volume_content_source::Type::Snapshot(s))) => {
+                required("volume_content_source.snapshot.snapshot_id", &s.snapshot_id)?;
+                Some(Source::Snapshot(s.snapshot_id.clone()))
+            }
+            Some(Some(csi::volume_content_source::Type::Volume(v))) => {
+                required("volume_content_source.volume.volume_id", &v.volume_id)?;
+                Some(Source::Volume(v.volume_id.clone()))
+            }
+            Some(None) => return Err(invalid("volume_content_source has no type")),
+        };
         if !req.mutable_parameters.is_empty() {
             return Err(invalid(
                 "mutable_parameters are not supported (no MODIFY_VOLUME capability)",
@@ -200,13 +228,18 @@ impl Controller {
             .map(|c| capability::supported(c, &fs_type))
             .collect::<Result<Vec<_>, _>>()?;
         let topology = Requirement::parse(req.accessibility_requirements.as_ref())?;
-        let size_bytes = parameters::size_for(req.capacity_range.as_ref())?;
+        // A restore without a capacity takes the source's size.
+        let size_bytes = match (&source, &req.capacity_range) {
+            (Some(_), None) => 0,
+            _ => parameters::size_for(req.capacity_range.as_ref())?,
+        };
         let request = CreateRequest {
             compatible_sizes: parameters::sizes_within(req.capacity_range.as_ref())?,
             preferred_topology: topology.preferred,
             requisite_topology: topology.requisite,
             capabilities,
             parameters: parameters::to_keep(&req.parameters),
+            source,
             ..CreateRequest::new(&req.name, size_bytes, parameters.replicas, parameters.thin)
         };
         let record = self.volumes.create(&request).await?;
@@ -503,6 +536,10 @@ impl csi::controller_server::Controller for Controller {
             RpcType::GetVolume,
             RpcType::SingleNodeMultiWriter,
             RpcType::ExpandVolume,
+            RpcType::CreateDeleteSnapshot,
+            RpcType::ListSnapshots,
+            RpcType::GetSnapshot,
+            RpcType::CloneVolume,
         ]
         .into_iter()
         .map(rpc_capability)
@@ -512,36 +549,45 @@ impl csi::controller_server::Controller for Controller {
         }))
     }
 
-    #[instrument(err, skip_all)]
+    #[instrument(err, skip_all, fields(snapshot.id = %request.get_ref().name, volume.id = %request.get_ref().source_volume_id))]
     async fn create_snapshot(
         &self,
-        _request: Request<csi::CreateSnapshotRequest>,
+        request: Request<csi::CreateSnapshotRequest>,
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
-        Err(Error::Unimplemented("CreateSnapshot").into())
+        let snapshot = self.create_snapshot_rpc(request.get_ref()).await?;
+        Ok(Response::new(csi::CreateSnapshotResponse {
+            snapshot: Some(snapshot),
+        }))
     }
 
-    #[instrument(err, skip_all)]
+    #[instrument(err, skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
     async fn delete_snapshot(
         &self,
-        _request: Request<csi::DeleteSnapshotRequest>,
+        request: Request<csi::DeleteSnapshotRequest>,
     ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
-        Err(Error::Unimplemented("DeleteSnapshot").into())
+        self.delete_snapshot_rpc(request.get_ref()).await?;
+        Ok(Response::new(csi::DeleteSnapshotResponse {}))
     }
 
     #[instrument(err, skip_all)]
     async fn list_snapshots(
         &self,
-        _request: Request<csi::ListSnapshotsRequest>,
+        request: Request<csi::ListSnapshotsRequest>,
     ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
-        Err(Error::Unimplemented("ListSnapshots").into())
+        Ok(Response::new(
+            self.list_snapshots_rpc(request.get_ref()).await?,
+        ))
     }
 
-    #[instrument(err, skip_all)]
+    #[instrument(err, skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
     async fn get_snapshot(
         &self,
-        _request: Request<csi::GetSnapshotRequest>,
+        request: Request<csi::GetSnapshotRequest>,
     ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
-        Err(Error::Unimplemented("GetSnapshot").into())
+        let snapshot = self.get_snapshot_rpc(request.get_ref()).await?;
+        Ok(Response::new(csi::GetSnapshotResponse {
+            snapshot: Some(snapshot),
+        }))
     }
 
     /// CSI spec, ControllerExpandVolume: offline only (a published volume

@@ -49,7 +49,10 @@ fn create_request(name: &str, required: i64, replicas: u32) -> csi::CreateVolume
 }
 
 fn service(fixture: &Fixture) -> Controller {
-    Controller::new(Arc::new(Volumes::new(fixture.context.clone())))
+    Controller::new(
+        Arc::new(Volumes::new(fixture.context.clone())),
+        Arc::new(Snapshots::new(fixture.context.clone())),
+    )
 }
 
 async fn create(c: &Controller, req: csi::CreateVolumeRequest) -> Result<csi::Volume, Code> {

@@ -131,13 +131,18 @@ fn required(field: &str, value: &str) -> Result<(), Error> {
 }
 
 impl CreateRequest {
-    /// A request for exactly `size_bytes`, with no topology, capabilities
-    /// or parameters (the management API's).
+    /// A request for exactly `size_bytes` (any size when 0: a restore's
+    /// source size), with no topology, capabilities or parameters (the
+    /// management API's).
     pub fn new(name: &str, size_bytes: u64, replica_count: u32, thin: bool) -> Self {
         Self {
             name: name.to_string(),
             size_bytes,
-            compatible_sizes: size_bytes..=size_bytes,
+            compatible_sizes: if size_bytes == 0 {
+                0..=u64::MAX
+            } else {
+                size_bytes..=size_bytes
+            },
             replica_count,
             thin,
             preferred_node: None,

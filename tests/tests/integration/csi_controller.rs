@@ -223,13 +223,17 @@ async fn create_validate_list_and_capacity() -> Result<()> {
             RpcType::PublishUnpublishVolume,
             RpcType::ListVolumes,
             RpcType::GetCapacity,
+            RpcType::CreateDeleteSnapshot,
+            RpcType::ListSnapshots,
+            RpcType::CloneVolume,
             RpcType::ExpandVolume,
             RpcType::ListVolumesPublishedNodes,
             RpcType::VolumeCondition,
             RpcType::GetVolume,
             RpcType::SingleNodeMultiWriter,
+            RpcType::GetSnapshot,
         ],
-        "no snapshot, clone, readonly or modify capability until they exist"
+        "no readonly or modify capability until they exist"
     );
 
     // CreateVolume: success and idempotency.
@@ -327,20 +331,9 @@ async fn create_validate_list_and_capacity() -> Result<()> {
         .mutable_parameters
         .insert("iops".into(), "100".into());
     invalid.push(("mutable parameters", mutable, "MODIFY_VOLUME"));
-    for source in [
-        csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
-            snapshot_id: "snap-1".into(),
-        }),
-        csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
-            volume_id: "vol-a".into(),
-        }),
-    ] {
-        let mut from = create_request("vol-x", MIB, 1);
-        from.volume_content_source = Some(csi::VolumeContentSource {
-            r#type: Some(source),
-        });
-        invalid.push(("content source", from, "no snapshots or clones yet"));
-    }
+    let mut typeless = create_request("vol-x", MIB, 1);
+    typeless.volume_content_source = Some(csi::VolumeContentSource { r#type: None });
+    invalid.push(("content source without a type", typeless, "no type"));
     for (case, req, says) in invalid {
         refused(
             ctl.create_volume(req).await,
@@ -725,25 +718,46 @@ async fn create_validate_list_and_capacity() -> Result<()> {
         "node-1's thick capacity went from {node1_thick} to {after}"
     );
 
-    // Snapshots are not served yet.
+    // Sources that do not exist (CSI spec, CreateVolume: "Source does
+    // not exist", NOT_FOUND).
+    for (case, source, says) in [
+        (
+            "missing snapshot",
+            csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+                snapshot_id: "snap-missing".into(),
+            }),
+            "Snapshot snap-missing does not exist",
+        ),
+        (
+            "missing volume",
+            csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
+                volume_id: "vol-missing".into(),
+            }),
+            "Volume vol-missing does not exist",
+        ),
+    ] {
+        let mut from = create_request("vol-x", MIB, 1);
+        from.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(source),
+        });
+        refused(ctl.create_volume(from).await, Code::NotFound, says, case)?;
+    }
     refused(
         ctl.create_snapshot(csi::CreateSnapshotRequest {
-            source_volume_id: "vol-a".into(),
+            source_volume_id: "vol-missing".into(),
             name: "snap".into(),
             ..Default::default()
         })
         .await,
-        Code::Unimplemented,
-        "CreateSnapshot",
-        "CreateSnapshot",
+        Code::NotFound,
+        "Volume vol-missing does not exist",
+        "CreateSnapshot of a missing volume",
     )?;
-    refused(
-        ctl.list_snapshots(csi::ListSnapshotsRequest::default())
-            .await,
-        Code::Unimplemented,
-        "ListSnapshots",
-        "ListSnapshots",
-    )?;
+    let listed = ctl
+        .list_snapshots(csi::ListSnapshotsRequest::default())
+        .await?
+        .into_inner();
+    assert!(listed.entries.is_empty(), "{listed:?}");
     Ok(())
 }
 

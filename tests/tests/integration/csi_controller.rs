@@ -10,7 +10,6 @@
 //! that also runs when an assertion fails. Every wait is bounded.
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -24,9 +23,9 @@ use nix::sys::signal::Signal;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::harness::cluster::{Cluster, T};
+use crate::harness::cluster::Cluster;
 use crate::harness::csi::{MIB, NBD_URI_KEY, channel, create_request};
-use crate::harness::{run_ok, wait_for};
+use crate::harness::{qemu_io, wait_for};
 
 const TOPOLOGY_NODE_KEY: &str = "topology.ballast.io/node";
 
@@ -156,21 +155,6 @@ async fn capacity_of(ctl: &mut Ctl, req: csi::GetCapacityRequest) -> Result<(i64
         answer.available_capacity,
         answer.maximum_volume_size.unwrap_or(-1),
     ))
-}
-
-/// Runs qemu-io commands against an NBD URI; fails on a pattern mismatch.
-fn qemu_io(uri: &str, commands: &[&str]) -> Result<()> {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for c in commands {
-        cmd.arg("-c").arg(c);
-    }
-    let out = run_ok(cmd.arg(uri), T)?;
-    ensure!(
-        !out.contains("Pattern verification failed"),
-        "qemu-io {commands:?}: {out}"
-    );
-    Ok(())
 }
 
 fn node_process(cluster: &Cluster, node: &str) -> Result<ProcessInfo> {
@@ -723,9 +707,11 @@ async fn create_validate_list_and_capacity() -> Result<()> {
     for (case, source, says) in [
         (
             "missing snapshot",
-            csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
-                snapshot_id: "snap-missing".into(),
-            }),
+            csi::volume_content_source::Type::Snapshot(
+                csi::volume_content_source::SnapshotSource {
+                    snapshot_id: "snap-missing".into(),
+                },
+            ),
             "Snapshot snap-missing does not exist",
         ),
         (

@@ -79,6 +79,21 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Output> {
     }
 }
 
+/// Runs qemu-io on `uri` (a raw image) with `commands` (each one `-c`);
+/// fails when a `read -P` finds other bytes.
+pub fn qemu_io(uri: &str, commands: &[&str]) -> Result<()> {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in commands {
+        cmd.arg("-c").arg(c);
+    }
+    let out = run_ok(cmd.arg(uri), Duration::from_secs(120))?;
+    if out.contains("Pattern verification failed") {
+        bail!("qemu-io {commands:?}: {out}");
+    }
+    Ok(())
+}
+
 /// Runs a command that must succeed; returns its stdout.
 pub fn run_ok(cmd: &mut Command, timeout: Duration) -> Result<String> {
     let desc = format!("{cmd:?}");

@@ -12,6 +12,7 @@ mod csi;
 mod csi_controller;
 mod csi_errors;
 mod csi_node;
+mod csi_snapshots;
 mod demo;
 mod export_fence;
 mod filesystem;

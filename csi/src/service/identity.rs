@@ -2,7 +2,8 @@
 //!
 //! Served by the controller and by every node plugin, which all announce
 //! the same capabilities: CONTROLLER_SERVICE,
-//! VOLUME_ACCESSIBILITY_CONSTRAINTS and OFFLINE volume expansion. CSI spec,
+//! VOLUME_ACCESSIBILITY_CONSTRAINTS, SNAPSHOT_METADATA_SERVICE (served by
+//! the controller) and OFFLINE volume expansion. CSI spec,
 //! "GetPluginCapabilities": the answer is "the grand sum of all
 //! capabilities of all instances of the Plugin software", and all
 //! instances of one version "SHALL return the same set of capabilities,
@@ -31,6 +32,7 @@ impl Identity {
         let services = [
             service::Type::ControllerService,
             service::Type::VolumeAccessibilityConstraints,
+            service::Type::SnapshotMetadataService,
         ]
         .into_iter()
         .map(|kind| csi::PluginCapability {

@@ -7,6 +7,8 @@
 //!   in-process volume operations of [`crate::controller::volume`].
 //! - [`node`]: the Node service, a thin adapter over
 //!   [`crate::node::staging`].
+//! - [`snapshot_metadata`]: the SnapshotMetadata service (changed block
+//!   tracking), served by `ballast-csi controller`.
 //!
 //! Every handler has the same shape (STYLE.md, "Handlers"): validate the
 //! request (`INVALID_ARGUMENT`), take the volume's operation guard
@@ -21,6 +23,7 @@
 pub mod controller;
 pub mod identity;
 pub mod node;
+pub mod snapshot_metadata;
 
 use std::path::{Path, PathBuf};
 

@@ -20,11 +20,13 @@ use anyhow::Context as _;
 use ballast_csi::controller::{self, Context, ControllerConfig};
 use ballast_csi::node::attach::{self, AttachMode};
 use ballast_csi::node::mount::SystemMounter;
+use ballast_csi::service::snapshot_metadata::SnapshotMetadata;
 use ballast_csi::service::{self, controller::Controller, identity::Identity, node::Node};
 use ballast_csi::store;
 use ballast_proto::csi::controller_server::ControllerServer;
 use ballast_proto::csi::identity_server::IdentityServer;
 use ballast_proto::csi::node_server::NodeServer;
+use ballast_proto::csi::snapshot_metadata_server::SnapshotMetadataServer;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -219,7 +221,13 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
             Some(tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(IdentityServer::new(Identity))
-                    .add_service(ControllerServer::new(Controller::new(volumes, snapshots)))
+                    .add_service(ControllerServer::new(Controller::new(
+                        volumes,
+                        snapshots.clone(),
+                    )))
+                    .add_service(SnapshotMetadataServer::new(SnapshotMetadata::new(
+                        snapshots,
+                    )))
                     .serve_with_incoming_shutdown(incoming, async move {
                         let _ = stopped.wait_for(|s| *s).await;
                     }),

@@ -105,4 +105,25 @@ impl SnapshotService for SnapshotApi {
             .collect();
         Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
     }
+
+    #[instrument(err, skip(self, request), fields(base = %request.get_ref().base_snapshot_id, target = %request.get_ref().target_snapshot_id))]
+    async fn diff_snapshots(
+        &self,
+        request: Request<pb::DiffSnapshotsRequest>,
+    ) -> Result<Response<pb::DiffSnapshotsResponse>, Status> {
+        let request = request.into_inner();
+        let diff = self
+            .snapshots
+            .all_changed_ranges(&request.base_snapshot_id, &request.target_snapshot_id)
+            .await?;
+        Ok(Response::new(pb::DiffSnapshotsResponse {
+            changed_bytes: diff.ranges.iter().map(|(_, length)| length).sum(),
+            ranges: diff
+                .ranges
+                .iter()
+                .map(|&(offset, length)| pb::ByteRange { offset, length })
+                .collect(),
+            size_bytes: diff.size_bytes,
+        }))
+    }
 }

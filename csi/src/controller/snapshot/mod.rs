@@ -4,6 +4,7 @@
 //! - [`cut`]: taking the copies at one instant (the target's write barrier
 //!   on a published volume; the idle in-sync replicas of an unpublished
 //!   one).
+//! - [`metadata`]: changed block tracking (allocated and changed ranges).
 //! - [`api`]: the management API's `SnapshotService`.
 //! - [`reconcile`]: removing what an interrupted create or delete left.
 //!
@@ -27,6 +28,7 @@
 
 pub mod api;
 pub mod cut;
+pub mod metadata;
 pub mod reconcile;
 pub mod record;
 
@@ -113,6 +115,15 @@ pub enum Error {
         /// The snapshot id.
         snapshot: String,
     },
+    /// A range query starts at or past the snapshot's end (CSI
+    /// SnapshotMetadata: "Invalid starting_offset", `OUT_OF_RANGE`).
+    #[error("Offset {offset} is at or past the snapshot's end ({size_bytes} bytes)")]
+    OffsetOutOfRange {
+        /// The offset asked for.
+        offset: u64,
+        /// The snapshot's size.
+        size_bytes: u64,
+    },
     /// A node the cut needs is down.
     #[error("Node {node} is down (no heartbeat within the timeout)")]
     NodeDown {
@@ -168,6 +179,7 @@ impl From<Error> for tonic::Status {
             Error::Busy { .. } | Error::Deleting { .. } => Code::Aborted,
             Error::NoInSyncReplica { .. } | Error::NodeDown { .. } => Code::Unavailable,
             Error::CutDeadline { .. } => Code::DeadlineExceeded,
+            Error::OffsetOutOfRange { .. } => Code::OutOfRange,
         };
         tonic::Status::new(code, crate::error_chain(&err))
     }

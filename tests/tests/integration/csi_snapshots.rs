@@ -379,3 +379,215 @@ async fn an_ext4_snapshot_restores_the_files_at_the_cut() -> Result<()> {
 async fn an_xfs_snapshot_restores_the_files_at_the_cut() -> Result<()> {
     filesystem_round_trip("xfs").await
 }
+
+type Metadata = csi::snapshot_metadata_client::SnapshotMetadataClient<Channel>;
+
+/// Every tuple of a GetMetadataAllocated stream, with the messages' sizes.
+async fn allocated(
+    md: &mut Metadata,
+    snapshot: &str,
+    offset: i64,
+    max: i32,
+) -> Result<(Vec<(i64, i64)>, Vec<usize>, i64)> {
+    let mut stream = md
+        .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
+            snapshot_id: snapshot.into(),
+            starting_offset: offset,
+            max_results: max,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let (mut tuples, mut sizes, mut capacity) = (Vec::new(), Vec::new(), 0);
+    while let Some(message) = stream.message().await? {
+        ensure!(
+            message.block_metadata_type() == csi::BlockMetadataType::VariableLength,
+            "{message:?}"
+        );
+        capacity = message.volume_capacity_bytes;
+        sizes.push(message.block_metadata.len());
+        tuples.extend(
+            message
+                .block_metadata
+                .iter()
+                .map(|b| (b.byte_offset, b.size_bytes)),
+        );
+    }
+    Ok((tuples, sizes, capacity))
+}
+
+async fn delta(
+    md: &mut Metadata,
+    base: &str,
+    target: &str,
+    offset: i64,
+    max: i32,
+) -> Result<Vec<(i64, i64)>, tonic::Status> {
+    let mut stream = md
+        .get_metadata_delta(csi::GetMetadataDeltaRequest {
+            base_snapshot_id: base.into(),
+            target_snapshot_id: target.into(),
+            starting_offset: offset,
+            max_results: max,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut tuples = Vec::new();
+    while let Some(message) = stream.message().await? {
+        tuples.extend(
+            message
+                .block_metadata
+                .iter()
+                .map(|b| (b.byte_offset, b.size_bytes)),
+        );
+    }
+    Ok(tuples)
+}
+
+/// Checks tuples are strictly ascending and do not overlap.
+fn ascending(tuples: &[(i64, i64)]) -> Result<()> {
+    for pair in tuples.windows(2) {
+        ensure!(
+            pair[0].0 + pair[0].1 <= pair[1].0 && pair[0].1 > 0,
+            "not ascending: {pair:?}"
+        );
+    }
+    Ok(())
+}
+
+fn covers(tuples: &[(i64, i64)], (offset, length): (i64, i64)) -> bool {
+    let mut at = offset;
+    for &(o, l) in tuples {
+        if o <= at && at < o + l {
+            at = o + l;
+        }
+        if at >= offset + length {
+            return true;
+        }
+    }
+    false
+}
+
+fn overlaps(a: (i64, i64), b: (i64, i64)) -> bool {
+    a.0 < b.0 + b.1 && b.0 < a.0 + a.1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_block_tracking_reports_the_written_ranges() -> Result<()> {
+    let cluster = Cluster::up("csi-cbt", 2, "embedded", &[])?;
+    cluster.wait_all_up(2)?;
+    let channel = channel(&cluster.path.join("csi.sock")).await?;
+    let mut ctl = ControllerClient::new(channel.clone());
+    let mut md = Metadata::new(channel);
+    let volume = create(&mut ctl, create_request("vol-cbt", 64 * MIB, 2)).await?;
+    let context = controller_publish(&mut ctl, &volume, "node-1").await?;
+    let uri = context.get(NBD_URI_KEY).context("NBD URI")?.clone();
+
+    let first: [(i64, i64); 3] = [(MIB, 64 << 10), (10 * MIB, MIB), (40 * MIB, 4096)];
+    let commands: Vec<String> = first
+        .iter()
+        .map(|(o, l)| format!("write -P 0x61 {o} {l}"))
+        .collect();
+    let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+    qemu_io(&uri, &commands)?;
+    snapshot(&mut ctl, "cbt-1", "vol-cbt").await?;
+
+    // Allocated: exactly the written ranges of the thin volume.
+    let (tuples, _, capacity) = allocated(&mut md, "cbt-1", 0, 0).await?;
+    assert_eq!(capacity, 64 * MIB);
+    ascending(&tuples)?;
+    assert_eq!(tuples, first, "allocated ranges of a thin volume");
+    // Paged one tuple per message, and resumed inside a range.
+    let (paged, sizes, _) = allocated(&mut md, "cbt-1", 0, 1).await?;
+    assert_eq!(paged, first);
+    ensure!(sizes.iter().all(|n| *n <= 1), "{sizes:?}");
+    let (resumed, _, _) = allocated(&mut md, "cbt-1", 10 * MIB + 4096, 0).await?;
+    assert_eq!(
+        resumed,
+        [(10 * MIB + 4096, MIB - 4096), (40 * MIB, 4096)],
+        "a stream resumed inside a range starts there"
+    );
+
+    let second: [(i64, i64); 3] = [
+        (2 * MIB, 4096),
+        (10 * MIB + 512 * 1024, 8192),
+        (50 * MIB, 2 * MIB),
+    ];
+    let commands: Vec<String> = second
+        .iter()
+        .map(|(o, l)| format!("write -P 0x62 {o} {l}"))
+        .collect();
+    let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+    qemu_io(&uri, &commands)?;
+    snapshot(&mut ctl, "cbt-2", "vol-cbt").await?;
+
+    // Delta: every written range, nothing in ranges never written since.
+    let changed = delta(&mut md, "cbt-1", "cbt-2", 0, 0).await?;
+    ascending(&changed)?;
+    for range in second {
+        ensure!(
+            covers(&changed, range),
+            "{range:?} missing from {changed:?}"
+        );
+    }
+    for range in &changed {
+        ensure!(
+            second.iter().any(|w| overlaps(*w, *range)),
+            "{range:?} was not written between the snapshots: {changed:?}"
+        );
+    }
+    let paged = delta(&mut md, "cbt-1", "cbt-2", 0, 1).await?;
+    assert_eq!(paged, changed, "paging changes nothing");
+    let from = changed.get(1).map(|r| r.0).context("two ranges")?;
+    let resumed = delta(&mut md, "cbt-1", "cbt-2", from, 0).await?;
+    assert_eq!(resumed, changed[1..], "resumed at a range's start");
+    let same = delta(&mut md, "cbt-2", "cbt-2", 0, 0).await?;
+    assert!(same.is_empty(), "a snapshot differs from itself: {same:?}");
+
+    // The CLI prints the same ranges.
+    let diff = cluster.cli_json(&["snapshot", "diff", "cbt-1", "cbt-2"])?;
+    let cli: Vec<(i64, i64)> = diff["ranges"]
+        .as_array()
+        .context("ranges")?
+        .iter()
+        .map(|r| {
+            (
+                r["offset"].as_i64().unwrap_or(-1),
+                r["length"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert_eq!(cli, changed);
+
+    // Errors.
+    let code_of = |r: Result<Vec<(i64, i64)>, tonic::Status>| r.err().map(|s| s.code());
+    assert_eq!(
+        code_of(delta(&mut md, "cbt-1", "cbt-2", 64 * MIB, 0).await),
+        Some(Code::OutOfRange)
+    );
+    assert_eq!(
+        code_of(delta(&mut md, "cbt-1", "nope", 0, 0).await),
+        Some(Code::NotFound)
+    );
+    assert_eq!(
+        code_of(delta(&mut md, "", "cbt-2", 0, 0).await),
+        Some(Code::InvalidArgument)
+    );
+    create(&mut ctl, create_request("vol-other", 64 * MIB, 1)).await?;
+    snapshot(&mut ctl, "cbt-other", "vol-other").await?;
+    assert_eq!(
+        code_of(delta(&mut md, "cbt-1", "cbt-other", 0, 0).await),
+        Some(Code::InvalidArgument),
+        "snapshots of two volumes"
+    );
+    let out_of_range = md
+        .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
+            snapshot_id: "cbt-1".into(),
+            starting_offset: 64 * MIB,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(out_of_range), Some(Code::OutOfRange));
+    Ok(())
+}

@@ -20,6 +20,12 @@
 //!   crash in between leaves a data file longer than the metadata says, which
 //!   is harmless: the metadata size is the replica's size, and a retried grow
 //!   completes.
+//! - **restore** (a create from a snapshot copy, [`ReplicaCatalog::restore`]):
+//!   the data file (`O_EXCL`) is a reflink (FICLONE) of the copy's data file,
+//!   extended to the requested size, fsynced; then the metadata, which names
+//!   the copy in `source_snapshot`. A crash before the metadata leaves a data
+//!   file without metadata, removed like an unfinished create. The restored
+//!   replica shares blocks with the copy, never its lifetime.
 //! - **destroy**: metadata first, then data. A crash in between leaves a data
 //!   file without metadata, which the next start-up removes as it would an
 //!   unfinished create. The other order would leave metadata without data,
@@ -94,7 +100,7 @@ pub enum Error {
     },
     /// A replica with this name exists with other parameters.
     #[error(
-        "Replica {name} already exists in pool {pool} for volume {volume_id} with {size_bytes} bytes, thin={thin}"
+        "Replica {name} already exists in pool {pool} for volume {volume_id} with {size_bytes} bytes, thin={thin}, source snapshot {source_snapshot:?}"
     )]
     AlreadyExists {
         /// The replica name.
@@ -107,6 +113,60 @@ pub enum Error {
         size_bytes: u64,
         /// Whether it is thin.
         thin: bool,
+        /// The snapshot copy it was restored from; empty if none.
+        source_snapshot: String,
+    },
+    /// A restore names a pool other than the one holding the snapshot copy
+    /// (a reflink cannot cross filesystems).
+    #[error(
+        "Replica {name} cannot be restored into pool {pool}: snapshot copy {snapshot_id} is in pool {source_pool}"
+    )]
+    SourcePool {
+        /// The replica name.
+        name: String,
+        /// The requested pool.
+        pool: String,
+        /// The snapshot copy.
+        snapshot_id: String,
+        /// The pool holding the copy.
+        source_pool: String,
+    },
+    /// A restore asks for fewer bytes than the snapshot copy holds.
+    #[error(
+        "Replica {name} of {size_bytes} bytes is smaller than snapshot copy {snapshot_id} ({source_bytes} bytes)"
+    )]
+    SmallerThanSource {
+        /// The replica name.
+        name: String,
+        /// The requested size in bytes.
+        size_bytes: u64,
+        /// The snapshot copy.
+        snapshot_id: String,
+        /// The copy's size in bytes.
+        source_bytes: u64,
+    },
+    /// The pool's filesystem cannot reflink (FICLONE answered `EOPNOTSUPP`,
+    /// `EXDEV` or `EINVAL`).
+    #[error("Cannot reflink {} into {}: the pool does not support it", source_path.display(), path.display())]
+    ReflinkUnsupported {
+        /// The new data file.
+        path: PathBuf,
+        /// The file it was to share blocks with.
+        source_path: PathBuf,
+        /// The ioctl's error.
+        #[source]
+        source: Errno,
+    },
+    /// FICLONE failed for another reason.
+    #[error("Cannot reflink {} into {}", source_path.display(), path.display())]
+    CloneData {
+        /// The new data file.
+        path: PathBuf,
+        /// The file it was to share blocks with.
+        source_path: PathBuf,
+        /// The ioctl's error.
+        #[source]
+        source: Errno,
     },
     /// A grow request smaller than the current size.
     #[error("Replica {name} is {size_bytes} bytes; it cannot shrink to {requested_bytes}")]
@@ -256,17 +316,22 @@ impl Error {
         use tonic::Code;
         // No `_` arm: a new variant must choose its code.
         match self {
-            Self::InvalidName { .. } | Self::InvalidSize { .. } => Code::InvalidArgument,
+            Self::InvalidName { .. }
+            | Self::InvalidSize { .. }
+            | Self::SourcePool { .. }
+            | Self::SmallerThanSource { .. } => Code::InvalidArgument,
             Self::NotFound { .. } => Code::NotFound,
             Self::AlreadyExists { .. } => Code::AlreadyExists,
             // CSI's ControllerExpandVolume answers an unsupported capacity so.
             Self::Shrink { .. } => Code::OutOfRange,
-            Self::StaleEpoch { .. } | Self::Faulted { .. } | Self::DuplicateReplica { .. } => {
-                Code::FailedPrecondition
-            }
+            Self::StaleEpoch { .. }
+            | Self::Faulted { .. }
+            | Self::DuplicateReplica { .. }
+            | Self::ReflinkUnsupported { .. } => Code::FailedPrecondition,
             Self::Pool(e) => e.code(),
             Self::NoSpace { .. } => Code::ResourceExhausted,
             Self::OpenData { .. }
+            | Self::CloneData { .. }
             | Self::ResizeData { .. }
             | Self::SyncData { .. }
             | Self::StatData { .. }
@@ -334,6 +399,20 @@ pub struct CreateReplica {
     pub pool: Option<String>,
 }
 
+/// A snapshot copy a replica is restored from: the part of a
+/// [`crate::snapshot::SnapshotCopy`] that [`ReplicaCatalog::restore`] needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceCopy {
+    /// The snapshot id, recorded in the new replica's metadata.
+    pub snapshot_id: String,
+    /// The pool holding the copy; the replica is made in the same pool.
+    pub pool: String,
+    /// The copy's data file.
+    pub data_path: PathBuf,
+    /// The copy's size in bytes.
+    pub size_bytes: u64,
+}
+
 #[derive(Debug)]
 struct Entry {
     replica: Replica,
@@ -397,25 +476,8 @@ impl ReplicaCatalog {
     /// overcommit limit, insufficient space), [`Error::NoSpace`], and file
     /// errors. On error no files are left behind.
     pub fn create(&mut self, req: &CreateReplica) -> Result<Replica, Error> {
-        validate_name(&req.name)?;
-        validate_size(req.size_bytes)?;
-        self.check_not_faulted(&req.name)?;
-        if let Some(existing) = self.replicas.get(&req.name) {
-            let r = &existing.replica;
-            let same = r.meta.size_bytes == req.size_bytes
-                && r.meta.thin == req.thin
-                && r.meta.volume_id == req.volume_id
-                && req.pool.as_ref().is_none_or(|p| *p == r.pool);
-            if same {
-                return Ok(r.clone());
-            }
-            return Err(Error::AlreadyExists {
-                name: r.name.clone(),
-                pool: r.pool.clone(),
-                volume_id: r.meta.volume_id.clone(),
-                size_bytes: r.meta.size_bytes,
-                thin: r.meta.thin,
-            });
+        if let Some(existing) = self.existing(req, "")? {
+            return Ok(existing);
         }
 
         let pool = match &req.pool {
@@ -447,6 +509,125 @@ impl ReplicaCatalog {
             size_bytes = replica.meta.size_bytes,
             thin = replica.meta.thin,
             "Replica created"
+        );
+        self.replicas.insert(
+            req.name.clone(),
+            Entry {
+                replica: replica.clone(),
+                pool,
+            },
+        );
+        Ok(replica)
+    }
+
+    /// Returns the replica a create (`source_snapshot` empty) or a restore
+    /// (`source_snapshot` naming the copy) of `req` would return without
+    /// doing anything, if one exists: same name, volume, size, thinness and
+    /// source snapshot (in the requested pool, if one is named).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`], [`Error::InvalidSize`], [`Error::Faulted`] if
+    /// the name belongs to a faulted replica, [`Error::AlreadyExists`] for
+    /// the same name with other parameters.
+    pub fn existing(
+        &self,
+        req: &CreateReplica,
+        source_snapshot: &str,
+    ) -> Result<Option<Replica>, Error> {
+        validate_name(&req.name)?;
+        validate_size(req.size_bytes)?;
+        self.check_not_faulted(&req.name)?;
+        let Some(existing) = self.replicas.get(&req.name) else {
+            return Ok(None);
+        };
+        let r = &existing.replica;
+        let same = r.meta.size_bytes == req.size_bytes
+            && r.meta.thin == req.thin
+            && r.meta.volume_id == req.volume_id
+            && r.meta.source_snapshot == source_snapshot
+            && req.pool.as_ref().is_none_or(|p| *p == r.pool);
+        if same {
+            return Ok(Some(r.clone()));
+        }
+        Err(Error::AlreadyExists {
+            name: r.name.clone(),
+            pool: r.pool.clone(),
+            volume_id: r.meta.volume_id.clone(),
+            size_bytes: r.meta.size_bytes,
+            thin: r.meta.thin,
+            source_snapshot: r.meta.source_snapshot.clone(),
+        })
+    }
+
+    /// Creates a replica whose contents start as those of a snapshot copy:
+    /// its data file is a reflink of the copy's, in the copy's pool, grown
+    /// to `req.size_bytes` (the tail reads as zeros). A thick restore also
+    /// allocates the holes; blocks shared with the copy stay shared until
+    /// written. The pool provisions the replica like any other. Returns the
+    /// existing replica if the same restore was done before (see
+    /// [`ReplicaCatalog::existing`]).
+    ///
+    /// The caller keeps the copy from being deleted during the call.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`ReplicaCatalog::existing`], [`Error::SourcePool`] if
+    /// `req.pool` names another pool than the copy's,
+    /// [`Error::SmallerThanSource`], [`Error::Pool`] (overcommit limit,
+    /// insufficient space), [`Error::ReflinkUnsupported`],
+    /// [`Error::NoSpace`], and file errors. On error no files are left
+    /// behind.
+    pub fn restore(&mut self, req: &CreateReplica, source: &SourceCopy) -> Result<Replica, Error> {
+        if let Some(existing) = self.existing(req, &source.snapshot_id)? {
+            return Ok(existing);
+        }
+        if let Some(pool) = req.pool.as_ref().filter(|p| **p != source.pool) {
+            return Err(Error::SourcePool {
+                name: req.name.clone(),
+                pool: pool.clone(),
+                snapshot_id: source.snapshot_id.clone(),
+                source_pool: source.pool.clone(),
+            });
+        }
+        if req.size_bytes < source.size_bytes {
+            return Err(Error::SmallerThanSource {
+                name: req.name.clone(),
+                size_bytes: req.size_bytes,
+                snapshot_id: source.snapshot_id.clone(),
+                source_bytes: source.size_bytes,
+            });
+        }
+        let pool = self.pools.get(&source.pool)?;
+        let provision = pool.provision(req.size_bytes, !req.thin, true)?;
+        let (data_path, meta_path) = paths(&pool, &req.name);
+
+        clone_data(&data_path, &meta_path, source, req.size_bytes, req.thin)?;
+        let meta = ReplicaMeta {
+            source_snapshot: source.snapshot_id.clone(),
+            ..ReplicaMeta::new(&req.volume_id, req.size_bytes, req.thin)
+        };
+        if let Err(e) = meta.store(&meta_path) {
+            remove_quietly(&data_path);
+            return Err(e);
+        }
+        provision.commit();
+
+        let replica = Replica {
+            name: req.name.clone(),
+            pool: pool.name().to_owned(),
+            data_path,
+            meta_path,
+            meta,
+        };
+        info!(
+            replica.id = %replica.name,
+            volume.id = %replica.meta.volume_id,
+            snapshot.id = %source.snapshot_id,
+            pool.name = %replica.pool,
+            size_bytes = replica.meta.size_bytes,
+            thin = replica.meta.thin,
+            "Replica restored from a snapshot copy"
         );
         self.replicas.insert(
             req.name.clone(),
@@ -762,7 +943,20 @@ impl ReplicaCatalog {
 ///
 /// [`Error::InvalidName`] saying what is wrong.
 pub fn validate_name(name: &str) -> Result<(), Error> {
-    let reason = if name.is_empty() {
+    match name_problem(name) {
+        Some(reason) => Err(Error::InvalidName {
+            name: name.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Returns what is wrong with a name of a file in a pool (a replica name, a
+/// snapshot id), or `None` if it is 1 to [`MAX_NAME_LEN`] bytes of
+/// `[A-Za-z0-9._-]` and does not start with a dot.
+pub fn name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
         Some("empty")
     } else if name.len() > MAX_NAME_LEN {
         Some("longer than 128 bytes")
@@ -775,13 +969,6 @@ pub fn validate_name(name: &str) -> Result<(), Error> {
         Some("only A-Z, a-z, 0-9, '.', '_' and '-' are allowed")
     } else {
         None
-    };
-    match reason {
-        Some(reason) => Err(Error::InvalidName {
-            name: name.to_owned(),
-            reason,
-        }),
-        None => Ok(()),
     }
 }
 
@@ -816,6 +1003,79 @@ fn create_data(
     size_bytes: u64,
     thin: bool,
 ) -> Result<(), Error> {
+    let file = open_new_data(data_path, meta_path)?;
+    let sized = set_size(&file, data_path, 0, size_bytes, thin).and_then(|()| {
+        file.sync_all().map_err(|source| Error::SyncData {
+            path: data_path.to_owned(),
+            source,
+        })
+    });
+    if let Err(e) = sized {
+        drop(file);
+        remove_quietly(data_path);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Creates a data file as a reflink of a snapshot copy's, sized to
+/// `size_bytes`, and fsyncs it; removes it again on error.
+fn clone_data(
+    data_path: &Path,
+    meta_path: &Path,
+    source: &SourceCopy,
+    size_bytes: u64,
+    thin: bool,
+) -> Result<(), Error> {
+    let src = File::open(&source.data_path).map_err(|e| Error::OpenData {
+        path: source.data_path.clone(),
+        source: e,
+    })?;
+    let file = open_new_data(data_path, meta_path)?;
+    let cloned = crate::snapshot::reflink::clone_file(&src, &file)
+        .map_err(|errno| {
+            if crate::snapshot::reflink::is_unsupported(errno) {
+                Error::ReflinkUnsupported {
+                    path: data_path.to_owned(),
+                    source_path: source.data_path.clone(),
+                    source: errno,
+                }
+            } else if crate::snapshot::reflink::is_no_space(errno) {
+                Error::NoSpace {
+                    path: data_path.to_owned(),
+                    source: errno,
+                }
+            } else {
+                Error::CloneData {
+                    path: data_path.to_owned(),
+                    source_path: source.data_path.clone(),
+                    source: errno,
+                }
+            }
+        })
+        .and_then(|()| {
+            // Thin: only the tail past the copy is new (a hole). Thick: every
+            // hole from offset 0 is allocated; shared extents stay shared.
+            let from = if thin { source.size_bytes } else { 0 };
+            set_size(&file, data_path, from, size_bytes, thin)
+        })
+        .and_then(|()| {
+            file.sync_all().map_err(|e| Error::SyncData {
+                path: data_path.to_owned(),
+                source: e,
+            })
+        });
+    if let Err(e) = cloned {
+        drop(file);
+        remove_quietly(data_path);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Creates a new, empty data file (`O_EXCL`); a leftover without metadata
+/// is removed first.
+fn open_new_data(data_path: &Path, meta_path: &Path) -> Result<File, Error> {
     let open = || {
         OpenOptions::new()
             .write(true)
@@ -836,18 +1096,7 @@ fn create_data(
         path: data_path.to_owned(),
         source,
     })?;
-    let sized = set_size(&file, data_path, 0, size_bytes, thin).and_then(|()| {
-        file.sync_all().map_err(|source| Error::SyncData {
-            path: data_path.to_owned(),
-            source,
-        })
-    });
-    if let Err(e) = sized {
-        drop(file);
-        remove_quietly(data_path);
-        return Err(e);
-    }
-    Ok(())
+    Ok(file)
 }
 
 /// Extends a data file from `from` to `to` bytes: a hole when thin, allocated

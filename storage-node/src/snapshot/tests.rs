@@ -1,0 +1,1 @@
+//! Snapshot copy tests on real file-backed XFS pools (root).

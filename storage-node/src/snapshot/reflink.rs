@@ -53,17 +53,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn clone_between_tmpfs_files_is_unsupported_or_works() {
-        // /dev/shm (tmpfs) has no reflink: the error must classify as
-        // unsupported, which callers turn into FAILED_PRECONDITION.
+    fn clone_on_tmpfs_is_unsupported() {
+        // tmpfs (/dev/shm) cannot reflink: the error must classify as
+        // unsupported, which callers answer with FAILED_PRECONDITION.
         let dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
         let mut src = File::create(dir.path().join("src")).expect("src");
         src.write_all(b"bytes").expect("write");
         let src = File::open(dir.path().join("src")).expect("reopen src");
         let dst = File::create(dir.path().join("dst")).expect("dst");
-        match clone_file(&src, &dst) {
-            Ok(()) => {}
-            Err(errno) => assert!(is_unsupported(errno), "{errno}"),
-        }
+        let errno = clone_file(&src, &dst).expect_err("tmpfs has no reflink");
+        assert!(is_unsupported(errno), "{errno}");
+        assert!(!is_no_space(errno));
     }
 }

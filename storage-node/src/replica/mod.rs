@@ -1092,9 +1092,16 @@ fn open_new_data(data_path: &Path, meta_path: &Path) -> Result<File, Error> {
         }
         other => other,
     }
-    .map_err(|source| Error::OpenData {
-        path: data_path.to_owned(),
-        source,
+    .map_err(|source| match source.raw_os_error().map(Errno::from_raw) {
+        // No room for the new inode.
+        Some(errno @ (Errno::ENOSPC | Errno::EDQUOT)) => Error::NoSpace {
+            path: data_path.to_owned(),
+            source: errno,
+        },
+        _ => Error::OpenData {
+            path: data_path.to_owned(),
+            source,
+        },
     })?;
     Ok(file)
 }

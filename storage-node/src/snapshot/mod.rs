@@ -448,17 +448,9 @@ impl SnapshotCatalog {
         };
         if let Err(source) = meta.store(&meta_path) {
             remove_quietly(&data_path);
-            return Err(if is_no_space_io(&source) {
-                Error::NoSpace {
-                    path: meta_path,
-                    source,
-                }
-            } else {
-                Error::WriteMeta {
-                    path: meta_path,
-                    source,
-                }
-            });
+            return Err(no_space_or(&meta_path, source, |path, source| {
+                Error::WriteMeta { path, source }
+            }));
         }
         let copy = SnapshotCopy {
             snapshot_id: snapshot_id.to_owned(),
@@ -830,9 +822,11 @@ fn clone_replica(replica: &Replica, data_path: &Path, meta_path: &Path) -> Resul
         }
         other => other,
     }
-    .map_err(|source| Error::OpenData {
-        path: data_path.to_owned(),
-        source,
+    .map_err(|source| {
+        no_space_or(data_path, source, |path, source| Error::OpenData {
+            path,
+            source,
+        })
     })?;
     let made = reflink::clone_file(&src, &file)
         .map_err(|errno| {
@@ -857,9 +851,11 @@ fn clone_replica(replica: &Replica, data_path: &Path, meta_path: &Path) -> Resul
         })
         .and_then(|()| trim_to(&file, data_path, replica.meta.size_bytes))
         .and_then(|()| {
-            file.sync_all().map_err(|source| Error::SyncData {
-                path: data_path.to_owned(),
-                source,
+            file.sync_all().map_err(|source| {
+                no_space_or(data_path, source, |path, source| Error::SyncData {
+                    path,
+                    source,
+                })
             })
         });
     if let Err(e) = made {
@@ -920,9 +916,23 @@ fn check_data(id: &str, data_path: &Path, meta: &CopyMeta) -> Result<(), String>
     Ok(())
 }
 
-fn is_no_space_io(e: &io::Error) -> bool {
-    e.raw_os_error()
-        .is_some_and(|code| reflink::is_no_space(Errno::from_raw(code)))
+/// Returns [`Error::NoSpace`] for `ENOSPC` and `EDQUOT`, else `other`.
+fn no_space_or(
+    path: &Path,
+    source: io::Error,
+    other: impl FnOnce(PathBuf, io::Error) -> Error,
+) -> Error {
+    let no_space = source
+        .raw_os_error()
+        .is_some_and(|code| reflink::is_no_space(Errno::from_raw(code)));
+    if no_space {
+        Error::NoSpace {
+            path: path.to_owned(),
+            source,
+        }
+    } else {
+        other(path.to_owned(), source)
+    }
 }
 
 fn remove_quietly(path: &Path) {

@@ -516,3 +516,90 @@ fn changed_ranges_are_the_overwritten_ranges() {
     drop((base, target, grown, other));
     node.stop(c);
 }
+
+/// Fills the pool's free space with a file of its own, as far as the
+/// filesystem lets a user file grow.
+fn fill_pool(mount: &Path) {
+    let filler = File::options()
+        .write(true)
+        .create_new(true)
+        .open(mount.join("filler"))
+        .expect("filler");
+    let mut offset: i64 = 0;
+    let mut chunk: i64 = 256 * MIB as i64;
+    while chunk >= K4 as i64 {
+        match nix::fcntl::fallocate(&filler, nix::fcntl::FallocateFlags::empty(), offset, chunk) {
+            Ok(()) => offset += chunk,
+            Err(_) => chunk /= 2,
+        }
+    }
+    filler.sync_all().expect("sync filler");
+}
+
+#[test]
+fn a_full_pool_refuses_copies_and_restores_and_leaves_nothing_behind() {
+    let node = Node::new();
+    let mut c = node.start();
+    let r1 = c.replica("r1", 16 * MIB);
+    // Every other block: a copy's extent map needs many records.
+    let file = File::options()
+        .write(true)
+        .open(&r1.data_path)
+        .expect("open r1");
+    for block in (0..16 * MIB / K4).step_by(2) {
+        file.write_all_at(&[0x42; K4 as usize], block * K4)
+            .expect("write");
+    }
+    file.sync_all().expect("fsync");
+    drop(file);
+    c.copy("before", "r1")
+        .expect("copy before the pool is full");
+    let pool = c.replicas.pools().get("pool-a").expect("pool");
+    fill_pool(pool.mount_path());
+
+    // A restore: thin, so provisioning lets it through; the file system
+    // refuses.
+    let source = c.copies.source("before").expect("source");
+    let restore = CreateReplica {
+        name: "restored".into(),
+        volume_id: String::new(),
+        size_bytes: 16 * MIB,
+        thin: true,
+        pool: None,
+    };
+    let e = c
+        .replicas
+        .restore(&restore, &source)
+        .expect_err("full pool");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    assert!(!pool.replicas_dir().join("restored.data").exists());
+    assert_eq!(c.replicas.list().len(), 1);
+
+    let mut refused = 0;
+    for i in 0..64 {
+        let id = format!("s{i}");
+        match c.copy(&id, "r1") {
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+                assert!(!node.snapshots_dir().join(format!("{id}.data")).exists());
+                assert!(
+                    !node
+                        .snapshots_dir()
+                        .join(format!("{id}.meta.json"))
+                        .exists()
+                );
+                eprintln!("copy {i} refused: {}", crate::error_chain(&e));
+                refused += 1;
+                break;
+            }
+        }
+    }
+    eprintln!("copies made before refusal: {}", c.copies.list().len() - 1);
+    assert_eq!(refused, 1, "a full pool took 64 copies");
+    // What was made is intact and listed; nothing half-made is.
+    for copy in c.copies.list() {
+        assert_eq!(CopyMeta::load(&copy.meta_path).expect("meta"), copy.meta);
+    }
+    node.stop(c);
+}

@@ -21,3 +21,4 @@ mod netcut;
 mod pools;
 mod replica_states;
 mod replication;
+mod snapshots;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::pool::tests::TestEnv;
-use crate::pool::{PoolConfig, PoolManager};
+use crate::pool::{self, PoolConfig, PoolManager};
 
 const MIB: u64 = 1 << 20;
 

@@ -21,4 +21,4 @@ mod netcut;
 mod pools;
 mod replica_states;
 mod replication;
-mod snapshots;
+mod snapshot_copies;

@@ -3,10 +3,13 @@
 //! volume targets, with the operations the gRPC API offers on them.
 //!
 //! Every operation that touches disks (mkfs, mount, fallocate, metadata
-//! fsync) runs on tokio's blocking pool so the runtime's threads stay free
-//! for NBD traffic. Catalog changes are serialised by one mutex; export
-//! changes by another, which is always taken first when both are needed
-//! (destroy and grow must see whether the replica is exported).
+//! fsync, FICLONE, FIEMAP) runs on tokio's blocking pool so the runtime's
+//! threads stay free for NBD traffic. Catalog changes are serialised by one
+//! mutex; export changes by another, which is always taken first when both
+//! are needed (destroy and grow must see whether the replica is exported).
+//! The snapshot copy catalog has a third lock, always taken after the
+//! replica catalog's (a copy reads a replica, a restore makes one); range
+//! scans open the copies under it and run without it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,6 +21,7 @@ use crate::pool::{self, Pool, PoolCapacity, PoolConfig, PoolManager};
 use crate::raw_export::{self, ExportInfo, Exports};
 use crate::replica::{self, CreateReplica, Replica, ReplicaCatalog};
 use crate::replication::{self, ReplicaServer};
+use crate::snapshot::{self, RangesPage, SnapshotCatalog, SnapshotCopy};
 use crate::target::{LocalReplicas, Targets, TargetsConfig};
 use crate::uring::{self, IoEngine};
 
@@ -30,6 +34,9 @@ pub enum Error {
     /// A replica operation failed.
     #[error(transparent)]
     Replica(#[from] replica::Error),
+    /// A snapshot copy operation failed.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
     /// An export operation failed.
     #[error(transparent)]
     Export(#[from] raw_export::Error),
@@ -80,10 +87,20 @@ pub struct ReplicaStatus {
     pub exported: bool,
 }
 
+/// A snapshot copy with figures read from its file.
+#[derive(Debug, Clone)]
+pub struct SnapshotCopyStatus {
+    /// The copy as the catalog knows it.
+    pub copy: SnapshotCopy,
+    /// Bytes of the pool its data file maps (shared or not).
+    pub allocated_bytes: u64,
+}
+
 /// The storage agent of one node.
 pub struct Agent {
     pools: Arc<PoolManager>,
     catalog: Arc<Mutex<ReplicaCatalog>>,
+    snapshots: Arc<parking_lot::Mutex<SnapshotCatalog>>,
     exports: tokio::sync::Mutex<Exports>,
     /// Fenced replicas, shared by the replica server and local targets.
     local: Arc<LocalReplicas>,
@@ -96,27 +113,37 @@ impl Agent {
     /// `spawn_blocking` or before the runtime serves anything.
     ///
     /// Errors: the first pool that cannot be opened ([`Error::Pool`]; pools
-    /// already opened are closed again), [`Error::Replica`] if the catalog
-    /// cannot be loaded, [`Error::Engine`].
+    /// already opened are closed again), [`Error::Replica`] or
+    /// [`Error::Snapshot`] if a catalog cannot be loaded, [`Error::Engine`].
     pub fn open(config: &AgentConfig) -> Result<Self, Error> {
         let engine =
             IoEngine::start(config.io_threads, config.io_queue_depth).map_err(Error::Engine)?;
         let pools = Arc::new(PoolManager::open_all(&config.state_dir, &config.pools)?);
-        let catalog = match ReplicaCatalog::load(pools.clone()) {
-            Ok(catalog) => catalog,
+        let loaded = ReplicaCatalog::load(pools.clone())
+            .map_err(Error::from)
+            .and_then(|catalog| {
+                let snapshots = SnapshotCatalog::load(pools.clone())?;
+                Ok((catalog, snapshots))
+            });
+        let (catalog, snapshots) = match loaded {
+            Ok(loaded) => loaded,
             Err(e) => {
                 if let Err(close) = pools.close_all() {
                     warn!(error = %crate::error_chain(&close), "Cannot close pools after a failed start");
                 }
-                return Err(e.into());
+                return Err(e);
             }
         };
         for faulted in catalog.faulted() {
             warn!(replica.id = %faulted.name, pool.name = %faulted.pool, reason = %faulted.reason, "Replica is faulted");
         }
+        for faulted in snapshots.faulted() {
+            warn!(snapshot.id = %faulted.snapshot_id, pool = %faulted.pool, reason = %faulted.reason, "Snapshot copy is faulted");
+        }
         info!(
             pools = pools.list().len(),
             replicas = catalog.list().len(),
+            snapshot_copies = snapshots.list().len(),
             "Agent ready"
         );
         let catalog = Arc::new(Mutex::new(catalog));
@@ -125,6 +152,7 @@ impl Agent {
         Ok(Self {
             pools,
             catalog,
+            snapshots: Arc::new(parking_lot::Mutex::new(snapshots)),
             exports: tokio::sync::Mutex::new(Exports::new(engine)),
             local,
             targets,
@@ -165,6 +193,138 @@ impl Agent {
         self.with_catalog(move |catalog| catalog.create(&request).map(|_| ()))
             .await?;
         self.replica_status(&name).await
+    }
+
+    /// Creates a replica restored from the snapshot copy `snapshot_id`
+    /// (idempotent; see `ReplicaCatalog::restore`). An earlier identical
+    /// restore is returned even if the copy has since been deleted.
+    ///
+    /// Errors: [`Error::Replica`] (invalid arguments, ALREADY_EXISTS, pool
+    /// mismatch, size below the copy's, no space, no reflink),
+    /// [`Error::Snapshot`] (`NotFound` if the node holds no such copy).
+    pub async fn restore_replica(
+        &self,
+        request: CreateReplica,
+        snapshot_id: &str,
+    ) -> Result<ReplicaStatus, Error> {
+        let name = request.name.clone();
+        let catalog = self.catalog.clone();
+        let snapshots = self.snapshots.clone();
+        let snapshot_id = snapshot_id.to_string();
+        blocking(move || {
+            let mut replicas = lock(&catalog);
+            if replicas.existing(&request, &snapshot_id)?.is_some() {
+                return Ok(());
+            }
+            // Held across the reflink: the copy cannot be deleted meanwhile.
+            let copies = snapshots.lock();
+            let source = copies.source(&snapshot_id)?;
+            replicas.restore(&request, &source)?;
+            Ok(())
+        })
+        .await?;
+        self.replica_status(&name).await
+    }
+
+    /// Takes a snapshot copy of a replica (idempotent; see
+    /// `SnapshotCatalog::create`). The caller (the controller) makes sure no
+    /// write is in flight: the target's barrier is up, or there is no target.
+    ///
+    /// Errors: [`Error::Snapshot`] (invalid id, ALREADY_EXISTS, unknown or
+    /// faulted replica, no reflink, no space).
+    pub async fn create_snapshot_copy(
+        &self,
+        snapshot_id: &str,
+        replica_name: &str,
+    ) -> Result<SnapshotCopyStatus, Error> {
+        let catalog = self.catalog.clone();
+        let snapshots = self.snapshots.clone();
+        let snapshot_id = snapshot_id.to_string();
+        let replica_name = replica_name.to_string();
+        blocking(move || {
+            // The replica catalog's lock keeps the replica from being
+            // destroyed or grown during the reflink.
+            let replicas = lock(&catalog);
+            let copy = snapshots
+                .lock()
+                .create(&snapshot_id, &replica_name, |name| replicas.get(name))?;
+            drop(replicas);
+            copy_status(copy)
+        })
+        .await
+    }
+
+    /// Deletes a snapshot copy; an unknown id is not an error. Replicas
+    /// restored from it are not affected.
+    ///
+    /// Errors: [`Error::Snapshot`] (invalid id, metadata not removable).
+    pub async fn delete_snapshot_copy(&self, snapshot_id: &str) -> Result<(), Error> {
+        let snapshots = self.snapshots.clone();
+        let snapshot_id = snapshot_id.to_string();
+        blocking(move || {
+            snapshots.lock().delete(&snapshot_id)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every snapshot copy of every pool, with its allocation.
+    ///
+    /// Errors: [`Error::Snapshot`] if a copy's file cannot be stat'ed.
+    pub async fn list_snapshot_copies(&self) -> Result<Vec<SnapshotCopyStatus>, Error> {
+        let snapshots = self.snapshots.clone();
+        blocking(move || {
+            let copies = snapshots.lock().list();
+            copies.into_iter().map(copy_status).collect()
+        })
+        .await
+    }
+
+    /// The ranges of a copy that hold data, from `starting_offset`, at most
+    /// `max_results` (0: 1024).
+    ///
+    /// Errors: [`Error::Snapshot`] (`NotFound`, `OutOfRange`, `MapRanges`).
+    pub async fn allocated_ranges(
+        &self,
+        snapshot_id: &str,
+        starting_offset: u64,
+        max_results: u32,
+    ) -> Result<(RangesPage, u64), Error> {
+        let snapshots = self.snapshots.clone();
+        let snapshot_id = snapshot_id.to_string();
+        blocking(move || {
+            let copy = snapshots.lock().open(&snapshot_id)?;
+            let page = snapshot::allocated_ranges(&copy, starting_offset, max_results)?;
+            Ok((page, copy.copy.meta.size_bytes))
+        })
+        .await
+    }
+
+    /// The ranges in which `target_id` may differ from `base_id` (two
+    /// copies of one volume), from `starting_offset`, at most `max_results`
+    /// (0: 1024). Returns the page and the target's size in bytes.
+    ///
+    /// Errors: [`Error::Snapshot`] (`NotFound`, `DifferentVolumes`,
+    /// `OutOfRange`, `MapRanges`).
+    pub async fn changed_ranges(
+        &self,
+        base_id: &str,
+        target_id: &str,
+        starting_offset: u64,
+        max_results: u32,
+    ) -> Result<(RangesPage, u64), Error> {
+        let snapshots = self.snapshots.clone();
+        let base_id = base_id.to_string();
+        let target_id = target_id.to_string();
+        blocking(move || {
+            let (base, target) = {
+                let copies = snapshots.lock();
+                (copies.open(&base_id)?, copies.open(&target_id)?)
+            };
+            let page = snapshot::changed_ranges(&base, &target, starting_offset, max_results)?;
+            Ok((page, target.copy.meta.size_bytes))
+        })
+        .await
     }
 
     /// Grows a replica to `size_bytes`, also for a running export.
@@ -311,6 +471,14 @@ impl Agent {
         let catalog = self.catalog.clone();
         blocking(move || Ok(f(&mut lock(&catalog))?)).await
     }
+}
+
+fn copy_status(copy: SnapshotCopy) -> Result<SnapshotCopyStatus, Error> {
+    let allocated_bytes = snapshot::allocated_bytes(&copy)?;
+    Ok(SnapshotCopyStatus {
+        copy,
+        allocated_bytes,
+    })
 }
 
 /// Locks the catalog; a panic while it was held leaves it usable because

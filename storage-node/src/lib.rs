@@ -3,6 +3,8 @@
 //! - [`pool`] formats and imports the node's disks (XFS with reflink) and
 //!   accounts for their capacity.
 //! - [`replica`] owns replica files and their metadata inside pools.
+//! - [`snapshot`] owns snapshot copies (reflinks of replicas) inside pools,
+//!   and maps their allocated and changed ranges.
 //! - [`durable`] replaces small files atomically and durably (pool labels,
 //!   replica metadata).
 //! - [`uring`] is the I/O engine: threads that own io_uring rings and execute
@@ -35,6 +37,7 @@ pub mod raw_export;
 pub mod registration;
 pub mod replica;
 pub mod replication;
+pub mod snapshot;
 pub mod target;
 pub mod uring;
 

@@ -9,6 +9,7 @@
 mod pool;
 mod raw_export;
 mod replica;
+mod snapshot;
 mod target;
 
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use ballast_proto::agent::export_service_server::ExportServiceServer;
 use ballast_proto::agent::pool_service_server::PoolServiceServer;
 use ballast_proto::agent::replica_service_server::ReplicaServiceServer;
+use ballast_proto::agent::snapshot_service_server::SnapshotServiceServer;
 use ballast_proto::agent::target_service_server::TargetServiceServer;
 use tonic::Status;
 
@@ -39,6 +41,9 @@ pub async fn serve(
         .add_service(ExportServiceServer::new(raw_export::ExportApi::new(
             agent.clone(),
         )))
+        .add_service(SnapshotServiceServer::new(snapshot::SnapshotApi::new(
+            agent.clone(),
+        )))
         .add_service(TargetServiceServer::new(target::TargetApi::new(agent)))
         .serve_with_shutdown(listen, shutdown)
         .await
@@ -49,6 +54,7 @@ impl From<agent::Error> for Status {
         match e {
             agent::Error::Pool(e) => e.into(),
             agent::Error::Replica(e) => e.into(),
+            agent::Error::Snapshot(e) => e.into(),
             agent::Error::Export(e) => {
                 let code = match &e {
                     crate::raw_export::Error::Conflict { .. } => tonic::Code::AlreadyExists,

@@ -32,7 +32,7 @@ fn to_proto(status: ReplicaStatus) -> pb::Replica {
         epoch: r.meta.epoch,
         path: r.data_path.display().to_string(),
         exported: status.exported,
-        source_snapshot: String::new(),
+        source_snapshot: r.meta.source_snapshot,
     }
 }
 
@@ -45,23 +45,27 @@ fn require_name(name: &str) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl ReplicaService for ReplicaApi {
-    #[instrument(err, skip_all, fields(replica.id = %request.get_ref().name))]
+    #[instrument(err, skip_all, fields(replica.id = %request.get_ref().name, snapshot.id = %request.get_ref().source_snapshot))]
     async fn create_replica(
         &self,
         request: Request<pb::CreateReplicaRequest>,
     ) -> Result<Response<pb::Replica>, Status> {
         let req = request.into_inner();
         require_name(&req.name)?;
-        let status = self
-            .agent
-            .create_replica(CreateReplica {
-                name: req.name,
-                volume_id: req.volume_id,
-                size_bytes: req.size_bytes,
-                thin: req.thin,
-                pool: (!req.pool.is_empty()).then_some(req.pool),
-            })
-            .await?;
+        let create = CreateReplica {
+            name: req.name,
+            volume_id: req.volume_id,
+            size_bytes: req.size_bytes,
+            thin: req.thin,
+            pool: (!req.pool.is_empty()).then_some(req.pool),
+        };
+        let status = if req.source_snapshot.is_empty() {
+            self.agent.create_replica(create).await?
+        } else {
+            self.agent
+                .restore_replica(create, &req.source_snapshot)
+                .await?
+        };
         Ok(Response::new(to_proto(status)))
     }
 

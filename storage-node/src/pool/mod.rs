@@ -61,6 +61,10 @@ pub const POOLS_DIR: &str = "pools";
 /// Directory at the root of a pool filesystem that holds replica files.
 pub const REPLICAS_DIR: &str = "replicas";
 
+/// Directory at the root of a pool filesystem that holds snapshot copies
+/// (see [`crate::snapshot`]).
+pub const SNAPSHOTS_DIR: &str = "snapshots";
+
 /// Deadline of `wipefs` and `losetup` calls: they only read a few sectors
 /// or issue an ioctl, so one that takes longer hangs on a dying device.
 const TOOL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -610,6 +614,11 @@ impl Pool {
     /// Returns the directory holding the pool's replica files.
     pub fn replicas_dir(&self) -> PathBuf {
         self.mount_path.join(REPLICAS_DIR)
+    }
+
+    /// Returns the directory holding the pool's snapshot copies.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.mount_path.join(SNAPSHOTS_DIR)
     }
 
     /// Returns the pool's space and provisioning.

@@ -17,7 +17,8 @@ use tracing::{info, warn};
 use super::label::{self, PoolLabel};
 use super::signature::{self, XFS_LABEL};
 use super::{
-    Error, MKFS_TIMEOUT, PoolConfig, REPLICAS_DIR, TOOL_TIMEOUT, mountinfo, validate_name,
+    Error, MKFS_TIMEOUT, PoolConfig, REPLICAS_DIR, SNAPSHOTS_DIR, TOOL_TIMEOUT, mountinfo,
+    validate_name,
 };
 use crate::durable;
 use crate::host::command;
@@ -134,6 +135,7 @@ fn adopt(
         mount_new(pools_dir, &label.name, device)?
     };
     create_dir(&mount_path.join(REPLICAS_DIR))?;
+    create_dir(&mount_path.join(SNAPSHOTS_DIR))?;
     Ok(Some((label, mount_path)))
 }
 
@@ -170,8 +172,9 @@ fn format(
     command::run_blocking("mkfs.xfs", args, MKFS_TIMEOUT)?;
     let target = mount_new(pools_dir, name, device)?;
     let label = PoolLabel::new(name);
-    let labelled =
-        label::write(&target, &label).and_then(|()| create_dir(&target.join(REPLICAS_DIR)));
+    let labelled = label::write(&target, &label)
+        .and_then(|()| create_dir(&target.join(REPLICAS_DIR)))
+        .and_then(|()| create_dir(&target.join(SNAPSHOTS_DIR)));
     if let Err(e) = labelled {
         if let Err(u) = unmount(&target) {
             warn!(mount = %target.display(), error = %u, "Cannot unmount after a failed format");

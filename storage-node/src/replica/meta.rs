@@ -42,6 +42,10 @@ pub struct ReplicaMeta {
     pub epoch: u64,
     /// When the replica was created, in seconds since the Unix epoch.
     pub created_at_unix_secs: u64,
+    /// The snapshot copy the replica was restored from; empty if none.
+    /// Absent from metadata written before restores existed (read as empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source_snapshot: String,
 }
 
 impl ReplicaMeta {
@@ -56,6 +60,7 @@ impl ReplicaMeta {
             created_at_unix_secs: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            source_snapshot: String::new(),
         }
     }
 
@@ -136,6 +141,16 @@ mod tests {
             ReplicaMeta::load(&path),
             Err(Error::UnsupportedMetaVersion { version, .. }) if version == META_FORMAT_VERSION + 1
         ));
+
+        // Metadata written before restores existed has no source_snapshot.
+        std::fs::write(
+            &path,
+            br#"{"format_version":1,"volume_id":"v","size_bytes":4096,"thin":true,"epoch":2,"created_at_unix_secs":5}"#,
+        )
+        .expect("old metadata");
+        let old = ReplicaMeta::load(&path).expect("load old metadata");
+        assert_eq!(old.source_snapshot, "");
+        assert_eq!(old.epoch, 2);
 
         std::fs::write(&path, b"{\"volume_id\": 3").expect("corrupt");
         assert!(matches!(

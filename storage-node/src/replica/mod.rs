@@ -20,6 +20,12 @@
 //!   crash in between leaves a data file longer than the metadata says, which
 //!   is harmless: the metadata size is the replica's size, and a retried grow
 //!   completes.
+//! - **restore** (a create from a snapshot copy, [`ReplicaCatalog::restore`]):
+//!   the data file (`O_EXCL`) is a reflink (FICLONE) of the copy's data file,
+//!   extended to the requested size, fsynced; then the metadata, which names
+//!   the copy in `source_snapshot`. A crash before the metadata leaves a data
+//!   file without metadata, removed like an unfinished create. The restored
+//!   replica shares blocks with the copy, never its lifetime.
 //! - **destroy**: metadata first, then data. A crash in between leaves a data
 //!   file without metadata, which the next start-up removes as it would an
 //!   unfinished create. The other order would leave metadata without data,
@@ -37,26 +43,29 @@
 //! calls; async callers use `spawn_blocking`.
 
 pub mod data;
+mod error;
+mod files;
 pub mod meta;
 
 #[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use nix::errno::Errno;
-use nix::fcntl::FallocateFlags;
 use tracing::{error, info, warn};
 
 use crate::durable;
-use crate::pool::{self, Pool, PoolManager};
+use crate::pool::{Pool, PoolManager};
 
 pub use meta::{DATA_SUFFIX, META_FORMAT_VERSION, META_SUFFIX, ReplicaMeta};
+
+pub use error::Error;
+use files::{check_data, clone_data, create_data, remove_quietly, set_size};
 
 /// Longest replica name, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
@@ -64,227 +73,6 @@ pub const MAX_NAME_LEN: usize = 128;
 /// Replica sizes are multiples of this many bytes, so O_DIRECT I/O on 4 KiB
 /// sector devices can reach every byte.
 pub const SIZE_ALIGN_BYTES: u64 = 4096;
-
-/// Errors of replica catalog operations; [`Error::code`] gives each its gRPC
-/// code.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The replica name is empty, too long, starts with a dot, or has
-    /// characters outside `[A-Za-z0-9._-]`.
-    #[error("Invalid replica name {name:?}: {reason}")]
-    InvalidName {
-        /// The rejected name.
-        name: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
-    /// The size is zero, not a multiple of 4096 bytes, or too large.
-    #[error(
-        "Invalid replica size {size_bytes} bytes: must be a positive multiple of {SIZE_ALIGN_BYTES} below 2^63"
-    )]
-    InvalidSize {
-        /// The rejected size in bytes.
-        size_bytes: u64,
-    },
-    /// No replica has this name.
-    #[error("Replica {name} not found")]
-    NotFound {
-        /// The requested name.
-        name: String,
-    },
-    /// A replica with this name exists with other parameters.
-    #[error(
-        "Replica {name} already exists in pool {pool} for volume {volume_id} with {size_bytes} bytes, thin={thin}"
-    )]
-    AlreadyExists {
-        /// The replica name.
-        name: String,
-        /// Its pool.
-        pool: String,
-        /// Its volume.
-        volume_id: String,
-        /// Its size in bytes.
-        size_bytes: u64,
-        /// Whether it is thin.
-        thin: bool,
-    },
-    /// A grow request smaller than the current size.
-    #[error("Replica {name} is {size_bytes} bytes; it cannot shrink to {requested_bytes}")]
-    Shrink {
-        /// The replica name.
-        name: String,
-        /// Its current size in bytes.
-        size_bytes: u64,
-        /// The requested size in bytes.
-        requested_bytes: u64,
-    },
-    /// An epoch lower than the highest accepted one: the request comes from a
-    /// stale target and is fenced off.
-    #[error("Replica {name} has accepted epoch {epoch}; refusing older epoch {requested}")]
-    StaleEpoch {
-        /// The replica name.
-        name: String,
-        /// The highest accepted epoch.
-        epoch: u64,
-        /// The refused epoch.
-        requested: u64,
-    },
-    /// The replica was found damaged at start-up; only destroy is allowed.
-    #[error("Replica {name} is faulted: {reason}")]
-    Faulted {
-        /// The replica name.
-        name: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// Two pools hold a replica of the same name.
-    #[error("Replica {name} exists in both pool {first_pool} and pool {second_pool}")]
-    DuplicateReplica {
-        /// The replica name.
-        name: String,
-        /// The pool scanned first.
-        first_pool: String,
-        /// The pool scanned second.
-        second_pool: String,
-    },
-    /// A pool error: pool not found, overcommit limit, insufficient space.
-    #[error(transparent)]
-    Pool(#[from] pool::Error),
-    /// The pool ran out of space while allocating the replica's blocks.
-    #[error("No space left in the pool to allocate {}", path.display())]
-    NoSpace {
-        /// The data file.
-        path: PathBuf,
-        /// `ENOSPC` or `EDQUOT`.
-        #[source]
-        source: Errno,
-    },
-    /// The data file could not be created or opened.
-    #[error("Cannot open replica data file {}", path.display())]
-    OpenData {
-        /// The data file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// Setting the data file's size (ftruncate or fallocate) failed.
-    #[error("Cannot size replica data file {}", path.display())]
-    ResizeData {
-        /// The data file.
-        path: PathBuf,
-        /// The system call's error.
-        #[source]
-        source: Errno,
-    },
-    /// fsync of the data file failed.
-    #[error("Cannot sync replica data file {}", path.display())]
-    SyncData {
-        /// The data file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// stat of the data file failed.
-    #[error("Cannot stat replica data file {}", path.display())]
-    StatData {
-        /// The data file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// A replica file could not be removed.
-    #[error("Cannot remove {}", path.display())]
-    Remove {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// A pool's replicas directory could not be listed.
-    #[error("Cannot scan replica directory {}", path.display())]
-    Scan {
-        /// The directory.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// A metadata file could not be read.
-    #[error("Cannot read replica metadata {}", path.display())]
-    ReadMeta {
-        /// The metadata file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// A metadata file is not valid JSON of the expected shape.
-    #[error("Cannot parse replica metadata {}", path.display())]
-    ParseMeta {
-        /// The metadata file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: serde_json::Error,
-    },
-    /// A metadata file written by a newer Ballast.
-    #[error("Replica metadata {} has format version {version}; this agent reads up to {META_FORMAT_VERSION}", path.display())]
-    UnsupportedMetaVersion {
-        /// The metadata file.
-        path: PathBuf,
-        /// The version found.
-        version: u32,
-    },
-    /// A metadata file could not be written.
-    #[error("Cannot write replica metadata {}", path.display())]
-    WriteMeta {
-        /// The metadata file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-}
-
-impl Error {
-    /// Returns the gRPC status code for this error.
-    pub fn code(&self) -> tonic::Code {
-        use tonic::Code;
-        // No `_` arm: a new variant must choose its code.
-        match self {
-            Self::InvalidName { .. } | Self::InvalidSize { .. } => Code::InvalidArgument,
-            Self::NotFound { .. } => Code::NotFound,
-            Self::AlreadyExists { .. } => Code::AlreadyExists,
-            // CSI's ControllerExpandVolume answers an unsupported capacity so.
-            Self::Shrink { .. } => Code::OutOfRange,
-            Self::StaleEpoch { .. } | Self::Faulted { .. } | Self::DuplicateReplica { .. } => {
-                Code::FailedPrecondition
-            }
-            Self::Pool(e) => e.code(),
-            Self::NoSpace { .. } => Code::ResourceExhausted,
-            Self::OpenData { .. }
-            | Self::ResizeData { .. }
-            | Self::SyncData { .. }
-            | Self::StatData { .. }
-            | Self::Remove { .. }
-            | Self::Scan { .. }
-            | Self::ReadMeta { .. }
-            | Self::ParseMeta { .. }
-            | Self::UnsupportedMetaVersion { .. }
-            | Self::WriteMeta { .. } => Code::Internal,
-        }
-    }
-}
-
-impl From<Error> for tonic::Status {
-    fn from(e: Error) -> Self {
-        tonic::Status::new(e.code(), crate::error_chain(&e))
-    }
-}
 
 /// A healthy replica as the catalog knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,6 +120,20 @@ pub struct CreateReplica {
     pub thin: bool,
     /// The pool to create it in; chosen by free space when `None`.
     pub pool: Option<String>,
+}
+
+/// A snapshot copy a replica is restored from: the part of a
+/// [`crate::snapshot::SnapshotCopy`] that [`ReplicaCatalog::restore`] needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceCopy {
+    /// The snapshot id, recorded in the new replica's metadata.
+    pub snapshot_id: String,
+    /// The pool holding the copy; the replica is made in the same pool.
+    pub pool: String,
+    /// The copy's data file.
+    pub data_path: PathBuf,
+    /// The copy's size in bytes.
+    pub size_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -397,25 +199,8 @@ impl ReplicaCatalog {
     /// overcommit limit, insufficient space), [`Error::NoSpace`], and file
     /// errors. On error no files are left behind.
     pub fn create(&mut self, req: &CreateReplica) -> Result<Replica, Error> {
-        validate_name(&req.name)?;
-        validate_size(req.size_bytes)?;
-        self.check_not_faulted(&req.name)?;
-        if let Some(existing) = self.replicas.get(&req.name) {
-            let r = &existing.replica;
-            let same = r.meta.size_bytes == req.size_bytes
-                && r.meta.thin == req.thin
-                && r.meta.volume_id == req.volume_id
-                && req.pool.as_ref().is_none_or(|p| *p == r.pool);
-            if same {
-                return Ok(r.clone());
-            }
-            return Err(Error::AlreadyExists {
-                name: r.name.clone(),
-                pool: r.pool.clone(),
-                volume_id: r.meta.volume_id.clone(),
-                size_bytes: r.meta.size_bytes,
-                thin: r.meta.thin,
-            });
+        if let Some(existing) = self.existing(req, "")? {
+            return Ok(existing);
         }
 
         let pool = match &req.pool {
@@ -447,6 +232,125 @@ impl ReplicaCatalog {
             size_bytes = replica.meta.size_bytes,
             thin = replica.meta.thin,
             "Replica created"
+        );
+        self.replicas.insert(
+            req.name.clone(),
+            Entry {
+                replica: replica.clone(),
+                pool,
+            },
+        );
+        Ok(replica)
+    }
+
+    /// Returns the replica a create (`source_snapshot` empty) or a restore
+    /// (`source_snapshot` naming the copy) of `req` would return without
+    /// doing anything, if one exists: same name, volume, size, thinness and
+    /// source snapshot (in the requested pool, if one is named).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`], [`Error::InvalidSize`], [`Error::Faulted`] if
+    /// the name belongs to a faulted replica, [`Error::AlreadyExists`] for
+    /// the same name with other parameters.
+    pub fn existing(
+        &self,
+        req: &CreateReplica,
+        source_snapshot: &str,
+    ) -> Result<Option<Replica>, Error> {
+        validate_name(&req.name)?;
+        validate_size(req.size_bytes)?;
+        self.check_not_faulted(&req.name)?;
+        let Some(existing) = self.replicas.get(&req.name) else {
+            return Ok(None);
+        };
+        let r = &existing.replica;
+        let same = r.meta.size_bytes == req.size_bytes
+            && r.meta.thin == req.thin
+            && r.meta.volume_id == req.volume_id
+            && r.meta.source_snapshot == source_snapshot
+            && req.pool.as_ref().is_none_or(|p| *p == r.pool);
+        if same {
+            return Ok(Some(r.clone()));
+        }
+        Err(Error::AlreadyExists {
+            name: r.name.clone(),
+            pool: r.pool.clone(),
+            volume_id: r.meta.volume_id.clone(),
+            size_bytes: r.meta.size_bytes,
+            thin: r.meta.thin,
+            source_snapshot: r.meta.source_snapshot.clone(),
+        })
+    }
+
+    /// Creates a replica whose contents start as those of a snapshot copy:
+    /// its data file is a reflink of the copy's, in the copy's pool, grown
+    /// to `req.size_bytes` (the tail reads as zeros). A thick restore also
+    /// allocates the holes; blocks shared with the copy stay shared until
+    /// written. The pool provisions the replica like any other. Returns the
+    /// existing replica if the same restore was done before (see
+    /// [`ReplicaCatalog::existing`]).
+    ///
+    /// The caller keeps the copy from being deleted during the call.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`ReplicaCatalog::existing`], [`Error::SourcePool`] if
+    /// `req.pool` names another pool than the copy's,
+    /// [`Error::SmallerThanSource`], [`Error::Pool`] (overcommit limit,
+    /// insufficient space), [`Error::ReflinkUnsupported`],
+    /// [`Error::NoSpace`], and file errors. On error no files are left
+    /// behind.
+    pub fn restore(&mut self, req: &CreateReplica, source: &SourceCopy) -> Result<Replica, Error> {
+        if let Some(existing) = self.existing(req, &source.snapshot_id)? {
+            return Ok(existing);
+        }
+        if let Some(pool) = req.pool.as_ref().filter(|p| **p != source.pool) {
+            return Err(Error::SourcePool {
+                name: req.name.clone(),
+                pool: pool.clone(),
+                snapshot_id: source.snapshot_id.clone(),
+                source_pool: source.pool.clone(),
+            });
+        }
+        if req.size_bytes < source.size_bytes {
+            return Err(Error::SmallerThanSource {
+                name: req.name.clone(),
+                size_bytes: req.size_bytes,
+                snapshot_id: source.snapshot_id.clone(),
+                source_bytes: source.size_bytes,
+            });
+        }
+        let pool = self.pools.get(&source.pool)?;
+        let provision = pool.provision(req.size_bytes, !req.thin, true)?;
+        let (data_path, meta_path) = paths(&pool, &req.name);
+
+        clone_data(&data_path, &meta_path, source, req.size_bytes, req.thin)?;
+        let meta = ReplicaMeta {
+            source_snapshot: source.snapshot_id.clone(),
+            ..ReplicaMeta::new(&req.volume_id, req.size_bytes, req.thin)
+        };
+        if let Err(e) = meta.store(&meta_path) {
+            remove_quietly(&data_path);
+            return Err(e);
+        }
+        provision.commit();
+
+        let replica = Replica {
+            name: req.name.clone(),
+            pool: pool.name().to_owned(),
+            data_path,
+            meta_path,
+            meta,
+        };
+        info!(
+            replica.id = %replica.name,
+            volume.id = %replica.meta.volume_id,
+            snapshot.id = %source.snapshot_id,
+            pool.name = %replica.pool,
+            size_bytes = replica.meta.size_bytes,
+            thin = replica.meta.thin,
+            "Replica restored from a snapshot copy"
         );
         self.replicas.insert(
             req.name.clone(),
@@ -762,7 +666,20 @@ impl ReplicaCatalog {
 ///
 /// [`Error::InvalidName`] saying what is wrong.
 pub fn validate_name(name: &str) -> Result<(), Error> {
-    let reason = if name.is_empty() {
+    match name_problem(name) {
+        Some(reason) => Err(Error::InvalidName {
+            name: name.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Returns what is wrong with a name of a file in a pool (a replica name, a
+/// snapshot id), or `None` if it is 1 to [`MAX_NAME_LEN`] bytes of
+/// `[A-Za-z0-9._-]` and does not start with a dot.
+pub fn name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
         Some("empty")
     } else if name.len() > MAX_NAME_LEN {
         Some("longer than 128 bytes")
@@ -775,13 +692,6 @@ pub fn validate_name(name: &str) -> Result<(), Error> {
         Some("only A-Z, a-z, 0-9, '.', '_' and '-' are allowed")
     } else {
         None
-    };
-    match reason {
-        Some(reason) => Err(Error::InvalidName {
-            name: name.to_owned(),
-            reason,
-        }),
-        None => Ok(()),
     }
 }
 
@@ -807,98 +717,4 @@ fn paths(pool: &Pool, name: &str) -> (PathBuf, PathBuf) {
         dir.join(format!("{name}{DATA_SUFFIX}")),
         dir.join(format!("{name}{META_SUFFIX}")),
     )
-}
-
-/// Creates and sizes a data file and fsyncs it; removes it again on error.
-fn create_data(
-    data_path: &Path,
-    meta_path: &Path,
-    size_bytes: u64,
-    thin: bool,
-) -> Result<(), Error> {
-    let open = || {
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(data_path)
-    };
-    let file = match open() {
-        // Left by a create whose cleanup failed: without metadata it is
-        // garbage, exactly what the next start-up would remove.
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && !meta_path.exists() => {
-            warn!(path = %data_path.display(), "Removing a leftover data file before create");
-            fs::remove_file(data_path).and_then(|()| open())
-        }
-        other => other,
-    }
-    .map_err(|source| Error::OpenData {
-        path: data_path.to_owned(),
-        source,
-    })?;
-    let sized = set_size(&file, data_path, 0, size_bytes, thin).and_then(|()| {
-        file.sync_all().map_err(|source| Error::SyncData {
-            path: data_path.to_owned(),
-            source,
-        })
-    });
-    if let Err(e) = sized {
-        drop(file);
-        remove_quietly(data_path);
-        return Err(e);
-    }
-    Ok(())
-}
-
-/// Extends a data file from `from` to `to` bytes: a hole when thin, allocated
-/// blocks when thick.
-fn set_size(file: &File, path: &Path, from: u64, to: u64, thin: bool) -> Result<(), Error> {
-    let off = |bytes: u64| {
-        libc::off_t::try_from(bytes).map_err(|_| Error::InvalidSize { size_bytes: bytes })
-    };
-    let result = if thin {
-        nix::unistd::ftruncate(file, off(to)?)
-    } else {
-        nix::fcntl::fallocate(file, FallocateFlags::empty(), off(from)?, off(to - from)?)
-    };
-    result.map_err(|source| match source {
-        Errno::ENOSPC | Errno::EDQUOT => Error::NoSpace {
-            path: path.to_owned(),
-            source,
-        },
-        _ => Error::ResizeData {
-            path: path.to_owned(),
-            source,
-        },
-    })
-}
-
-/// Returns why a data file does not back its metadata, if it does not.
-fn check_data(data_path: &Path, meta: &ReplicaMeta) -> Result<(), String> {
-    let len = match fs::metadata(data_path) {
-        Ok(m) => m.len(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(format!(
-                "metadata without data file {}",
-                data_path.display()
-            ));
-        }
-        Err(e) => return Err(format!("cannot stat {}: {e}", data_path.display())),
-    };
-    if len < meta.size_bytes {
-        return Err(format!(
-            "data file is {len} bytes, metadata says {}",
-            meta.size_bytes
-        ));
-    }
-    if len > meta.size_bytes {
-        warn!(path = %data_path.display(), len, size_bytes = meta.size_bytes, "Data file is longer than its metadata: an interrupted grow");
-    }
-    Ok(())
-}
-
-fn remove_quietly(path: &Path) {
-    if let Err(e) = durable::remove(path) {
-        warn!(path = %path.display(), error = %e, "Cannot remove file");
-    }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::pool::tests::TestEnv;
-use crate::pool::{PoolConfig, PoolManager};
+use crate::pool::{self, PoolConfig, PoolManager};
 
 const MIB: u64 = 1 << 20;
 
@@ -435,6 +435,7 @@ fn errors_map_to_grpc_codes() {
         volume_id: "v".to_owned(),
         size_bytes: 4096,
         thin: true,
+        source_snapshot: String::new(),
     };
     assert_eq!(exists.code(), Code::AlreadyExists);
 

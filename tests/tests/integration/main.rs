@@ -22,4 +22,5 @@ mod netcut;
 mod pools;
 mod replica_states;
 mod replication;
+mod snapshot_copies;
 mod snapshots;

@@ -320,7 +320,7 @@ async fn filesystem_round_trip(fs_type: &str) -> Result<()> {
     let mut ctl = ControllerClient::new(channel(&cluster.path.join("csi.sock")).await?);
     let mut node1 = NodePlugin::start(&cluster, "node-1").await?;
     let mut node2 = NodePlugin::start(&cluster, "node-2").await?;
-    let mut request = create_request("pvc-src", 128 * MIB, 2);
+    let mut request = create_request("pvc-src", 320 * MIB, 2);
     request
         .parameters
         .insert("fsType".into(), fs_type.to_string());
@@ -344,11 +344,11 @@ async fn filesystem_round_trip(fs_type: &str) -> Result<()> {
     write_tree(&mounted, 7)?;
     std::fs::write(mounted.join("dir/late"), b"after the cut")?;
 
-    let restored = create(
-        &mut ctl,
-        from_snapshot("pvc-restored", "snap-fs", 128 * MIB),
-    )
-    .await?;
+    let mut restore = from_snapshot("pvc-restored", "snap-fs", 320 * MIB);
+    restore
+        .parameters
+        .insert("fsType".into(), fs_type.to_string());
+    let restored = create(&mut ctl, restore).await?;
     let restored_context = controller_publish(&mut ctl, &restored, "node-2").await?;
     let pod2 = cluster.dir.join("pod-2");
     let restored_mount = stage_and_publish(&mut node2, &pod2, &restored, &restored_context).await?;

@@ -120,7 +120,8 @@ mod tests {
             services,
             [
                 service::Type::ControllerService,
-                service::Type::VolumeAccessibilityConstraints
+                service::Type::VolumeAccessibilityConstraints,
+                service::Type::SnapshotMetadataService,
             ]
         );
         let expansion: Vec<volume_expansion::Type> = capabilities

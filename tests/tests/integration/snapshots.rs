@@ -292,3 +292,186 @@ fn a_restore_on_more_nodes_than_hold_copies_rebuilds_the_others_in_full() -> Res
     }
     Ok(())
 }
+
+/// Where the sequence log lives in the volume, past fio's region.
+const LOG_OFFSET: u64 = 100 << 20;
+/// Bytes of one log record.
+const RECORD_BYTES: usize = 4096;
+
+/// Writes numbered 4 KiB records one after another (each waits for the
+/// previous acknowledgement) from LOG_OFFSET, until `stop` exists.
+const LOG_WRITER: &str = r#"
+import os, sys, nbd, struct
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+offset, stop = int(sys.argv[2]), sys.argv[3]
+i = 0
+while not os.path.exists(stop) and i < 6000:
+    body = struct.pack("<8sQ", b"BALLOGv1", i) + bytes([i % 251]) * 4080
+    h.pwrite(body, offset + i * 4096)
+    i += 1
+print(i, flush=True)
+"#;
+
+/// The records of a log image: how many form an unbroken prefix from
+/// record 0, and whether any valid record lies beyond that prefix.
+fn log_prefix(image: &[u8]) -> (usize, bool) {
+    let valid = |i: usize| -> bool {
+        let Some(record) = image.get(i * RECORD_BYTES..(i + 1) * RECORD_BYTES) else {
+            return false;
+        };
+        let mut head = [0u8; 16];
+        head[..8].copy_from_slice(b"BALLOGv1");
+        head[8..].copy_from_slice(&(i as u64).to_le_bytes());
+        record[..16] == head && record[16..].iter().all(|b| usize::from(*b) == i % 251)
+    };
+    let records = image.len() / RECORD_BYTES;
+    let prefix = (0..records).take_while(|i| valid(*i)).count();
+    let beyond = (prefix + 1..records).any(valid);
+    (prefix, beyond)
+}
+
+#[test]
+fn snapshots_under_load_are_one_instant_on_every_replica() -> Result<()> {
+    let cluster = Cluster::up("snap-load", 3, "embedded", &[])?;
+    cluster.cli_ok(&[
+        "volume",
+        "create",
+        "vol-l",
+        "--size",
+        "128MiB",
+        "--replicas",
+        "3",
+        "--thin",
+    ])?;
+    let uri = publish(&cluster, "vol-l", "node-1")?;
+    let mut fio = crate::harness::fio::start(&cluster.dir, &uri, "fio-snap.log")?;
+    let stop = cluster.dir.join("stop-log");
+    let mut writer = crate::harness::Child::spawn(
+        "log writer",
+        std::process::Command::new("/usr/bin/python3")
+            .args(["-c", LOG_WRITER, &uri, &LOG_OFFSET.to_string()])
+            .arg(&stop),
+        &cluster.dir.join("log-writer.log"),
+    )?;
+
+    let mut taken = Vec::new();
+    for i in 0..5 {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let name = format!("load-{i}");
+        let snapshot = cluster.cli_json(&["snapshot", "create", &name, "--volume", "vol-l"])?;
+        assert_eq!(copy_nodes(&snapshot).len(), 3, "{snapshot}");
+        taken.push(name);
+    }
+    std::fs::write(&stop, b"")?;
+    let status = writer.wait_timeout(std::time::Duration::from_secs(60))?;
+    ensure!(status.success(), "log writer failed");
+    crate::harness::fio::assert_clean(&cluster.dir, &mut fio, "fio-snap.log")?;
+
+    let mut last = 0;
+    for name in &taken {
+        let copies = files_ending(&cluster.path, &format!("snapshots/{name}.data"));
+        assert_eq!(copies.len(), 3, "{name}: {copies:?}");
+        // One instant: every replica's copy holds the same bytes.
+        let first = std::fs::read(&copies[0])?;
+        for other in &copies[1..] {
+            ensure!(
+                std::fs::read(other)? == first,
+                "{name}: {} and {} differ",
+                copies[0].display(),
+                other.display()
+            );
+        }
+        let start = usize::try_from(LOG_OFFSET)?;
+        let (prefix, beyond) = log_prefix(first.get(start..).context("log region")?);
+        ensure!(
+            !beyond,
+            "{name}: a record past the first {prefix} is present without them"
+        );
+        ensure!(
+            prefix >= last,
+            "{name}: {prefix} records, fewer than an earlier snapshot's {last}"
+        );
+        last = prefix;
+    }
+    ensure!(last > 0, "no log record in any snapshot");
+    Ok(())
+}
+
+#[test]
+fn a_cut_that_outlasts_its_deadline_fails_and_loses_no_write() -> Result<()> {
+    let cluster = Cluster::up(
+        "snap-deadline",
+        3,
+        "embedded",
+        &["--heartbeat-timeout", "5s"],
+    )?;
+    cluster.cli_ok(&[
+        "volume",
+        "create",
+        "vol-d",
+        "--size",
+        "32MiB",
+        "--replicas",
+        "3",
+        "--thin",
+    ])?;
+    let uri = publish(&cluster, "vol-d", "node-1")?;
+    qemu_io(&uri, &["write -P 0x31 0 1M"])?;
+    let info = cluster.info()?;
+    let hung = info
+        .nodes
+        .iter()
+        .find(|n| n.node_id == "node-3")
+        .context("node-3")?
+        .process
+        .clone();
+    hung.signal(nix::sys::signal::Signal::SIGSTOP)?;
+    let outcome = (|| -> Result<()> {
+        // A write in flight to the stopped replica holds the barrier off
+        // until the replica times out and is dropped.
+        let mut write = crate::harness::Child::spawn(
+            "qemu-io",
+            std::process::Command::new("qemu-io")
+                .args(["-f", "raw", "-c", "write -P 0x32 1M 1M"])
+                .arg(&uri),
+            &cluster.dir.join("pending-write.log"),
+        )?;
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let err = cluster.cli_err(&[
+            "snapshot",
+            "create",
+            "snap-late",
+            "--volume",
+            "vol-d",
+            "--deadline",
+            "500ms",
+        ])?;
+        ensure!(
+            err.contains("did not complete within its deadline"),
+            "{err}"
+        );
+        let listed = cluster.cli_json(&["snapshot", "list"])?;
+        ensure!(listed.as_array().is_some_and(Vec::is_empty), "{listed}");
+        let left = files_ending(&cluster.path, "snapshots/snap-late.data");
+        ensure!(left.is_empty(), "copies of a failed cut: {left:?}");
+        // The write completes once the replica is dropped, and every
+        // acknowledged byte is there.
+        let status = write.wait_timeout(std::time::Duration::from_secs(120))?;
+        ensure!(status.success(), "the pending write failed");
+        qemu_io(&uri, &["read -P 0x31 0 1M", "read -P 0x32 1M 1M"])?;
+        // A snapshot now holds copies of the in-sync replicas only.
+        let snapshot = cluster.cli_json(&["snapshot", "create", "snap-ok", "--volume", "vol-d"])?;
+        ensure!(
+            copy_nodes(&snapshot) == ["node-1", "node-2"],
+            "copies of a dropped replica: {snapshot}"
+        );
+        Ok(())
+    })();
+    hung.signal(nix::sys::signal::Signal::SIGCONT)?;
+    outcome?;
+    cluster.cli_ok(&["volume", "create", "vol-back", "--from-snapshot", "snap-ok"])?;
+    let restored = publish(&cluster, "vol-back", "node-2")?;
+    qemu_io(&restored, &["read -P 0x31 0 1M", "read -P 0x32 1M 1M"])?;
+    Ok(())
+}

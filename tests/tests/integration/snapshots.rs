@@ -451,8 +451,17 @@ fn a_cut_that_outlasts_its_deadline_fails_and_loses_no_write() -> Result<()> {
             err.contains("did not complete within its deadline"),
             "{err}"
         );
-        let listed = cluster.cli_json(&["snapshot", "list"])?;
-        ensure!(listed.as_array().is_some_and(Vec::is_empty), "{listed}");
+        // Its record goes at once: no node was asked for a copy.
+        wait_for(
+            "the failed snapshot's record to go",
+            std::time::Duration::from_secs(10),
+            || {
+                cluster
+                    .cli_json(&["snapshot", "list"])
+                    .ok()
+                    .filter(|l| l.as_array().is_some_and(Vec::is_empty))
+            },
+        )?;
         let left = files_ending(&cluster.path, "snapshots/snap-late.data");
         ensure!(left.is_empty(), "copies of a failed cut: {left:?}");
         // The write completes once the replica is dropped, and every

@@ -41,7 +41,8 @@ pub struct Taken {
 
 /// Takes the cut of `volume` for snapshot `snapshot_id` within
 /// `deadline`. The caller holds the volume's guard (no publish or
-/// unpublish meanwhile).
+/// unpublish meanwhile). `asked` receives every node asked for a copy,
+/// which may hold one whatever the outcome.
 ///
 /// # Errors
 ///
@@ -55,196 +56,167 @@ pub async fn take(
     volume: &VolumeRecord,
     snapshot_id: &str,
     deadline: Duration,
+    asked: &mut Vec<String>,
 ) -> Result<Taken, Error> {
     let started = Instant::now();
-    match &volume.target {
-        Some(target) => {
-            at_barrier(
-                context,
-                volume,
-                &target.node_id,
-                snapshot_id,
-                started,
-                deadline,
-            )
-            .await
-        }
-        None => idle(context, volume, snapshot_id, started, deadline).await,
-    }
-}
-
-async fn at_barrier(
-    context: &Context,
-    volume: &VolumeRecord,
-    target_node: &str,
-    snapshot_id: &str,
-    started: Instant,
-    deadline: Duration,
-) -> Result<Taken, Error> {
-    let volume_id = &volume.volume_id;
-    let void = |why: &str| Error::CutDeadline {
-        volume: volume_id.clone(),
-        deadline,
-        why: why.to_string(),
-    };
-    let address = agent_address(context, target_node).await?;
-    let mut targets = context.agents.targets(&address)?;
-    let deadline_ms = u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX);
-    let pause = tokio::time::timeout(
-        deadline,
-        targets.pause_target(agent_pb::PauseTargetRequest {
-            volume_id: volume_id.clone(),
-            epoch: volume.epoch,
-            pause_id: snapshot_id.to_string(),
-            deadline_ms,
-        }),
-    )
-    .await;
-    let paused = match pause {
-        Ok(Ok(paused)) => paused.into_inner(),
-        Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
-            return Err(void("the writes in flight did not complete"));
-        }
-        Ok(Err(status)) => {
-            // A transport failure may hide a barrier that did close.
-            resume(context, &address, target_node, volume_id, snapshot_id).await;
-            return Err(AgentError::new(
-                target_node,
-                format!("Pausing the target of volume {volume_id}"),
-                status,
-            )
-            .into());
-        }
-        Err(_) => {
-            resume(context, &address, target_node, volume_id, snapshot_id).await;
-            return Err(void("the target did not answer the pause"));
-        }
-    };
-    let copied = copy_all(
+    let cut = Cut {
         context,
         volume,
-        &paused.in_sync_node_ids,
         snapshot_id,
-        started + deadline,
-    )
-    .await;
-    let resumed = resume(context, &address, target_node, volume_id, snapshot_id).await;
-    let copies = copied?;
-    let Some(resumed) = resumed else {
-        return Err(void(
-            "the target could not be asked to resume, so the barrier may have dropped before the copies were done",
-        ));
+        until: started + deadline,
+        deadline,
     };
-    if !resumed.was_paused {
-        return Err(void(
-            "the barrier dropped at its deadline before the copies were done",
-        ));
-    }
-    info!(
-        volume.id = %volume_id,
-        snapshot.id = %snapshot_id,
-        epoch = volume.epoch,
-        paused_ms = resumed.paused_ms,
-        "Cut taken at the write barrier"
-    );
-    Ok(Taken {
-        copies,
-        created_at_unix_nanos: paused.paused_at_unix_nanos,
-        paused_ms: resumed.paused_ms,
-    })
-}
-
-/// Drops the barrier; `None` if the target could not be asked (it drops
-/// on its own at its deadline).
-async fn resume(
-    context: &Context,
-    address: &str,
-    target_node: &str,
-    volume_id: &str,
-    snapshot_id: &str,
-) -> Option<agent_pb::ResumeTargetResponse> {
-    let request = agent_pb::ResumeTargetRequest {
-        volume_id: volume_id.to_string(),
-        pause_id: snapshot_id.to_string(),
-    };
-    let result = match context.agents.targets(address) {
-        Ok(mut targets) => targets.resume_target(request).await.map_err(|status| {
-            crate::error_chain(&AgentError::new(
-                target_node,
-                format!("Resuming the target of volume {volume_id}"),
-                status,
-            ))
-        }),
-        Err(err) => Err(crate::error_chain(&err)),
-    };
-    match result {
-        Ok(resumed) => Some(resumed.into_inner()),
-        Err(error) => {
-            warn!(volume.id = %volume_id, snapshot.id = %snapshot_id, %error, "Cannot resume the target; its barrier drops at its deadline");
-            None
-        }
+    match &volume.target {
+        Some(target) => cut.at_barrier(&target.node_id, asked).await,
+        None => cut.idle(asked).await,
     }
 }
 
-async fn idle(
-    context: &Context,
-    volume: &VolumeRecord,
-    snapshot_id: &str,
-    started: Instant,
+/// One cut in progress.
+struct Cut<'a> {
+    context: &'a Context,
+    volume: &'a VolumeRecord,
+    snapshot_id: &'a str,
+    /// When the deadline expires.
+    until: Instant,
     deadline: Duration,
-) -> Result<Taken, Error> {
-    let created_at_unix_nanos = unix_nanos(SystemTime::now());
-    let mut nodes = Vec::new();
-    for replica in volume
-        .replicas
-        .iter()
-        .filter(|r| r.state == ReplicaState::InSync)
-    {
-        match context.nodes.get(&replica.node_id).await? {
-            Some(node) if node.is_up() => nodes.push(replica.node_id.clone()),
-            _ => {
-                warn!(volume.id = %volume.volume_id, node.id = %replica.node_id, "In-sync replica's node is down; the snapshot has no copy there")
+}
+
+impl Cut<'_> {
+    async fn at_barrier(&self, target_node: &str, asked: &mut Vec<String>) -> Result<Taken, Error> {
+        let Cut {
+            context,
+            volume,
+            snapshot_id,
+            deadline,
+            ..
+        } = *self;
+        let volume_id = &volume.volume_id;
+        let void = |why: &str| Error::CutDeadline {
+            volume: volume_id.clone(),
+            deadline,
+            why: why.to_string(),
+        };
+        let address = agent_address(context, target_node).await?;
+        let mut targets = context.agents.targets(&address)?;
+        let deadline_ms = u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX);
+        let pause = tokio::time::timeout(
+            deadline,
+            targets.pause_target(agent_pb::PauseTargetRequest {
+                volume_id: volume_id.clone(),
+                epoch: volume.epoch,
+                pause_id: snapshot_id.to_string(),
+                deadline_ms,
+            }),
+        )
+        .await;
+        let paused = match pause {
+            Ok(Ok(paused)) => paused.into_inner(),
+            Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
+                return Err(void("the writes in flight did not complete"));
+            }
+            Ok(Err(status)) => {
+                // A transport failure may hide a barrier that did close.
+                resume(context, &address, target_node, volume_id, snapshot_id).await;
+                return Err(AgentError::new(
+                    target_node,
+                    format!("Pausing the target of volume {volume_id}"),
+                    status,
+                )
+                .into());
+            }
+            Err(_) => {
+                resume(context, &address, target_node, volume_id, snapshot_id).await;
+                return Err(void("the target did not answer the pause"));
+            }
+        };
+        asked.extend(paused.in_sync_node_ids.iter().cloned());
+        let copied = self.copy_all(&paused.in_sync_node_ids).await;
+        let resumed = resume(context, &address, target_node, volume_id, snapshot_id).await;
+        let copies = copied?;
+        let Some(resumed) = resumed else {
+            return Err(void(
+                "the target could not be asked to resume, so the barrier may have dropped before the copies were done",
+            ));
+        };
+        if !resumed.was_paused {
+            return Err(void(
+                "the barrier dropped at its deadline before the copies were done",
+            ));
+        }
+        info!(
+            volume.id = %volume_id,
+            snapshot.id = %snapshot_id,
+            epoch = volume.epoch,
+            paused_ms = resumed.paused_ms,
+            "Cut taken at the write barrier"
+        );
+        Ok(Taken {
+            copies,
+            created_at_unix_nanos: paused.paused_at_unix_nanos,
+            paused_ms: resumed.paused_ms,
+        })
+    }
+
+    async fn idle(&self, asked: &mut Vec<String>) -> Result<Taken, Error> {
+        let Cut {
+            context, volume, ..
+        } = *self;
+        let created_at_unix_nanos = unix_nanos(SystemTime::now());
+        let mut nodes = Vec::new();
+        for replica in volume
+            .replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::InSync)
+        {
+            match context.nodes.get(&replica.node_id).await? {
+                Some(node) if node.is_up() => nodes.push(replica.node_id.clone()),
+                _ => {
+                    warn!(volume.id = %volume.volume_id, node.id = %replica.node_id, "In-sync replica's node is down; the snapshot has no copy there")
+                }
             }
         }
+        if nodes.is_empty() {
+            return Err(Error::NoInSyncReplica {
+                volume: volume.volume_id.clone(),
+            });
+        }
+        asked.extend(nodes.iter().cloned());
+        let copies = self.copy_all(&nodes).await?;
+        Ok(Taken {
+            copies,
+            created_at_unix_nanos,
+            paused_ms: 0,
+        })
     }
-    if nodes.is_empty() {
-        return Err(Error::NoInSyncReplica {
-            volume: volume.volume_id.clone(),
-        });
-    }
-    let copies = copy_all(context, volume, &nodes, snapshot_id, started + deadline).await?;
-    Ok(Taken {
-        copies,
-        created_at_unix_nanos,
-        paused_ms: 0,
-    })
-}
 
-/// Copies the replicas on `nodes` at once, all by `until`.
-async fn copy_all(
-    context: &Context,
-    volume: &VolumeRecord,
-    nodes: &[String],
-    snapshot_id: &str,
-    until: Instant,
-) -> Result<Vec<CopyRecord>, Error> {
-    if nodes.is_empty() {
-        return Err(Error::NoInSyncReplica {
-            volume: volume.volume_id.clone(),
-        });
+    /// Copies the replicas on `nodes` at once, all by the deadline.
+    async fn copy_all(&self, nodes: &[String]) -> Result<Vec<CopyRecord>, Error> {
+        let Cut {
+            context,
+            volume,
+            snapshot_id,
+            until,
+            ..
+        } = *self;
+        if nodes.is_empty() {
+            return Err(Error::NoInSyncReplica {
+                volume: volume.volume_id.clone(),
+            });
+        }
+        let copies = nodes
+            .iter()
+            .map(|node_id| copy_one(context, volume, node_id, snapshot_id));
+        let all = futures_util::future::join_all(copies);
+        let Ok(results) = tokio::time::timeout_at(until.into(), all).await else {
+            return Err(Error::CutDeadline {
+                volume: volume.volume_id.clone(),
+                deadline: self.deadline,
+                why: "the copies were not all durable in time".to_string(),
+            });
+        };
+        results.into_iter().collect()
     }
-    let copies = nodes
-        .iter()
-        .map(|node_id| copy_one(context, volume, node_id, snapshot_id));
-    let all = futures_util::future::join_all(copies);
-    let Ok(results) = tokio::time::timeout_at(until.into(), all).await else {
-        return Err(Error::CutDeadline {
-            volume: volume.volume_id.clone(),
-            deadline: until.saturating_duration_since(Instant::now()),
-            why: "the copies were not all durable in time".to_string(),
-        });
-    };
-    results.into_iter().collect()
 }
 
 async fn copy_one(
@@ -301,4 +273,36 @@ fn unix_nanos(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// Drops the barrier; `None` if the target could not be asked (it drops
+/// on its own at its deadline).
+async fn resume(
+    context: &Context,
+    address: &str,
+    target_node: &str,
+    volume_id: &str,
+    snapshot_id: &str,
+) -> Option<agent_pb::ResumeTargetResponse> {
+    let request = agent_pb::ResumeTargetRequest {
+        volume_id: volume_id.to_string(),
+        pause_id: snapshot_id.to_string(),
+    };
+    let result = match context.agents.targets(address) {
+        Ok(mut targets) => targets.resume_target(request).await.map_err(|status| {
+            crate::error_chain(&AgentError::new(
+                target_node,
+                format!("Resuming the target of volume {volume_id}"),
+                status,
+            ))
+        }),
+        Err(err) => Err(crate::error_chain(&err)),
+    };
+    match result {
+        Ok(resumed) => Some(resumed.into_inner()),
+        Err(error) => {
+            warn!(volume.id = %volume_id, snapshot.id = %snapshot_id, %error, "Cannot resume the target; its barrier drops at its deadline");
+            None
+        }
+    }
 }

@@ -299,7 +299,7 @@ impl Snapshots {
     pub async fn create(&self, request: &CreateRequest) -> Result<SnapshotRecord, Error> {
         request.validate()?;
         let id = &request.name;
-        let _snapshot_guard = self.guard(&guard_key(id), format!("snapshot {id}"))?;
+        let snapshot_guard = self.guard(&guard_key(id), format!("snapshot {id}"))?;
         let store = &self.context.store;
         if let Some(existing) = record::read(store, id).await? {
             let existing = existing.value;
@@ -353,13 +353,13 @@ impl Snapshots {
             clone_for: request.clone_for.clone(),
         };
         let revision = record::create(store, &planned).await?;
-        let taken = match cut::take(&self.context, &volume, id, request.deadline).await {
+        let mut asked = Vec::new();
+        let cut = cut::take(&self.context, &volume, id, request.deadline, &mut asked).await;
+        let taken = match cut {
             Ok(taken) => taken,
             Err(err) => {
                 warn!(error = %crate::error_chain(&err), "The cut failed; removing its copies");
-                if let Err(undo) = self.undo(id).await {
-                    warn!(error = %crate::error_chain(&undo), "Removing the copies is not finished; the reconciler completes it");
-                }
+                self.discard(planned, revision, asked, snapshot_guard).await;
                 return Err(err);
             }
         };
@@ -377,6 +377,35 @@ impl Snapshots {
             "Snapshot taken"
         );
         Ok(ready)
+    }
+
+    /// Removes what a failed cut left: only nodes that were asked for a
+    /// copy may hold one, so the record is narrowed to them first; their
+    /// copies are removed in the background (holding the snapshot's
+    /// guard), so a stalled node does not hold the failed call too.
+    async fn discard(
+        &self,
+        planned: SnapshotRecord,
+        revision: u64,
+        asked: Vec<String>,
+        guard: OpGuard,
+    ) {
+        let narrowed = SnapshotRecord {
+            state: SnapshotState::Deleting,
+            nodes: asked,
+            ..planned
+        };
+        if let Err(err) = record::replace(&self.context.store, &narrowed, revision).await {
+            warn!(error = %crate::error_chain(&err), "Cannot mark the failed snapshot deleting; the reconciler removes it");
+            return;
+        }
+        let snapshots = self.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            if let Err(err) = snapshots.undo(&narrowed.snapshot_id).await {
+                warn!(snapshot.id = %narrowed.snapshot_id, error = %crate::error_chain(&err), "Removing the copies of a failed cut is not finished; the reconciler completes it");
+            }
+        });
     }
 
     /// Deletes a snapshot and its copies. Idempotent: a missing snapshot

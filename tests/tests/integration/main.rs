@@ -23,4 +23,5 @@ mod pools;
 mod replica_states;
 mod replication;
 mod snapshot_copies;
+mod snapshot_postgres;
 mod snapshots;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 
-use crate::harness::cluster::Cluster;
+use crate::harness::cluster::{Cluster, ControllerCli as _};
 use crate::harness::{qemu_io, wait_for};
 
 /// Files under `dir` (at most 8 levels down) whose path ends in `suffix`.
@@ -482,5 +482,123 @@ fn a_cut_that_outlasts_its_deadline_fails_and_loses_no_write() -> Result<()> {
     cluster.cli_ok(&["volume", "create", "vol-back", "--from-snapshot", "snap-ok"])?;
     let restored = publish(&cluster, "vol-back", "node-2")?;
     qemu_io(&restored, &["read -P 0x31 0 1M", "read -P 0x32 1M 1M"])?;
+    Ok(())
+}
+
+#[test]
+fn a_restore_copied_to_another_node_survives_the_loss_of_its_source() -> Result<()> {
+    let cluster = Cluster::up(
+        "snap-copy-kill",
+        3,
+        "embedded",
+        &["--heartbeat-timeout", "5s"],
+    )?;
+    cluster.cli_ok(&[
+        "volume",
+        "create",
+        "vol-k",
+        "--size",
+        "512MiB",
+        "--replicas",
+        "2",
+        "--thin",
+    ])?;
+    let uri = publish(&cluster, "vol-k", "node-1")?;
+    let writes: Vec<String> = (0..8)
+        .map(|i| format!("write -P {} {}M 48M", 0x40 + i, i * 64))
+        .collect();
+    let writes: Vec<&str> = writes.iter().map(String::as_str).collect();
+    qemu_io(&uri, &writes)?;
+    cluster.cli_ok(&["volume", "unpublish", "vol-k"])?;
+    let snapshot = cluster.cli_json(&["snapshot", "create", "snap-k", "--volume", "vol-k"])?;
+    let holders = copy_nodes(&snapshot);
+    assert_eq!(holders, ["node-1", "node-2"], "{snapshot}");
+
+    // Three replicas: two reflinks, node-3's filled by a copy at publish,
+    // from one of the restored replicas.
+    cluster.cli_ok(&[
+        "volume",
+        "create",
+        "vol-kr",
+        "--from-snapshot",
+        "snap-k",
+        "--replicas",
+        "3",
+        "--thin",
+    ])?;
+    let restored = publish(&cluster, "vol-kr", "node-3")?;
+    let info = cluster.info()?;
+    let log = &info
+        .nodes
+        .iter()
+        .find(|n| n.node_id == "node-3")
+        .context("node-3")?
+        .process
+        .log;
+    let source = wait_for(
+        "node-3's copy to start",
+        std::time::Duration::from_secs(60),
+        || {
+            let text = std::fs::read_to_string(log).ok()?;
+            let line = text
+                .lines()
+                .find(|l| l.contains("Copying regions") && l.contains("volume.id=vol-kr"))?;
+            ["node-1", "node-2"]
+                .into_iter()
+                .find(|n| line.contains(&format!("source={n}")))
+        },
+    )?;
+    let victim = info
+        .nodes
+        .iter()
+        .find(|n| n.node_id == source)
+        .context("source node")?
+        .process
+        .clone();
+    // Freeze the source mid-copy, check the copy is not done, then kill it.
+    victim.signal(nix::sys::signal::Signal::SIGSTOP)?;
+    let shown = cluster.volume("vol-kr")?;
+    let node3 = shown["replicas"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["node_id"] == "node-3"))
+        .context("node-3 replica")?
+        .clone();
+    victim.signal(nix::sys::signal::Signal::SIGKILL)?;
+    ensure!(
+        node3["sync_state"] != "in-sync",
+        "the copy finished before its source could be stopped: {node3}"
+    );
+
+    // The copy starts again from the other restored replica.
+    let other = if source == "node-1" {
+        "node-2"
+    } else {
+        "node-1"
+    };
+    wait_for(
+        "node-3 in sync again",
+        std::time::Duration::from_secs(180),
+        || {
+            cluster.replica_states("vol-kr").ok().filter(|states| {
+                states
+                    .iter()
+                    .filter(|(n, s)| (n == "node-3" || n == other) && s == "in-sync")
+                    .count()
+                    == 2
+            })
+        },
+    )?;
+    // Byte for byte what the snapshot holds (its surviving copy).
+    let copy = files_ending(&cluster.path, "snapshots/snap-k.data")
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains(&format!("/{other}/")))
+        .context("the surviving copy")?;
+    crate::harness::run_ok(
+        std::process::Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&copy)
+            .arg(&restored),
+        std::time::Duration::from_secs(120),
+    )?;
     Ok(())
 }

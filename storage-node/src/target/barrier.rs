@@ -80,6 +80,20 @@ pub struct Resumed {
     pub paused: Duration,
 }
 
+/// Puts a closing barrier back to open when dropped (see [`Barrier::pause`]).
+struct Reopen {
+    state: Arc<Mutex<State>>,
+}
+
+impl Drop for Reopen {
+    fn drop(&mut self) {
+        let mut state = self.state.lock();
+        if matches!(*state, State::Closing { .. }) {
+            *state = State::Open;
+        }
+    }
+}
+
 /// Proof that a request passed the gate; it holds the gate open (shared)
 /// until dropped.
 pub struct Admission {
@@ -139,8 +153,9 @@ impl Barrier {
     /// [`PauseError::InvalidDeadline`].
     ///
     /// # Cancel safety
-    /// Not cancel safe in effect: a cancelled pause gives up closing, but
-    /// one that already closed keeps holding until its deadline.
+    /// Cancel safe: a pause cancelled while closing gives up and leaves the
+    /// barrier open; once it answered, it holds until resumed or its
+    /// deadline.
     pub async fn pause(
         &self,
         pause_id: &str,
@@ -167,14 +182,16 @@ impl Barrier {
                 }
             }
         }
+        // Reopens the state if this future is dropped while closing (the
+        // caller went away: gRPC drops the handler of a cancelled call) or
+        // times out; once the state is `Held` its drop changes nothing.
+        let _reopen = Reopen {
+            state: Arc::clone(&self.state),
+        };
         let expires = started + deadline;
         let closing = tokio::time::timeout_at(expires.into(), Arc::clone(&self.gate).write_owned());
-        let guard = match closing.await {
-            Ok(guard) => guard,
-            Err(_) => {
-                *self.state.lock() = State::Open;
-                return Err(PauseError::Deadline { deadline });
-            }
+        let Ok(guard) = closing.await else {
+            return Err(PauseError::Deadline { deadline });
         };
         let paused = Paused {
             paused_at: SystemTime::now(),
@@ -364,6 +381,22 @@ mod tests {
             !resumed.was_paused,
             "a resume after the deadline claimed the cut"
         );
+    }
+
+    #[tokio::test]
+    async fn a_pause_cancelled_while_closing_leaves_the_barrier_open() {
+        let barrier = Barrier::default();
+        let in_flight = barrier.admit().await;
+        // The caller gives up (a gRPC client's timeout drops the handler).
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(50), pause(&barrier, "gone", 10_000)).await;
+        assert!(cancelled.is_err(), "paused with a request in flight");
+        drop(in_flight);
+        assert!(admits(&barrier).await, "a cancelled pause closed the gate");
+        pause(&barrier, "next", 10_000)
+            .await
+            .expect("a cancelled pause still holds the barrier");
+        assert!(barrier.resume("next").was_paused);
     }
 
     #[tokio::test]

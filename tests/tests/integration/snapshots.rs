@@ -42,6 +42,28 @@ fn publish(cluster: &Cluster, volume: &str, node: &str) -> Result<String> {
         .to_string())
 }
 
+/// Creates a thin volume and publishes it on `node`; returns its NBD URI.
+fn published(
+    cluster: &Cluster,
+    volume: &str,
+    size: &str,
+    replicas: u32,
+    node: &str,
+) -> Result<String> {
+    let replicas = replicas.to_string();
+    cluster.cli_ok(&[
+        "volume",
+        "create",
+        volume,
+        "--size",
+        size,
+        "--replicas",
+        &replicas,
+        "--thin",
+    ])?;
+    publish(cluster, volume, node)
+}
+
 fn copy_nodes(snapshot: &Value) -> Vec<String> {
     let mut nodes: Vec<String> = snapshot["copies"]
         .as_array()
@@ -59,17 +81,7 @@ fn copy_nodes(snapshot: &Value) -> Vec<String> {
 #[test]
 fn a_snapshot_of_a_published_volume_holds_what_was_acknowledged_before_the_cut() -> Result<()> {
     let cluster = Cluster::up("snap-published", 3, "embedded", &[])?;
-    cluster.cli_ok(&[
-        "volume",
-        "create",
-        "vol-s",
-        "--size",
-        "64MiB",
-        "--replicas",
-        "3",
-        "--thin",
-    ])?;
-    let source = publish(&cluster, "vol-s", "node-1")?;
+    let source = published(&cluster, "vol-s", "64MiB", 3, "node-1")?;
     qemu_io(&source, &["write -P 0xaa 0 4M", "write -P 0xa1 60M 1M"])?;
 
     let snapshot = cluster.cli_json(&["snapshot", "create", "snap-a", "--volume", "vol-s"])?;
@@ -167,17 +179,7 @@ fn a_snapshot_of_a_published_volume_holds_what_was_acknowledged_before_the_cut()
 #[test]
 fn unpublished_volumes_are_snapshotted_and_cloned_from_their_idle_replicas() -> Result<()> {
     let cluster = Cluster::up("snap-idle", 3, "embedded", &[])?;
-    cluster.cli_ok(&[
-        "volume",
-        "create",
-        "vol-i",
-        "--size",
-        "32MiB",
-        "--replicas",
-        "2",
-        "--thin",
-    ])?;
-    let uri = publish(&cluster, "vol-i", "node-1")?;
+    let uri = published(&cluster, "vol-i", "32MiB", 2, "node-1")?;
     qemu_io(&uri, &["write -P 0x11 0 8M", "flush"])?;
     cluster.cli_ok(&["volume", "unpublish", "vol-i"])?;
 
@@ -212,17 +214,7 @@ fn unpublished_volumes_are_snapshotted_and_cloned_from_their_idle_replicas() -> 
 #[test]
 fn a_restore_on_more_nodes_than_hold_copies_rebuilds_the_others_in_full() -> Result<()> {
     let cluster = Cluster::up("snap-widen", 3, "embedded", &[])?;
-    cluster.cli_ok(&[
-        "volume",
-        "create",
-        "vol-1",
-        "--size",
-        "32MiB",
-        "--replicas",
-        "1",
-        "--thin",
-    ])?;
-    let uri = publish(&cluster, "vol-1", "node-1")?;
+    let uri = published(&cluster, "vol-1", "32MiB", 1, "node-1")?;
     qemu_io(&uri, &["write -P 0x5e 1M 6M"])?;
     let snapshot = cluster.cli_json(&["snapshot", "create", "snap-1", "--volume", "vol-1"])?;
     let holder = copy_nodes(&snapshot);
@@ -334,17 +326,7 @@ fn log_prefix(image: &[u8]) -> (usize, bool) {
 #[test]
 fn snapshots_under_load_are_one_instant_on_every_replica() -> Result<()> {
     let cluster = Cluster::up("snap-load", 3, "embedded", &[])?;
-    cluster.cli_ok(&[
-        "volume",
-        "create",
-        "vol-l",
-        "--size",
-        "128MiB",
-        "--replicas",
-        "3",
-        "--thin",
-    ])?;
-    let uri = publish(&cluster, "vol-l", "node-1")?;
+    let uri = published(&cluster, "vol-l", "128MiB", 3, "node-1")?;
     let mut fio = crate::harness::fio::start(&cluster.dir, &uri, "fio-snap.log")?;
     let stop = cluster.dir.join("stop-log");
     let mut writer = crate::harness::Child::spawn(
@@ -406,17 +388,7 @@ fn a_cut_that_outlasts_its_deadline_fails_and_loses_no_write() -> Result<()> {
         "embedded",
         &["--heartbeat-timeout", "5s"],
     )?;
-    cluster.cli_ok(&[
-        "volume",
-        "create",
-        "vol-d",
-        "--size",
-        "32MiB",
-        "--replicas",
-        "3",
-        "--thin",
-    ])?;
-    let uri = publish(&cluster, "vol-d", "node-1")?;
+    let uri = published(&cluster, "vol-d", "32MiB", 3, "node-1")?;
     qemu_io(&uri, &["write -P 0x31 0 1M"])?;
     let info = cluster.info()?;
     let hung = info
@@ -493,17 +465,7 @@ fn a_restore_copied_to_another_node_survives_the_loss_of_its_source() -> Result<
         "embedded",
         &["--heartbeat-timeout", "5s"],
     )?;
-    cluster.cli_ok(&[
-        "volume",
-        "create",
-        "vol-k",
-        "--size",
-        "512MiB",
-        "--replicas",
-        "2",
-        "--thin",
-    ])?;
-    let uri = publish(&cluster, "vol-k", "node-1")?;
+    let uri = published(&cluster, "vol-k", "512MiB", 2, "node-1")?;
     let writes: Vec<String> = (0..8)
         .map(|i| format!("write -P {} {}M 48M", 0x40 + i, i * 64))
         .collect();

@@ -227,8 +227,9 @@ impl Agent {
     }
 
     /// Takes a snapshot copy of a replica (idempotent; see
-    /// `SnapshotCatalog::create`). The caller (the controller) makes sure no
-    /// write is in flight: the target's barrier is up, or there is no target.
+    /// `SnapshotCatalog::create`), refreshing a prepared one. The caller
+    /// (the controller) makes sure no write is in flight: the target's
+    /// barrier is up, or there is no target.
     ///
     /// Errors: [`Error::Snapshot`] (invalid id, ALREADY_EXISTS, unknown or
     /// faulted replica, no reflink, no space).
@@ -254,7 +255,38 @@ impl Agent {
         .await
     }
 
-    /// Deletes a snapshot copy; an unknown id is not an error. Replicas
+    /// Prepares a snapshot copy of a replica outside the write barrier (see
+    /// `snapshot::prepare`): the replica catalog's lock is held only to
+    /// find the replica and open its data file, the snapshot catalog's only
+    /// around the FICLONE. Idempotent for the same id and replica.
+    ///
+    /// Errors: [`Error::Snapshot`] (invalid id, ALREADY_EXISTS for another
+    /// replica or a complete copy, no reflink, no space), [`Error::Replica`]
+    /// (unknown or faulted replica).
+    pub async fn prepare_snapshot_copy(
+        &self,
+        snapshot_id: &str,
+        replica_name: &str,
+    ) -> Result<(), Error> {
+        let catalog = self.catalog.clone();
+        let snapshots = self.snapshots.clone();
+        let snapshot_id = snapshot_id.to_string();
+        let replica_name = replica_name.to_string();
+        blocking(move || {
+            snapshot::validate_id(&snapshot_id)?;
+            let (replica, src) = {
+                let replicas = lock(&catalog);
+                let replica = replicas.get(&replica_name)?;
+                let src = snapshot::open_replica(&replica)?;
+                (replica, src)
+            };
+            snapshot::prepare(&snapshots, &snapshot_id, &replica, &src)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes a snapshot copy (also a prepared one); an unknown id is not an error. Replicas
     /// restored from it are not affected.
     ///
     /// Errors: [`Error::Snapshot`] (invalid id, metadata not removable).

@@ -97,7 +97,13 @@ fn parent_dir(path: &Path) -> io::Result<&Path> {
     }
 }
 
-fn temp_path(path: &Path) -> io::Result<PathBuf> {
+/// Returns a new temporary name next to `path` (see the module docs), for
+/// callers that make a file there and rename it into place themselves.
+///
+/// # Errors
+///
+/// `InvalidInput` if `path` has no UTF-8 file name.
+pub(crate) fn temp_path(path: &Path) -> io::Result<PathBuf> {
     let name = path
         .file_name()
         .and_then(OsStr::to_str)

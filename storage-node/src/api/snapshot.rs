@@ -74,6 +74,20 @@ impl SnapshotService for SnapshotApi {
         Ok(Response::new(to_proto(status)))
     }
 
+    #[instrument(err, skip_all, fields(snapshot.id = %request.get_ref().snapshot_id, replica.name = %request.get_ref().replica_name))]
+    async fn prepare_snapshot_copy(
+        &self,
+        request: Request<pb::CreateSnapshotCopyRequest>,
+    ) -> Result<Response<pb::PrepareSnapshotCopyResponse>, Status> {
+        let req = request.into_inner();
+        require(&req.snapshot_id, "Snapshot id")?;
+        require(&req.replica_name, "Replica name")?;
+        self.agent
+            .prepare_snapshot_copy(&req.snapshot_id, &req.replica_name)
+            .await?;
+        Ok(Response::new(pb::PrepareSnapshotCopyResponse {}))
+    }
+
     #[instrument(err, skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
     async fn delete_snapshot_copy(
         &self,

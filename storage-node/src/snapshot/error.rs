@@ -143,6 +143,30 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Punching a hole into a prepared copy's data file failed.
+    #[error("Cannot punch {length} bytes at {offset} of snapshot copy data file {}", path.display())]
+    PunchHole {
+        /// The data file.
+        path: PathBuf,
+        /// Start of the range in bytes.
+        offset: u64,
+        /// Length of the range in bytes.
+        length: u64,
+        /// The system call's error.
+        #[source]
+        source: Errno,
+    },
+    /// A prepared copy's data file could not be renamed into place.
+    #[error("Cannot rename {} to {}", from.display(), to.display())]
+    Rename {
+        /// The temporary file.
+        from: PathBuf,
+        /// The data file.
+        to: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// A copy's file could not be removed.
     #[error("Cannot remove {}", path.display())]
     Remove {
@@ -227,6 +251,8 @@ impl Error {
             | Self::OpenData { .. }
             | Self::ResizeData { .. }
             | Self::SyncData { .. }
+            | Self::PunchHole { .. }
+            | Self::Rename { .. }
             | Self::Remove { .. }
             | Self::Scan { .. }
             | Self::ReadMeta { .. }

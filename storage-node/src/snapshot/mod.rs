@@ -12,12 +12,23 @@
 //! reflinks the other way. [`ranges`] answers which ranges of a copy hold
 //! data and where two copies differ.
 //!
+//! Because FICLONE's cost grows with the replica's extent count, a copy
+//! can be prepared first ([`prepare`], outside the barrier: a reflink
+//! without fsync or metadata, remembered in memory only) and then
+//! completed by [`SnapshotCatalog::create`] under the barrier, which only
+//! reflinks (FICLONERANGE) and punches the ranges whose extents changed
+//! since; see [`prepare`](mod@prepare).
+//!
 //! # Invariants
 //!
-//! - **A copy's data is never modified.** Data files are created mode 0400,
-//!   only written by the one FICLONE that makes them (and a truncate to the
-//!   replica's size), and opened read-only afterwards. Nothing here exports
-//!   them.
+//! - **A copy's data is never modified once its metadata exists.** Data
+//!   files are created mode 0400, only written by the one FICLONE that
+//!   makes them (and a truncate to the replica's size) or, for a prepared
+//!   copy, by that FICLONE and the refresh before the metadata is written,
+//!   and opened read-only afterwards. Nothing here exports them.
+//! - **A prepared copy is never listed** (nor gettable, nor a restore
+//!   source) and not durable: it lives in memory with its data file, and
+//!   start-up removes the file like any data file without metadata.
 //! - **A half-made copy is never listed.** The metadata file is the commit
 //!   point: the data file is created `O_EXCL`, reflinked and fsynced, then
 //!   the metadata is written durably ([`crate::durable::replace`], which
@@ -43,12 +54,23 @@
 //!
 //! The catalog is not internally synchronised; the agent keeps it behind a
 //! lock taken after the replica catalog's when both are needed (create and
-//! restore). Every method blocks on file system calls; async callers use
-//! `spawn_blocking`. Range scans work on files opened under the lock
-//! ([`SnapshotCatalog::open`]) and run without it.
+//! restore; a create of a prepared id refreshes it under both, which is
+//! quick). [`prepare`] takes neither lock across its FICLONE: the caller
+//! opens the replica's file under the replica catalog's lock and releases
+//! it, and [`prepare`] takes the snapshot catalog's lock only to check the
+//! id before and to place the file after. Every method blocks on file
+//! system calls; async callers use `spawn_blocking`. Range scans work on
+//! files opened under the lock ([`SnapshotCatalog::open`]) and run without
+//! it.
+//!
+//! # Extending
+//!
+//! A new state of a copy gets its own map in [`SnapshotCatalog`], and every
+//! operation checks it with the others, so that an id is in one map only.
 
 mod error;
 pub mod meta;
+pub mod prepare;
 pub mod ranges;
 pub mod reflink;
 
@@ -74,6 +96,9 @@ pub use meta::{CopyMeta, META_FORMAT_VERSION};
 pub use ranges::{ByteRange, RangesPage};
 
 pub use error::Error;
+pub use prepare::{open_replica, prepare};
+
+use prepare::PreparedCopy;
 
 /// Range pages hold at most this many ranges, whatever the caller asks.
 pub const MAX_RANGES_PER_PAGE: usize = 65_536;
@@ -139,6 +164,8 @@ pub struct SnapshotCatalog {
     pools: Arc<PoolManager>,
     copies: BTreeMap<String, SnapshotCopy>,
     faulted: BTreeMap<String, FaultedCopy>,
+    /// Copies made by [`prepare`] and not yet completed; in memory only.
+    prepared: BTreeMap<String, PreparedCopy>,
 }
 
 impl SnapshotCatalog {
@@ -157,6 +184,7 @@ impl SnapshotCatalog {
             pools,
             copies: BTreeMap::new(),
             faulted: BTreeMap::new(),
+            prepared: BTreeMap::new(),
         };
         for pool in catalog.pools.list() {
             catalog.scan_pool(&pool)?;
@@ -199,11 +227,38 @@ impl SnapshotCatalog {
                 replica_name: existing.meta.replica_name.clone(),
             });
         }
+        if let Some(prepared) = self.prepared.get(snapshot_id)
+            && prepared.replica_name != replica_name
+        {
+            return Err(Error::AlreadyExists {
+                id: snapshot_id.to_owned(),
+                replica_name: prepared.replica_name.clone(),
+            });
+        }
         let replica = lookup(replica_name)?;
         let pool = self.pools.get(&replica.pool)?;
         let (data_path, meta_path) = paths(&pool, snapshot_id);
 
-        clone_replica(&replica, &data_path, &meta_path)?;
+        match self.prepared.remove(snapshot_id) {
+            Some(prepared) if prepared.pool == replica.pool => {
+                let (cloned, punched) = prepare::refresh(snapshot_id, prepared, &replica)?;
+                info!(
+                    snapshot.id = %snapshot_id,
+                    replica.name = %replica.name,
+                    cloned,
+                    punched,
+                    "Prepared snapshot copy refreshed"
+                );
+            }
+            other => {
+                if let Some(prepared) = other {
+                    // The replica moved to another pool since (destroyed
+                    // and made again): the prepared file is of no use.
+                    prepare::discard(snapshot_id, prepared);
+                }
+                clone_replica(&replica, &data_path, &meta_path)?;
+            }
+        }
         let meta = CopyMeta {
             format_version: META_FORMAT_VERSION,
             snapshot_id: snapshot_id.to_owned(),
@@ -239,8 +294,8 @@ impl SnapshotCatalog {
         Ok(copy)
     }
 
-    /// Deletes a copy (healthy or faulted): its metadata, then its data.
-    /// Returns false if there was no such copy. Replicas restored from it
+    /// Deletes a copy (healthy, faulted or prepared): its metadata, then its
+    /// data. Returns false if there was no such copy. Replicas restored from it
     /// keep their blocks.
     ///
     /// # Errors
@@ -251,6 +306,9 @@ impl SnapshotCatalog {
     /// start-up.
     pub fn delete(&mut self, snapshot_id: &str) -> Result<bool, Error> {
         validate_id(snapshot_id)?;
+        if self.drop_prepared(snapshot_id) {
+            return Ok(true);
+        }
         let (meta_path, data_path, pool) = if let Some(c) = self.copies.get(snapshot_id) {
             (c.meta_path.clone(), c.data_path.clone(), c.pool.clone())
         } else if let Some(f) = self.faulted.get(snapshot_id) {
@@ -570,10 +628,7 @@ fn paths(pool: &Pool, id: &str) -> (PathBuf, PathBuf) {
 /// Creates the copy's data file as a reflink of the replica's, at the
 /// replica's size, and fsyncs it; removes it again on error.
 fn clone_replica(replica: &Replica, data_path: &Path, meta_path: &Path) -> Result<(), Error> {
-    let src = File::open(&replica.data_path).map_err(|source| Error::OpenData {
-        path: replica.data_path.clone(),
-        source,
-    })?;
+    let src = open_replica(replica)?;
     let open = || {
         OpenOptions::new()
             .write(true)
@@ -597,26 +652,7 @@ fn clone_replica(replica: &Replica, data_path: &Path, meta_path: &Path) -> Resul
         })
     })?;
     let made = reflink::clone_file(&src, &file)
-        .map_err(|errno| {
-            if reflink::is_unsupported(errno) {
-                Error::ReflinkUnsupported {
-                    path: data_path.to_owned(),
-                    source_path: replica.data_path.clone(),
-                    source: errno,
-                }
-            } else if reflink::is_no_space(errno) {
-                Error::NoSpace {
-                    path: data_path.to_owned(),
-                    source: errno.into(),
-                }
-            } else {
-                Error::Clone {
-                    path: data_path.to_owned(),
-                    source_path: replica.data_path.clone(),
-                    source: errno,
-                }
-            }
-        })
+        .map_err(|errno| clone_error(errno, data_path, &replica.data_path))
         .and_then(|()| trim_to(&file, data_path, replica.meta.size_bytes))
         .and_then(|()| {
             file.sync_all().map_err(|source| {
@@ -632,6 +668,29 @@ fn clone_replica(replica: &Replica, data_path: &Path, meta_path: &Path) -> Resul
         return Err(e);
     }
     Ok(())
+}
+
+/// Returns the error for a failed FICLONE or FICLONERANGE of `source_path`
+/// into `path`.
+fn clone_error(errno: Errno, path: &Path, source_path: &Path) -> Error {
+    if reflink::is_unsupported(errno) {
+        Error::ReflinkUnsupported {
+            path: path.to_owned(),
+            source_path: source_path.to_owned(),
+            source: errno,
+        }
+    } else if reflink::is_no_space(errno) {
+        Error::NoSpace {
+            path: path.to_owned(),
+            source: errno.into(),
+        }
+    } else {
+        Error::Clone {
+            path: path.to_owned(),
+            source_path: source_path.to_owned(),
+            source: errno,
+        }
+    }
 }
 
 /// Cuts a new copy to `size_bytes` when its replica's file was longer (an

@@ -24,6 +24,12 @@
 //! extent whose physical address means nothing (flagged `UNKNOWN`,
 //! `DELALLOC`, `ENCODED`, `DATA_ENCRYPTED`, `NOT_ALIGNED`, `DATA_INLINE` or
 //! `DATA_TAIL`). Holes in both are unchanged.
+//!
+//! [`updates`] runs the same comparison for the refresh of a prepared copy
+//! and also says, for each changed range, whether the newer file holds data
+//! there (reflink it) or not (punch it). It counts unwritten extents
+//! (`FIEMAP_EXTENT_UNWRITTEN`, preallocated blocks that read as zeros) as
+//! holes, since a reflink does not share them.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -186,6 +192,7 @@ const FIEMAP_EXTENT_DATA_ENCRYPTED: u32 = 0x0080;
 const FIEMAP_EXTENT_NOT_ALIGNED: u32 = 0x0100;
 const FIEMAP_EXTENT_DATA_INLINE: u32 = 0x0200;
 const FIEMAP_EXTENT_DATA_TAIL: u32 = 0x0400;
+const FIEMAP_EXTENT_UNWRITTEN: u32 = 0x0800;
 
 /// Extent flags under which the physical address says nothing about the
 /// bytes (see the module docs).
@@ -433,6 +440,98 @@ pub fn changed(
         ranges: page.ranges,
         next_offset: end,
     })
+}
+
+/// What makes a range of an older reflink equal to the newer file again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Update {
+    /// The newer file holds data here: reflink the range from it.
+    Clone(ByteRange),
+    /// The newer file has a hole (or unwritten blocks) here, the older one
+    /// data: punch the range.
+    Punch(ByteRange),
+}
+
+impl Update {
+    /// The range to update.
+    pub fn range(&self) -> ByteRange {
+        match self {
+            Self::Clone(r) | Self::Punch(r) => *r,
+        }
+    }
+}
+
+/// Returns the ranges below `size` bytes, from `start` on, in which `older`
+/// may differ from `newer`, with what makes them equal, at most `max`
+/// entries (adjacent ones of one kind merged), and the offset where the
+/// next page starts (`size` when nothing is left). Both files must be on
+/// one filesystem and at least `size` bytes long.
+///
+/// # Errors
+///
+/// The FIEMAP error and the file it came from ([`Side::Base`] for `older`).
+pub fn updates(
+    older: &File,
+    newer: &File,
+    size: u64,
+    start: u64,
+    max: usize,
+) -> Result<(Vec<Update>, u64), (Side, Errno)> {
+    let mut older_cursor = ExtentCursor::new(older, start, size);
+    let mut newer_cursor = ExtentCursor::new(newer, start, size);
+    let max = max.max(1);
+    let mut out: Vec<Update> = Vec::new();
+    let mut pos = start;
+    while pos < size {
+        let (o, o_until) = mapping_at(&mut older_cursor, pos, size).map_err(|e| (Side::Base, e))?;
+        let (n, n_until) =
+            mapping_at(&mut newer_cursor, pos, size).map_err(|e| (Side::Target, e))?;
+        let until = o_until.min(n_until).min(size);
+        let update = match (written(o), written(n)) {
+            (None, None) => None,
+            (Some(o), Some(n))
+                if o.comparable() && n.comparable() && o.physical_at(pos) == n.physical_at(pos) =>
+            {
+                None
+            }
+            (_, Some(_)) => Some(Update::Clone(ByteRange {
+                offset: pos,
+                length: until - pos,
+            })),
+            (Some(_), None) => Some(Update::Punch(ByteRange {
+                offset: pos,
+                length: until - pos,
+            })),
+        };
+        if let Some(update) = update {
+            let merged = match (out.last_mut(), update) {
+                (Some(Update::Clone(last)), Update::Clone(r))
+                | (Some(Update::Punch(last)), Update::Punch(r))
+                    if last.end() == r.offset =>
+                {
+                    last.length += r.length;
+                    true
+                }
+                _ => false,
+            };
+            if !merged {
+                if out.len() == max {
+                    return Ok((out, pos));
+                }
+                out.push(update);
+            }
+        }
+        pos = until;
+    }
+    Ok((out, size))
+}
+
+/// The extent that holds written data, if the mapping is one.
+fn written(mapping: Mapping) -> Option<Extent> {
+    match mapping {
+        Mapping::Data(e) if e.flags & FIEMAP_EXTENT_UNWRITTEN == 0 => Some(e),
+        Mapping::Data(_) | Mapping::Hole | Mapping::Past => None,
+    }
 }
 
 #[cfg(test)]

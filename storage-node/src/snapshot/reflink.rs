@@ -1,6 +1,8 @@
 //! Reflinks: FICLONE, the ioctl that makes one file share every block of
-//! another (XFS with `reflink=1`, btrfs). Used for snapshot copies (replica
-//! to copy) and restores (copy to replica). Neither file's data is read or
+//! another (XFS with `reflink=1`, btrfs), and FICLONERANGE, which does the
+//! same for one block-aligned range. Used for snapshot copies (replica to
+//! copy), the refresh of a prepared copy (changed ranges of the replica into
+//! the copy) and restores (copy to replica). Neither file's data is read or
 //! written: the destination's extent map is replaced by the source's, and
 //! later writes to either file copy on write.
 
@@ -15,6 +17,13 @@ mod sys {
         /// descriptor, passed by value. The request number comes from libc.
         ficlone,
         libc::FICLONE
+    );
+    nix::ioctl_write_ptr_bad!(
+        /// FICLONERANGE is `_IOW(0x94, 13, struct file_clone_range)`. The
+        /// request number comes from libc.
+        ficlonerange,
+        libc::FICLONERANGE,
+        libc::file_clone_range
     );
 }
 
@@ -31,6 +40,35 @@ pub fn clone_file(src: &File, dst: &File) -> Result<(), Errno> {
     // borrowed), and FICLONE takes its argument as an integer, not as a
     // pointer into our memory.
     unsafe { sys::ficlone(dst.as_raw_fd(), src.as_raw_fd()) }.map(drop)
+}
+
+/// Makes `length` bytes of `dst` (open for writing, on the same filesystem)
+/// from `dst_offset` on share the blocks of `src` (open for reading) from
+/// `src_offset` on. Offsets and the length must be multiples of the
+/// filesystem's block size (4096 bytes on our pools), unless the range ends
+/// at the end of `src`. `dst` grows if the range ends past its end.
+///
+/// # Errors
+///
+/// The ioctl's error, as for [`clone_file`]; `EINVAL` also for an unaligned
+/// range or one past the end of `src`.
+pub fn clone_range(
+    src: &File,
+    src_offset: u64,
+    length: u64,
+    dst: &File,
+    dst_offset: u64,
+) -> Result<(), Errno> {
+    let range = libc::file_clone_range {
+        src_fd: i64::from(src.as_raw_fd()),
+        src_offset,
+        src_length: length,
+        dest_offset: dst_offset,
+    };
+    // SAFETY: `range` is a valid `struct file_clone_range` that lives across
+    // the call and is only read by the kernel; both descriptors stay open
+    // for the call (the Files are borrowed).
+    unsafe { sys::ficlonerange(dst.as_raw_fd(), &range) }.map(drop)
 }
 
 /// Returns whether a FICLONE error means the filesystem (or this pair of

@@ -10,6 +10,8 @@ use crate::pool::PoolManager;
 use crate::pool::tests::TestEnv;
 use crate::replica::{CreateReplica, ReplicaCatalog};
 
+mod prepared;
+
 const K4: u64 = 4096;
 const MIB: u64 = 1 << 20;
 
@@ -19,7 +21,7 @@ struct Node {
 
 struct Catalogs {
     replicas: ReplicaCatalog,
-    copies: SnapshotCatalog,
+    copies: parking_lot::Mutex<SnapshotCatalog>,
 }
 
 impl Node {
@@ -37,12 +39,18 @@ impl Node {
         );
         Catalogs {
             replicas: ReplicaCatalog::load(pools.clone()).expect("replica catalog"),
-            copies: SnapshotCatalog::load(pools).expect("snapshot catalog"),
+            copies: parking_lot::Mutex::new(
+                SnapshotCatalog::load(pools).expect("snapshot catalog"),
+            ),
         }
     }
 
     fn stop(&self, c: Catalogs) {
-        c.replicas.pools().close_all().expect("close pools");
+        // Prepared copies hold their files open, which would keep the
+        // pool's mount busy.
+        let Catalogs { replicas, copies } = c;
+        drop(copies);
+        replicas.pools().close_all().expect("close pools");
     }
 
     fn snapshots_dir(&self) -> PathBuf {
@@ -63,9 +71,17 @@ impl Catalogs {
             .expect("create replica")
     }
 
+    fn prepare(&mut self, id: &str, replica: &str) -> Result<(), Error> {
+        let replica = self.replicas.get(replica)?;
+        let src = open_replica(&replica)?;
+        prepare(&self.copies, id, &replica, &src)
+    }
+
     fn copy(&mut self, id: &str, replica: &str) -> Result<SnapshotCopy, Error> {
         let replicas = &self.replicas;
-        self.copies.create(id, replica, |name| replicas.get(name))
+        self.copies
+            .lock()
+            .create(id, replica, |name| replicas.get(name))
     }
 }
 
@@ -131,7 +147,7 @@ fn copy_keeps_the_bytes_of_its_instant() {
     assert_eq!(mode & 0o777, 0o400, "copies are read-only");
     // Shares the replica's blocks: maps (at least) what was written.
     assert!(allocated_bytes(&copy).expect("allocated") >= 2 * MIB);
-    assert_eq!(c.copies.list(), vec![copy.clone()]);
+    assert_eq!(c.copies.lock().list(), vec![copy.clone()]);
 
     write(&r1.data_path, 0, MIB, 0xbb);
     write(&r1.data_path, 8 * MIB, K4, 0xcc);
@@ -142,7 +158,10 @@ fn copy_keeps_the_bytes_of_its_instant() {
     // A restart finds the copy as it was.
     node.stop(c);
     let c = node.start();
-    assert_eq!(c.copies.get("snap-1").expect("get after restart"), copy);
+    assert_eq!(
+        c.copies.lock().get("snap-1").expect("get after restart"),
+        copy
+    );
     assert_filled(&copy.data_path, 0, 2 * MIB, 0xaa);
     node.stop(c);
 }
@@ -174,8 +193,8 @@ fn create_is_idempotent_and_refuses_conflicts() {
     names.sort();
     assert_eq!(names, vec!["s1.data", "s1.meta.json"]);
 
-    assert!(c.copies.delete("s1").expect("delete"));
-    assert!(!c.copies.delete("s1").expect("delete again"));
+    assert!(c.copies.lock().delete("s1").expect("delete"));
+    assert!(!c.copies.lock().delete("s1").expect("delete again"));
     assert!(
         fs::read_dir(node.snapshots_dir())
             .expect("list")
@@ -183,7 +202,7 @@ fn create_is_idempotent_and_refuses_conflicts() {
             .is_none()
     );
     assert_eq!(
-        c.copies.get("s1").expect_err("deleted").code(),
+        c.copies.lock().get("s1").expect_err("deleted").code(),
         tonic::Code::NotFound
     );
     node.stop(c);
@@ -204,7 +223,7 @@ fn destroying_the_replica_keeps_its_copies() {
 
     node.stop(c);
     let c = node.start();
-    assert_eq!(c.copies.list(), vec![copy.clone()]);
+    assert_eq!(c.copies.lock().list(), vec![copy.clone()]);
     assert_filled(&copy.data_path, 0, MIB, 0x5a);
     node.stop(c);
 }
@@ -231,10 +250,17 @@ fn load_removes_unfinished_copies_and_reserves_damaged_ones() {
     let mut c = node.start();
     assert!(!dir.join("unfinished.data").exists());
     assert!(!dir.join(".good.meta.json.tmp.1.0").exists());
-    let ids: Vec<String> = c.copies.list().into_iter().map(|c| c.snapshot_id).collect();
+    let ids: Vec<String> = c
+        .copies
+        .lock()
+        .list()
+        .into_iter()
+        .map(|c| c.snapshot_id)
+        .collect();
     assert_eq!(ids, vec!["good"]);
     let faulted: Vec<String> = c
         .copies
+        .lock()
         .faulted()
         .into_iter()
         .map(|f| f.snapshot_id)
@@ -246,11 +272,11 @@ fn load_removes_unfinished_copies_and_reserves_damaged_ones() {
         let e = c.copy(id, "r1").expect_err("faulted id");
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
         assert_eq!(
-            c.copies.get(id).expect_err("faulted").code(),
+            c.copies.lock().get(id).expect_err("faulted").code(),
             tonic::Code::FailedPrecondition
         );
     }
-    assert!(c.copies.delete("garbled").expect("delete faulted"));
+    assert!(c.copies.lock().delete("garbled").expect("delete faulted"));
     assert!(!dir.join("garbled.data").exists());
     c.copy("garbled", "r1").expect("id free again");
     node.stop(c);
@@ -272,7 +298,7 @@ fn restore_reflinks_the_copy_and_grows() {
         .capacity()
         .expect("capacity");
 
-    let source = c.copies.source("s1").expect("source");
+    let source = c.copies.lock().source("s1").expect("source");
     let req = CreateReplica {
         name: "restored".into(),
         volume_id: "vol-new".into(),
@@ -336,7 +362,7 @@ fn restore_reflinks_the_copy_and_grows() {
         .expect_err("other pool");
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     assert_eq!(
-        c.copies.source("nope").expect_err("no copy").code(),
+        c.copies.lock().source("nope").expect_err("no copy").code(),
         tonic::Code::NotFound
     );
     let names: Vec<String> = c.replicas.list().into_iter().map(|r| r.name).collect();
@@ -344,13 +370,13 @@ fn restore_reflinks_the_copy_and_grows() {
 
     // Writes to the restored replica reach neither the copy nor r1.
     write(&restored.data_path, 0, K4, 0xdd);
-    let copy = c.copies.get("s1").expect("copy");
+    let copy = c.copies.lock().get("s1").expect("copy");
     assert_filled(&copy.data_path, 0, 8 * MIB, 0xaa);
     assert_filled(&r1.data_path, 0, MIB, 0xbb);
 
     // The restored replica outlives the copy, and its metadata survives a
     // restart with the source named.
-    assert!(c.copies.delete("s1").expect("delete copy"));
+    assert!(c.copies.lock().delete("s1").expect("delete copy"));
     assert_filled(&restored.data_path, K4, 8 * MIB - K4, 0xaa);
     node.stop(c);
     let c = node.start();
@@ -372,7 +398,7 @@ fn a_thick_restore_allocates_the_tail() {
     let r1 = c.replica("r1", 4 * MIB);
     write(&r1.data_path, 0, MIB, 0x11);
     c.copy("s1", "r1").expect("copy");
-    let source = c.copies.source("s1").expect("source");
+    let source = c.copies.lock().source("s1").expect("source");
     let thick = c
         .replicas
         .restore(
@@ -409,7 +435,7 @@ fn allocated_ranges_are_the_written_ranges() {
         write(&r1.data_path, r.offset, r.length, 0x77);
     }
     c.copy("s1", "r1").expect("copy");
-    let copy = c.copies.open("s1").expect("open");
+    let copy = c.copies.lock().open("s1").expect("open");
 
     let all = allocated_ranges(&copy, 0, 0).expect("ranges");
     assert_eq!(all.ranges, written.to_vec());
@@ -465,8 +491,8 @@ fn changed_ranges_are_the_overwritten_ranges() {
         write(&r1.data_path, r.offset, r.length, 0xbb);
     }
     c.copy("target", "r1").expect("target copy");
-    let base = c.copies.open("base").expect("open base");
-    let target = c.copies.open("target").expect("open target");
+    let base = c.copies.lock().open("base").expect("open base");
+    let target = c.copies.lock().open("target").expect("open target");
 
     let changed = changed_ranges(&base, &target, 0, 0).expect("changed");
     assert_eq!(changed.next_offset, 32 * MIB);
@@ -503,14 +529,14 @@ fn changed_ranges_are_the_overwritten_ranges() {
     // A grown volume: everything past the base's size counts as changed.
     c.replicas.grow("r1", 40 * MIB).expect("grow");
     c.copy("grown", "r1").expect("grown copy");
-    let grown = c.copies.open("grown").expect("open grown");
+    let grown = c.copies.lock().open("grown").expect("open grown");
     let past = changed_ranges(&target, &grown, 0, 0).expect("grown");
     assert_eq!(past.ranges, vec![range(32 * MIB, 8 * MIB)]);
 
     // Copies of another volume cannot be compared.
     c.replica("r2", 32 * MIB);
     c.copy("other", "r2").expect("other copy");
-    let other = c.copies.open("other").expect("open other");
+    let other = c.copies.lock().open("other").expect("open other");
     let e = changed_ranges(&base, &other, 0, 0).expect_err("other volume");
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     drop((base, target, grown, other));
@@ -559,7 +585,7 @@ fn a_full_pool_refuses_copies_and_restores_and_leaves_nothing_behind() {
 
     // A restore: thin, so provisioning lets it through; the file system
     // refuses.
-    let source = c.copies.source("before").expect("source");
+    let source = c.copies.lock().source("before").expect("source");
     let restore = CreateReplica {
         name: "restored".into(),
         volume_id: String::new(),
@@ -595,10 +621,13 @@ fn a_full_pool_refuses_copies_and_restores_and_leaves_nothing_behind() {
             }
         }
     }
-    eprintln!("copies made before refusal: {}", c.copies.list().len() - 1);
+    eprintln!(
+        "copies made before refusal: {}",
+        c.copies.lock().list().len() - 1
+    );
     assert_eq!(refused, 1, "a full pool took 64 copies");
     // What was made is intact and listed; nothing half-made is.
-    for copy in c.copies.list() {
+    for copy in c.copies.lock().list() {
         assert_eq!(CopyMeta::load(&copy.meta_path).expect("meta"), copy.meta);
     }
     node.stop(c);

@@ -36,6 +36,14 @@ pub enum Error {
         /// The replica it was taken of.
         replica_name: String,
     },
+    /// A prepare of an id deleted moments ago: it is refused, so that a
+    /// late prepare cannot leave a copy after the delete of its cut (the
+    /// copy is then taken in full by CreateSnapshotCopy).
+    #[error("Snapshot copy {id} was deleted moments ago; it is not prepared again")]
+    RecentlyDeleted {
+        /// The snapshot id.
+        id: String,
+    },
     /// The copy was found damaged at start-up; only delete is allowed.
     #[error("Snapshot copy {id} is faulted: {reason}")]
     Faulted {
@@ -240,9 +248,10 @@ impl Error {
             Self::InvalidId { .. } | Self::DifferentVolumes { .. } => Code::InvalidArgument,
             Self::NotFound { .. } => Code::NotFound,
             Self::AlreadyExists { .. } => Code::AlreadyExists,
-            Self::Faulted { .. } | Self::DuplicateCopy { .. } | Self::ReflinkUnsupported { .. } => {
-                Code::FailedPrecondition
-            }
+            Self::Faulted { .. }
+            | Self::DuplicateCopy { .. }
+            | Self::ReflinkUnsupported { .. }
+            | Self::RecentlyDeleted { .. } => Code::FailedPrecondition,
             Self::OutOfRange { .. } => Code::OutOfRange,
             Self::Replica(e) => e.code(),
             Self::Pool(e) => e.code(),

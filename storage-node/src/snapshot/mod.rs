@@ -166,7 +166,15 @@ pub struct SnapshotCatalog {
     faulted: BTreeMap<String, FaultedCopy>,
     /// Copies made by [`prepare`] and not yet completed; in memory only.
     prepared: BTreeMap<String, PreparedCopy>,
+    /// Ids deleted in the last [`PREPARE_TOMBSTONE`], which a prepare
+    /// refuses (see [`SnapshotCatalog::delete`]); in memory only.
+    deleted: BTreeMap<String, std::time::Instant>,
 }
+
+/// How long a deleted id refuses prepares: longer than any controller
+/// waits for a prepare, so one that arrives (or finishes its FICLONE) after
+/// the delete of its failed cut cannot leave a prepared copy behind.
+pub const PREPARE_TOMBSTONE: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl SnapshotCatalog {
     /// Builds the catalog by scanning the `snapshots/` directory of every
@@ -185,6 +193,7 @@ impl SnapshotCatalog {
             copies: BTreeMap::new(),
             faulted: BTreeMap::new(),
             prepared: BTreeMap::new(),
+            deleted: BTreeMap::new(),
         };
         for pool in catalog.pools.list() {
             catalog.scan_pool(&pool)?;
@@ -291,6 +300,8 @@ impl SnapshotCatalog {
             "Snapshot copy created"
         );
         self.copies.insert(snapshot_id.to_owned(), copy.clone());
+        // A complete copy under the id: a delete of it is no longer recent.
+        self.deleted.remove(snapshot_id);
         Ok(copy)
     }
 
@@ -306,6 +317,13 @@ impl SnapshotCatalog {
     /// start-up.
     pub fn delete(&mut self, snapshot_id: &str) -> Result<bool, Error> {
         validate_id(snapshot_id)?;
+        // Also when nothing is there yet: the delete of a failed cut may
+        // overtake its prepare (a request queued on a paused agent, or a
+        // FICLONE still running after its caller gave up).
+        self.deleted
+            .retain(|_, at| at.elapsed() < PREPARE_TOMBSTONE);
+        self.deleted
+            .insert(snapshot_id.to_owned(), std::time::Instant::now());
         if self.drop_prepared(snapshot_id) {
             return Ok(true);
         }

@@ -151,6 +151,12 @@ impl SnapshotCatalog {
     ) -> Result<Option<PathBuf>, Error> {
         validate_id(snapshot_id)?;
         self.check_not_faulted(snapshot_id)?;
+        let recent = |at: &std::time::Instant| at.elapsed() < super::PREPARE_TOMBSTONE;
+        if self.deleted.get(snapshot_id).is_some_and(recent) {
+            return Err(Error::RecentlyDeleted {
+                id: snapshot_id.to_owned(),
+            });
+        }
         if let Some(existing) = self.copies.get(snapshot_id) {
             return Err(Error::AlreadyExists {
                 id: snapshot_id.to_owned(),

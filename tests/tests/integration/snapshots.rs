@@ -423,19 +423,15 @@ fn a_cut_that_outlasts_its_deadline_fails_and_loses_no_write() -> Result<()> {
             err.contains("did not complete within its deadline"),
             "{err}"
         );
-        // Its record goes at once: no node was asked for a copy.
-        wait_for(
-            "the failed snapshot's record to go",
-            std::time::Duration::from_secs(10),
-            || {
-                cluster
-                    .cli_json(&["snapshot", "list"])
-                    .ok()
-                    .filter(|l| l.as_array().is_some_and(Vec::is_empty))
-            },
-        )?;
-        let left = files_ending(&cluster.path, "snapshots/snap-late.data");
-        ensure!(left.is_empty(), "copies of a failed cut: {left:?}");
+        // Nothing of it is ready; its prepared copies go with its record
+        // (node-3's once the node answers again, below).
+        let listed = cluster.cli_json(&["snapshot", "list"])?;
+        ensure!(
+            listed
+                .as_array()
+                .is_some_and(|l| l.iter().all(|s| s["state"] == "deleting")),
+            "{listed}"
+        );
         // The write completes once the replica is dropped, and every
         // acknowledged byte is there.
         let status = write.wait_timeout(std::time::Duration::from_secs(120))?;
@@ -451,6 +447,19 @@ fn a_cut_that_outlasts_its_deadline_fails_and_loses_no_write() -> Result<()> {
     })();
     hung.signal(nix::sys::signal::Signal::SIGCONT)?;
     outcome?;
+    wait_for(
+        "the failed snapshot's record and copies to go",
+        std::time::Duration::from_secs(120),
+        || {
+            let listed = cluster.cli_json(&["snapshot", "list"]).ok()?;
+            let gone = listed
+                .as_array()?
+                .iter()
+                .all(|s| s["snapshot_id"] != "snap-late");
+            (gone && files_ending(&cluster.path, "snapshots/snap-late.data").is_empty())
+                .then_some(())
+        },
+    )?;
     cluster.cli_ok(&["volume", "create", "vol-back", "--from-snapshot", "snap-ok"])?;
     let restored = publish(&cluster, "vol-back", "node-2")?;
     qemu_io(&restored, &["read -P 0x31 0 1M", "read -P 0x32 1M 1M"])?;

@@ -26,7 +26,7 @@ use super::Error;
 use super::record::CopyRecord;
 use crate::controller::Context;
 use crate::controller::agents::AgentError;
-use crate::controller::volume::record::{ReplicaState, VolumeRecord};
+use crate::controller::volume::record::{ReplicaRecord, ReplicaState, VolumeRecord};
 
 /// What a completed cut holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,12 +58,10 @@ pub async fn take(
     deadline: Duration,
     asked: &mut Vec<String>,
 ) -> Result<Taken, Error> {
-    let started = Instant::now();
     let cut = Cut {
         context,
         volume,
         snapshot_id,
-        until: started + deadline,
         deadline,
     };
     match &volume.target {
@@ -77,8 +75,8 @@ struct Cut<'a> {
     context: &'a Context,
     volume: &'a VolumeRecord,
     snapshot_id: &'a str,
-    /// When the deadline expires.
-    until: Instant,
+    /// Longest the barrier may hold writes (and the copies of an idle
+    /// volume may take).
     deadline: Duration,
 }
 
@@ -97,8 +95,16 @@ impl Cut<'_> {
             deadline,
             why: why.to_string(),
         };
+        // Outside the barrier: each in-sync replica is reflinked now, so
+        // the copy under the barrier only refreshes what changed since and
+        // its cost grows with those writes, not with the replica's extents.
+        let in_sync = self.up_in_sync_nodes().await?;
+        asked.extend(in_sync.iter().cloned());
+        self.prepare_all(&in_sync).await;
         let address = agent_address(context, target_node).await?;
         let mut targets = context.agents.targets(&address)?;
+        // The barrier's own deadline starts with the pause.
+        let until = Instant::now() + deadline;
         let deadline_ms = u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX);
         let pause = tokio::time::timeout(
             deadline,
@@ -130,8 +136,15 @@ impl Cut<'_> {
                 return Err(void("the target did not answer the pause"));
             }
         };
-        asked.extend(paused.in_sync_node_ids.iter().cloned());
-        let copied = self.copy_all(&paused.in_sync_node_ids).await;
+        asked.extend(
+            paused
+                .in_sync_node_ids
+                .iter()
+                .filter(|n| !asked.contains(n))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        let copied = self.copy_all(&paused.in_sync_node_ids, until).await;
         let resumed = resume(context, &address, target_node, volume_id, snapshot_id).await;
         let copies = copied?;
         let Some(resumed) = resumed else {
@@ -159,17 +172,30 @@ impl Cut<'_> {
     }
 
     async fn idle(&self, asked: &mut Vec<String>) -> Result<Taken, Error> {
-        let Cut {
-            context, volume, ..
-        } = *self;
         let created_at_unix_nanos = unix_nanos(SystemTime::now());
+        let until = Instant::now() + self.deadline;
+        let nodes = self.up_in_sync_nodes().await?;
+        asked.extend(nodes.iter().cloned());
+        let copies = self.copy_all(&nodes, until).await?;
+        Ok(Taken {
+            copies,
+            created_at_unix_nanos,
+            paused_ms: 0,
+        })
+    }
+
+    /// The nodes of the record's in-sync replicas that are up.
+    ///
+    /// Errors: [`Error::NoInSyncReplica`] when there is none.
+    async fn up_in_sync_nodes(&self) -> Result<Vec<String>, Error> {
+        let volume = self.volume;
         let mut nodes = Vec::new();
         for replica in volume
             .replicas
             .iter()
             .filter(|r| r.state == ReplicaState::InSync)
         {
-            match context.nodes.get(&replica.node_id).await? {
+            match self.context.nodes.get(&replica.node_id).await? {
                 Some(node) if node.is_up() => nodes.push(replica.node_id.clone()),
                 _ => {
                     warn!(volume.id = %volume.volume_id, node.id = %replica.node_id, "In-sync replica's node is down; the snapshot has no copy there")
@@ -181,32 +207,101 @@ impl Cut<'_> {
                 volume: volume.volume_id.clone(),
             });
         }
-        asked.extend(nodes.iter().cloned());
-        let copies = self.copy_all(&nodes).await?;
-        Ok(Taken {
-            copies,
-            created_at_unix_nanos,
-            paused_ms: 0,
+        Ok(nodes)
+    }
+
+    /// Prepares a copy on each of `nodes` at once (outside the barrier),
+    /// within the deadline. Best effort: a node that fails is copied in
+    /// full under the barrier, or fails the cut there.
+    async fn prepare_all(&self, nodes: &[String]) {
+        let prepares = nodes.iter().map(|node_id| async move {
+            let result = self.prepare_one(node_id).await;
+            if let Err(err) = &result {
+                warn!(volume.id = %self.volume.volume_id, snapshot.id = %self.snapshot_id, node.id = %node_id, error = %crate::error_chain(err), "Cannot prepare the copy; it is taken in full at the barrier");
+            }
+        });
+        let all = futures_util::future::join_all(prepares);
+        if tokio::time::timeout(self.deadline, all).await.is_err() {
+            warn!(volume.id = %self.volume.volume_id, snapshot.id = %self.snapshot_id, "Preparing the copies outlasted the deadline; they are taken at the barrier");
+        }
+    }
+
+    async fn prepare_one(&self, node_id: &str) -> Result<(), Error> {
+        let replica = self.replica_on(node_id)?;
+        let address = agent_address(self.context, node_id).await?;
+        self.context
+            .agents
+            .snapshots(&address)?
+            .prepare_snapshot_copy(agent_pb::CreateSnapshotCopyRequest {
+                snapshot_id: self.snapshot_id.to_string(),
+                replica_name: replica.replica_name.clone(),
+            })
+            .await
+            .map_err(|status| {
+                AgentError::new(
+                    node_id,
+                    format!(
+                        "Preparing a copy of replica {} for snapshot {}",
+                        replica.replica_name, self.snapshot_id
+                    ),
+                    status,
+                )
+            })?;
+        Ok(())
+    }
+
+    /// The volume's replica on `node_id`.
+    fn replica_on(&self, node_id: &str) -> Result<&ReplicaRecord, Error> {
+        self.volume
+            .replica(node_id)
+            .ok_or_else(|| Error::InvalidArgument {
+                reason: format!(
+                    "node {node_id} holds no replica of volume {}",
+                    self.volume.volume_id
+                ),
+            })
+    }
+
+    /// Takes (or, if prepared, refreshes) the copy on `node_id`.
+    async fn copy_one(&self, node_id: &str) -> Result<CopyRecord, Error> {
+        let replica = self.replica_on(node_id)?;
+        let address = agent_address(self.context, node_id).await?;
+        let copy = self
+            .context
+            .agents
+            .snapshots(&address)?
+            .create_snapshot_copy(agent_pb::CreateSnapshotCopyRequest {
+                snapshot_id: self.snapshot_id.to_string(),
+                replica_name: replica.replica_name.clone(),
+            })
+            .await
+            .map_err(|status| {
+                AgentError::new(
+                    node_id,
+                    format!(
+                        "Copying replica {} for snapshot {}",
+                        replica.replica_name, self.snapshot_id
+                    ),
+                    status,
+                )
+            })?
+            .into_inner();
+        Ok(CopyRecord {
+            node_id: node_id.to_string(),
+            pool: copy.pool,
+            allocated_bytes: copy.allocated_bytes,
         })
     }
 
-    /// Copies the replicas on `nodes` at once, all by the deadline.
-    async fn copy_all(&self, nodes: &[String]) -> Result<Vec<CopyRecord>, Error> {
-        let Cut {
-            context,
-            volume,
-            snapshot_id,
-            until,
-            ..
-        } = *self;
+    /// Copies the replicas on `nodes` at once, all by `until`.
+    async fn copy_all(&self, nodes: &[String], until: Instant) -> Result<Vec<CopyRecord>, Error> {
+        let volume = self.volume;
         if nodes.is_empty() {
             return Err(Error::NoInSyncReplica {
                 volume: volume.volume_id.clone(),
             });
         }
-        let copies = nodes
-            .iter()
-            .map(|node_id| copy_one(context, volume, node_id, snapshot_id));
+        let copies = nodes.iter().map(|node_id| self.copy_one(node_id));
         let all = futures_util::future::join_all(copies);
         let Ok(results) = tokio::time::timeout_at(until.into(), all).await else {
             return Err(Error::CutDeadline {
@@ -217,46 +312,6 @@ impl Cut<'_> {
         };
         results.into_iter().collect()
     }
-}
-
-async fn copy_one(
-    context: &Context,
-    volume: &VolumeRecord,
-    node_id: &str,
-    snapshot_id: &str,
-) -> Result<CopyRecord, Error> {
-    let replica = volume
-        .replica(node_id)
-        .ok_or_else(|| Error::InvalidArgument {
-            reason: format!(
-                "the target reported node {node_id} in sync, which holds no replica of volume {}",
-                volume.volume_id
-            ),
-        })?;
-    let address = agent_address(context, node_id).await?;
-    let mut snapshots = context.agents.snapshots(&address)?;
-    let copy = snapshots
-        .create_snapshot_copy(agent_pb::CreateSnapshotCopyRequest {
-            snapshot_id: snapshot_id.to_string(),
-            replica_name: replica.replica_name.clone(),
-        })
-        .await
-        .map_err(|status| {
-            AgentError::new(
-                node_id,
-                format!(
-                    "Copying replica {} for snapshot {snapshot_id}",
-                    replica.replica_name
-                ),
-                status,
-            )
-        })?
-        .into_inner();
-    Ok(CopyRecord {
-        node_id: node_id.to_string(),
-        pool: copy.pool,
-        allocated_bytes: copy.allocated_bytes,
-    })
 }
 
 /// The agent address of `node_id`, which must be up.

@@ -165,7 +165,7 @@ fn prepare_is_idempotent_and_refuses_conflicts() {
     }
     assert_eq!(c.copies.lock().get("s1").expect("still there"), copy);
 
-    // Delete removes a prepared copy, file and state; the id is free again.
+    // Delete removes a prepared copy, file and state.
     c.prepare("s2", "r2").expect("prepare s2");
     assert!(c.copies.lock().delete("s2").expect("delete prepared"));
     assert!(!c.copies.lock().is_prepared("s2"));
@@ -174,8 +174,18 @@ fn prepare_is_idempotent_and_refuses_conflicts() {
         names(&node.snapshots_dir()),
         vec!["s1.data", "s1.meta.json"]
     );
-    c.prepare("s2", "r1").expect("id free for another replica");
-    assert!(c.copies.lock().delete("s2").expect("delete"));
+    // A prepare after the delete (one that was late: queued on a paused
+    // agent) leaves nothing; a full copy under the id still works.
+    let e = c.prepare("s2", "r1").expect_err("recently deleted");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert_eq!(
+        names(&node.snapshots_dir()),
+        vec!["s1.data", "s1.meta.json"]
+    );
+    // Deleted before it was ever prepared: the delete of a failed cut can
+    // overtake its prepare.
+    assert!(!c.copies.lock().delete("s3").expect("delete unknown"));
+    c.prepare("s3", "r1").expect_err("prepare after its delete");
     assert_eq!(
         names(&node.snapshots_dir()),
         vec!["s1.data", "s1.meta.json"]

@@ -2,8 +2,9 @@
 //!
 //! Served by the controller and by every node plugin, which all announce
 //! the same capabilities: CONTROLLER_SERVICE,
-//! VOLUME_ACCESSIBILITY_CONSTRAINTS, SNAPSHOT_METADATA_SERVICE (served by
-//! the controller) and OFFLINE volume expansion. CSI spec,
+//! VOLUME_ACCESSIBILITY_CONSTRAINTS, SNAPSHOT_METADATA_SERVICE and
+//! GROUP_CONTROLLER_SERVICE (both served by the controller) and OFFLINE
+//! volume expansion. CSI spec,
 //! "GetPluginCapabilities": the answer is "the grand sum of all
 //! capabilities of all instances of the Plugin software", and all
 //! instances of one version "SHALL return the same set of capabilities,
@@ -33,6 +34,7 @@ impl Identity {
             service::Type::ControllerService,
             service::Type::VolumeAccessibilityConstraints,
             service::Type::SnapshotMetadataService,
+            service::Type::GroupControllerService,
         ]
         .into_iter()
         .map(|kind| csi::PluginCapability {
@@ -122,6 +124,7 @@ mod tests {
                 service::Type::ControllerService,
                 service::Type::VolumeAccessibilityConstraints,
                 service::Type::SnapshotMetadataService,
+                service::Type::GroupControllerService,
             ]
         );
         let expansion: Vec<volume_expansion::Type> = capabilities

@@ -7,6 +7,8 @@
 //!   in-process volume operations of [`crate::controller::volume`].
 //! - [`node`]: the Node service, a thin adapter over
 //!   [`crate::node::staging`].
+//! - [`group_controller`]: the GroupController service (group snapshots),
+//!   served by `ballast-csi controller`.
 //! - [`snapshot_metadata`]: the SnapshotMetadata service (changed block
 //!   tracking), served by `ballast-csi controller`.
 //!
@@ -21,6 +23,7 @@
 //! [`serve`]'s callers.
 
 pub mod controller;
+pub mod group_controller;
 pub mod identity;
 pub mod node;
 pub mod snapshot_metadata;

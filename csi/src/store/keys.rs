@@ -6,6 +6,7 @@
 //! /ballast/volumes/<volume>         a volume: size, replicas, epoch, in-sync set
 //! /ballast/volume-names/<name>      CSI volume name -> volume id (idempotency)
 //! /ballast/snapshots/<snapshot>     a snapshot: source volume, cut time, copies
+//! /ballast/group-snapshots/<group>  a group snapshot: its member snapshots
 //! ```
 //!
 //! Every id is one path segment: [`segment`] escapes `/` (and `%`, the escape
@@ -37,6 +38,14 @@ pub const SNAPSHOTS: &str = "/ballast/snapshots/";
 /// The key of snapshot `snapshot` (its id, which is its CSI name).
 pub fn snapshot(snapshot: &str) -> String {
     format!("{SNAPSHOTS}{}", segment(snapshot))
+}
+
+/// Directory of group snapshot records.
+pub const GROUP_SNAPSHOTS: &str = "/ballast/group-snapshots/";
+
+/// The key of group snapshot `group` (its id, which is its CSI name).
+pub fn group_snapshot(group: &str) -> String {
+    format!("{GROUP_SNAPSHOTS}{}", segment(group))
 }
 
 /// The key of node `node`.

@@ -46,9 +46,9 @@ async fn identity_and_create_volume_rules() -> Result<()> {
         .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
         .await?
         .into_inner();
-    // Controller, accessibility constraints, snapshot metadata, offline
-    // expansion.
-    assert_eq!(caps.capabilities.len(), 4, "{caps:?}");
+    // Controller, accessibility constraints, snapshot metadata, group
+    // controller, offline expansion.
+    assert_eq!(caps.capabilities.len(), 5, "{caps:?}");
     let probe = identity.probe(csi::ProbeRequest {}).await?.into_inner();
     assert_eq!(probe.ready, Some(true));
 

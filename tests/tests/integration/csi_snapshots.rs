@@ -591,3 +591,191 @@ async fn changed_block_tracking_reports_the_written_ranges() -> Result<()> {
     assert_eq!(code(out_of_range), Some(Code::OutOfRange));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_controller_rpcs_answer_as_the_spec_says() -> Result<()> {
+    use ballast_proto::csi::group_controller_client::GroupControllerClient;
+    use ballast_proto::csi::group_controller_service_capability::rpc::Type as GroupRpc;
+
+    let cluster = Cluster::up("csi-groups", 3, "embedded", &[])?;
+    cluster.wait_all_up(3)?;
+    let channel = channel(&cluster.path.join("csi.sock")).await?;
+    let mut ctl = ControllerClient::new(channel.clone());
+    let mut groups = GroupControllerClient::new(channel);
+    let caps = groups
+        .group_controller_get_capabilities(csi::GroupControllerGetCapabilitiesRequest {})
+        .await?
+        .into_inner();
+    let announced: Vec<GroupRpc> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(csi::group_controller_service_capability::Type::Rpc(rpc)) => Some(rpc.r#type()),
+            None => None,
+        })
+        .collect();
+    assert_eq!(announced, [GroupRpc::CreateDeleteGetVolumeGroupSnapshot]);
+
+    let data = create(&mut ctl, create_request("pvc-data", 16 * MIB, 2)).await?;
+    let wal = create(&mut ctl, create_request("pvc-wal", 8 * MIB, 2)).await?;
+    let data_uri = controller_publish(&mut ctl, &data, "node-1").await?[NBD_URI_KEY].clone();
+    let wal_uri = controller_publish(&mut ctl, &wal, "node-2").await?[NBD_URI_KEY].clone();
+    qemu_io(&data_uri, &["write -P 0x44 0 1M"])?;
+    qemu_io(&wal_uri, &["write -P 0x57 0 1M"])?;
+    create(&mut ctl, create_request("pvc-other", 8 * MIB, 1)).await?;
+
+    let request = |name: &str, volumes: &[&str]| csi::CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: volumes.iter().map(|v| v.to_string()).collect(),
+        parameters: HashMap::from([(
+            "csi.storage.k8s.io/volumegroupsnapshot/name".to_string(),
+            name.to_string(),
+        )]),
+        ..Default::default()
+    };
+    let group = groups
+        .create_volume_group_snapshot(request("grp-1", &["pvc-wal", "pvc-data"]))
+        .await?
+        .into_inner()
+        .group_snapshot
+        .context("no group")?;
+    assert_eq!(group.group_snapshot_id, "grp-1");
+    assert!(group.ready_to_use, "{group:?}");
+    assert!(group.creation_time.is_some());
+    let mut members: Vec<(String, String, String)> = group
+        .snapshots
+        .iter()
+        .map(|s| {
+            (
+                s.snapshot_id.clone(),
+                s.source_volume_id.clone(),
+                s.group_snapshot_id.clone(),
+            )
+        })
+        .collect();
+    members.sort();
+    assert_eq!(
+        members,
+        [
+            ("grp-1-pvc-data".into(), "pvc-data".into(), "grp-1".into()),
+            ("grp-1-pvc-wal".into(), "pvc-wal".into(), "grp-1".into()),
+        ]
+    );
+    ensure!(group.snapshots.iter().all(|s| s.ready_to_use), "{group:?}");
+    // Idempotent in any order of the volumes.
+    let again = groups
+        .create_volume_group_snapshot(request("grp-1", &["pvc-data", "pvc-wal"]))
+        .await?
+        .into_inner()
+        .group_snapshot
+        .context("no group")?;
+    assert_eq!(again.creation_time, group.creation_time);
+    for (case, req, expected) in [
+        (
+            "other volumes",
+            request("grp-1", &["pvc-data", "pvc-other"]),
+            Code::AlreadyExists,
+        ),
+        ("no name", request("", &["pvc-data"]), Code::InvalidArgument),
+        ("no volumes", request("grp-2", &[]), Code::InvalidArgument),
+        (
+            "a volume twice",
+            request("grp-2", &["pvc-data", "pvc-data"]),
+            Code::InvalidArgument,
+        ),
+        (
+            "unknown volume",
+            request("grp-2", &["pvc-data", "pvc-missing"]),
+            Code::NotFound,
+        ),
+    ] {
+        assert_eq!(
+            code(groups.create_volume_group_snapshot(req).await),
+            Some(expected),
+            "{case}"
+        );
+    }
+
+    // Get, with and without the member list.
+    let get = |id: &str, ids: &[&str]| csi::GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: id.into(),
+        snapshot_ids: ids.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let got = groups
+        .get_volume_group_snapshot(get("grp-1", &["grp-1-pvc-wal", "grp-1-pvc-data"]))
+        .await?
+        .into_inner()
+        .group_snapshot
+        .context("no group")?;
+    assert_eq!(got.creation_time, group.creation_time);
+    assert_eq!(
+        code(
+            groups
+                .get_volume_group_snapshot(get("grp-1", &["grp-1-pvc-wal"]))
+                .await
+        ),
+        Some(Code::InvalidArgument),
+        "a member list that is not the group's"
+    );
+    assert_eq!(
+        code(groups.get_volume_group_snapshot(get("grp-x", &[])).await),
+        Some(Code::NotFound)
+    );
+
+    // Members are ordinary snapshots: listed with their group, restorable;
+    // deleted only with the group.
+    let (listed, _) = list(&mut ctl, csi::ListSnapshotsRequest::default()).await?;
+    assert_eq!(listed, ["grp-1-pvc-data", "grp-1-pvc-wal"]);
+    assert_eq!(
+        code(
+            ctl.delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: "grp-1-pvc-data".into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Some(Code::FailedPrecondition)
+    );
+    qemu_io(&data_uri, &["write -P 0x45 0 1M"])?;
+    let restored = create(
+        &mut ctl,
+        from_snapshot("pvc-data-r", "grp-1-pvc-data", 16 * MIB),
+    )
+    .await?;
+    let restored_uri =
+        controller_publish(&mut ctl, &restored, "node-3").await?[NBD_URI_KEY].clone();
+    qemu_io(&restored_uri, &["read -P 0x44 0 1M"])?;
+
+    // Delete: a wrong member list is refused, then idempotent.
+    let delete = |ids: &[&str]| csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: "grp-1".into(),
+        snapshot_ids: ids.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(
+            groups
+                .delete_volume_group_snapshot(delete(&["grp-1-pvc-data"]))
+                .await
+        ),
+        Some(Code::InvalidArgument)
+    );
+    for _ in 0..2 {
+        groups
+            .delete_volume_group_snapshot(delete(&["grp-1-pvc-data", "grp-1-pvc-wal"]))
+            .await?;
+    }
+    assert_eq!(
+        code(groups.get_volume_group_snapshot(get("grp-1", &[])).await),
+        Some(Code::NotFound)
+    );
+    assert!(
+        list(&mut ctl, csi::ListSnapshotsRequest::default())
+            .await?
+            .0
+            .is_empty()
+    );
+    qemu_io(&restored_uri, &["read -P 0x44 0 1M"])?;
+    Ok(())
+}

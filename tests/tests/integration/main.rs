@@ -16,6 +16,7 @@ mod csi_snapshots;
 mod demo;
 mod export_fence;
 mod filesystem;
+mod group_snapshots;
 mod harness;
 mod nbd_clients;
 mod netcut;

@@ -20,10 +20,12 @@ use anyhow::Context as _;
 use ballast_csi::controller::{self, Context, ControllerConfig};
 use ballast_csi::node::attach::{self, AttachMode};
 use ballast_csi::node::mount::SystemMounter;
+use ballast_csi::service::group_controller::GroupController;
 use ballast_csi::service::snapshot_metadata::SnapshotMetadata;
 use ballast_csi::service::{self, controller::Controller, identity::Identity, node::Node};
 use ballast_csi::store;
 use ballast_proto::csi::controller_server::ControllerServer;
+use ballast_proto::csi::group_controller_server::GroupControllerServer;
 use ballast_proto::csi::identity_server::IdentityServer;
 use ballast_proto::csi::node_server::NodeServer;
 use ballast_proto::csi::snapshot_metadata_server::SnapshotMetadataServer;
@@ -226,8 +228,9 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
                         snapshots.clone(),
                     )))
                     .add_service(SnapshotMetadataServer::new(SnapshotMetadata::new(
-                        snapshots,
+                        snapshots.clone(),
                     )))
+                    .add_service(GroupControllerServer::new(GroupController::new(snapshots)))
                     .serve_with_incoming_shutdown(incoming, async move {
                         let _ = stopped.wait_for(|s| *s).await;
                     }),

@@ -3,8 +3,10 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use ballast_proto::controller::{
-    CreateSnapshotRequest, DeleteSnapshotRequest, DiffSnapshotsRequest, GetSnapshotRequest,
-    ListSnapshotsRequest, Snapshot, snapshot_service_client::SnapshotServiceClient,
+    CreateGroupSnapshotRequest, CreateSnapshotRequest, DeleteGroupSnapshotRequest,
+    DeleteSnapshotRequest, DiffSnapshotsRequest, GetGroupSnapshotRequest, GetSnapshotRequest,
+    ListGroupSnapshotsRequest, ListSnapshotsRequest, Snapshot,
+    snapshot_service_client::SnapshotServiceClient,
 };
 use clap::Subcommand;
 use tonic::transport::Channel;
@@ -53,6 +55,38 @@ pub enum SnapshotCommand {
         base: String,
         /// The newer snapshot.
         target: String,
+    },
+    /// Group snapshots: one instant across several volumes.
+    #[command(subcommand)]
+    Group(GroupCommand),
+}
+
+#[derive(Subcommand)]
+pub enum GroupCommand {
+    /// Takes one snapshot of each volume at one instant: every volume's
+    /// target is paused before any copy and resumed after all (write-order
+    /// consistent across the volumes). Members are named GROUP-VOLUME.
+    Create {
+        /// Group name: letters, digits, '.', '_' and '-'.
+        name: String,
+        /// A member volume (repeat for each).
+        #[arg(long = "volume", required = true)]
+        volumes: Vec<String>,
+        /// Longest the cut may hold the volumes' writes (e.g. 10s, 500ms).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        deadline: Duration,
+    },
+    /// Lists group snapshots.
+    List,
+    /// Shows a group snapshot with its members and each one's paused window.
+    Show {
+        /// Group name.
+        name: String,
+    },
+    /// Deletes a group snapshot and its member snapshots.
+    Delete {
+        /// Group name.
+        name: String,
     },
 }
 
@@ -137,6 +171,7 @@ pub async fn run(cmd: SnapshotCommand, channel: Channel, format: Format) -> anyh
             println!("Deleted snapshot {name}");
             Ok(())
         }
+        SnapshotCommand::Group(cmd) => run_group(cmd, client, format).await,
         SnapshotCommand::Diff { base, target } => {
             let diff = client
                 .diff_snapshots(DiffSnapshotsRequest {
@@ -165,13 +200,117 @@ pub async fn run(cmd: SnapshotCommand, channel: Channel, format: Format) -> anyh
     }
 }
 
-/// The cut's time in RFC 3339 (UTC), empty before the cut.
-fn created(snapshot: &Snapshot) -> String {
-    if snapshot.created_at_unix_nanos == 0 {
+async fn run_group(
+    cmd: GroupCommand,
+    mut client: SnapshotServiceClient<Channel>,
+    format: Format,
+) -> anyhow::Result<()> {
+    match cmd {
+        GroupCommand::Create {
+            name,
+            volumes,
+            deadline,
+        } => {
+            let deadline_ms = u32::try_from(deadline.as_millis())
+                .map_err(|_| anyhow::anyhow!("The deadline {deadline:?} is too long"))?;
+            let group = client
+                .create_group_snapshot(CreateGroupSnapshotRequest {
+                    name: name.clone(),
+                    source_volume_ids: volumes,
+                    deadline_ms,
+                })
+                .await
+                .map_err(|s| status_error(&format!("Group snapshot {name} failed"), s))?
+                .into_inner();
+            let held: Vec<String> = group
+                .snapshots
+                .iter()
+                .map(|s| format!("{} {} ms", s.source_volume_id, s.paused_ms))
+                .collect();
+            let text = format!(
+                "Took group snapshot {} of {}; writes held: {}",
+                group.group_snapshot_id,
+                group.source_volume_ids.join(", "),
+                held.join(", ")
+            );
+            output::print_item(format, &group, &text)
+        }
+        GroupCommand::List => {
+            let groups = client
+                .list_group_snapshots(ListGroupSnapshotsRequest {})
+                .await
+                .map_err(|s| status_error("Listing group snapshots failed", s))?
+                .into_inner()
+                .group_snapshots;
+            output::print_list(
+                format,
+                &groups,
+                &["NAME", "VOLUMES", "STATE", "CREATED"],
+                |g| {
+                    vec![
+                        g.group_snapshot_id.clone(),
+                        g.source_volume_ids.join(","),
+                        g.state.clone(),
+                        rfc3339(g.created_at_unix_nanos),
+                    ]
+                },
+            )
+        }
+        GroupCommand::Show { name } => {
+            let group = client
+                .get_group_snapshot(GetGroupSnapshotRequest {
+                    group_snapshot_id: name.clone(),
+                })
+                .await
+                .map_err(|s| status_error(&format!("Showing group snapshot {name} failed"), s))?
+                .into_inner();
+            match format {
+                Format::Json => output::print_item(format, &group, ""),
+                Format::Table => {
+                    println!("Group snapshot: {}", group.group_snapshot_id);
+                    println!("State:          {}", group.state);
+                    println!("Cut at:         {}", rfc3339(group.created_at_unix_nanos));
+                    output::print_list(
+                        format,
+                        &group.snapshots,
+                        &["MEMBER", "VOLUME", "COPIES", "WRITES HELD"],
+                        |s| {
+                            vec![
+                                s.snapshot_id.clone(),
+                                s.source_volume_id.clone(),
+                                s.copies.len().to_string(),
+                                format!("{} ms", s.paused_ms),
+                            ]
+                        },
+                    )
+                }
+            }
+        }
+        GroupCommand::Delete { name } => {
+            client
+                .delete_group_snapshot(DeleteGroupSnapshotRequest {
+                    group_snapshot_id: name.clone(),
+                })
+                .await
+                .map_err(|s| status_error(&format!("Deleting group snapshot {name} failed"), s))?;
+            println!("Deleted group snapshot {name}");
+            Ok(())
+        }
+    }
+}
+
+/// A time in nanoseconds since the Unix epoch in RFC 3339 (UTC), empty
+/// for 0.
+fn rfc3339(nanos: u64) -> String {
+    if nanos == 0 {
         return String::new();
     }
-    let at = UNIX_EPOCH + Duration::from_nanos(snapshot.created_at_unix_nanos);
-    humantime::format_rfc3339_millis(at).to_string()
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(nanos)).to_string()
+}
+
+/// The cut's time in RFC 3339 (UTC), empty before the cut.
+fn created(snapshot: &Snapshot) -> String {
+    rfc3339(snapshot.created_at_unix_nanos)
 }
 
 fn print_snapshot(snapshot: &Snapshot) {

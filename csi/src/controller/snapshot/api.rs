@@ -10,6 +10,7 @@ use ballast_proto::controller::snapshot_service_server::SnapshotService;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use super::group::{CreateGroupRequest, GroupRecord};
 use super::record::{SnapshotRecord, SnapshotState};
 use super::{CreateRequest, DEFAULT_DEADLINE, Snapshots};
 
@@ -44,6 +45,26 @@ pub fn to_proto(record: &SnapshotRecord) -> pb::Snapshot {
             })
             .collect(),
         paused_ms: record.paused_ms,
+        group_snapshot_id: record.group_snapshot_id.clone().unwrap_or_default(),
+    }
+}
+
+/// The group snapshot as the management API shows it.
+pub fn group_to_proto(group: &GroupRecord, members: &[SnapshotRecord]) -> pb::GroupSnapshot {
+    pb::GroupSnapshot {
+        group_snapshot_id: group.group_snapshot_id.clone(),
+        source_volume_ids: group.source_volume_ids.clone(),
+        state: group.state.as_str().to_string(),
+        ready_to_use: group.state == SnapshotState::Ready,
+        created_at_unix_nanos: group.created_at_unix_nanos,
+        snapshots: members.iter().map(to_proto).collect(),
+    }
+}
+
+fn deadline(ms: u32) -> Duration {
+    match ms {
+        0 => DEFAULT_DEADLINE,
+        ms => Duration::from_millis(u64::from(ms)),
     }
 }
 
@@ -55,14 +76,10 @@ impl SnapshotService for SnapshotApi {
         request: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::Snapshot>, Status> {
         let request = request.into_inner();
-        let deadline = match request.deadline_ms {
-            0 => DEFAULT_DEADLINE,
-            ms => Duration::from_millis(u64::from(ms)),
-        };
         let snapshot = self
             .snapshots
             .create(&CreateRequest {
-                deadline,
+                deadline: deadline(request.deadline_ms),
                 ..CreateRequest::new(&request.name, &request.source_volume_id)
             })
             .await?;
@@ -124,6 +141,62 @@ impl SnapshotService for SnapshotApi {
                 .map(|&(offset, length)| pb::ByteRange { offset, length })
                 .collect(),
             size_bytes: diff.size_bytes,
+        }))
+    }
+
+    #[instrument(err, skip(self, request), fields(group.id = %request.get_ref().name))]
+    async fn create_group_snapshot(
+        &self,
+        request: Request<pb::CreateGroupSnapshotRequest>,
+    ) -> Result<Response<pb::GroupSnapshot>, Status> {
+        let request = request.into_inner();
+        let (group, members) = self
+            .snapshots
+            .create_group(&CreateGroupRequest {
+                name: request.name,
+                source_volume_ids: request.source_volume_ids,
+                deadline: deadline(request.deadline_ms),
+                parameters: Default::default(),
+            })
+            .await?;
+        Ok(Response::new(group_to_proto(&group, &members)))
+    }
+
+    #[instrument(err, skip(self, request), fields(group.id = %request.get_ref().group_snapshot_id))]
+    async fn delete_group_snapshot(
+        &self,
+        request: Request<pb::DeleteGroupSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteGroupSnapshotResponse>, Status> {
+        self.snapshots
+            .delete_group(&request.get_ref().group_snapshot_id)
+            .await?;
+        Ok(Response::new(pb::DeleteGroupSnapshotResponse {}))
+    }
+
+    #[instrument(level = "debug", err, skip(self, request), fields(group.id = %request.get_ref().group_snapshot_id))]
+    async fn get_group_snapshot(
+        &self,
+        request: Request<pb::GetGroupSnapshotRequest>,
+    ) -> Result<Response<pb::GroupSnapshot>, Status> {
+        let (group, members) = self
+            .snapshots
+            .get_group(&request.get_ref().group_snapshot_id)
+            .await?;
+        Ok(Response::new(group_to_proto(&group, &members)))
+    }
+
+    #[instrument(level = "debug", err, skip_all)]
+    async fn list_group_snapshots(
+        &self,
+        _request: Request<pb::ListGroupSnapshotsRequest>,
+    ) -> Result<Response<pb::ListGroupSnapshotsResponse>, Status> {
+        let mut group_snapshots = Vec::new();
+        for group in self.snapshots.list_groups().await? {
+            let (group, members) = self.snapshots.get_group(&group.group_snapshot_id).await?;
+            group_snapshots.push(group_to_proto(&group, &members));
+        }
+        Ok(Response::new(pb::ListGroupSnapshotsResponse {
+            group_snapshots,
         }))
     }
 }

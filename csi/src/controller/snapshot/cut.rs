@@ -1,25 +1,42 @@
-//! The cut: every in-sync replica of a volume copied at one instant.
+//! The cut: every in-sync replica of one or more volumes copied at one
+//! instant (a snapshot, or a group snapshot's members).
+//!
+//! ```text
+//!  controller            member targets (one per published volume)      replica agents
+//!   │ 0. PrepareSnapshotCopy ───────────────────────────────────────────────> reflink now
+//!   │ 1. PauseTarget ──────────> close the barrier: writes in flight finish,
+//!   │                            new ones wait; answer paused + in-sync set
+//!   │    (all members paused)
+//!   │ 2. CreateSnapshotCopy ────────────────────────────────────────────────> refresh, fsync, commit
+//!   │ 3. ResumeTarget ─────────> open the barrier; was_paused?
+//! ```
 //!
 //! On a published volume the target's write barrier makes the instant:
 //! `PauseTarget` answers once no write is in flight, with the in-sync set
-//! at that moment; each of those replicas' agents takes a reflink copy
+//! at that moment; each of those replicas' agents completes its copy
 //! (`CreateSnapshotCopy`, durable when it answers); `ResumeTarget` drops
-//! the barrier. The cut counts only if the resume finds the barrier still
-//! up (`was_paused`): a barrier that dropped at its deadline let writes
-//! through while copies were being taken. The whole cut shares one
-//! deadline; the agent drops its barrier at that deadline on its own, so a
-//! controller that dies mid-cut holds writes no longer than that.
+//! the barrier. Copies are prepared before the pause (a reflink of the
+//! replica as it is then), so the copy under the barrier only refreshes
+//! what was written since. Every member's target is paused before any copy
+//! is taken and resumed only after every copy is durable, so a write that
+//! depends on another member's acknowledged write is in the cut only if
+//! that write is too (invariant 5). The cut counts only if every resume
+//! finds its barrier still up (`was_paused`): a barrier that dropped at its
+//! deadline let writes through while copies were being taken. One deadline
+//! covers the barrier phase; each agent drops its barrier at that deadline
+//! on its own, so a controller that dies mid-cut holds writes no longer.
 //!
 //! An unpublished volume has no writer: its in-sync replicas on nodes that
-//! are up are copied as they are.
+//! are up are copied as they are, during phase 2.
 //!
 //! This module takes copies and reports them; it must never write a
 //! record (the caller removes copies of a failed cut through the
-//! snapshot's record, which names every node that may hold one).
+//! snapshots' records, which name every node that may hold one).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ballast_proto::agent as agent_pb;
+use futures_util::future::join_all;
 use tracing::{info, warn};
 
 use super::Error;
@@ -28,7 +45,7 @@ use crate::controller::Context;
 use crate::controller::agents::AgentError;
 use crate::controller::volume::record::{ReplicaRecord, ReplicaState, VolumeRecord};
 
-/// What a completed cut holds.
+/// What a completed cut holds for one volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Taken {
     /// One durable copy per in-sync replica at the cut.
@@ -39,18 +56,21 @@ pub struct Taken {
     pub paused_ms: u64,
 }
 
-/// Takes the cut of `volume` for snapshot `snapshot_id` within
-/// `deadline`. The caller holds the volume's guard (no publish or
-/// unpublish meanwhile). `asked` receives every node asked for a copy,
-/// which may hold one whatever the outcome.
+/// One volume of a cut and the snapshot its copies are named by.
+#[derive(Debug, Clone, Copy)]
+pub struct Member<'a> {
+    /// The volume, as read under its guard.
+    pub volume: &'a VolumeRecord,
+    /// The snapshot id its copies take.
+    pub snapshot_id: &'a str,
+}
+
+/// Takes the cut of `volume` for snapshot `snapshot_id`; see
+/// [`take_group`].
 ///
 /// # Errors
 ///
-/// [`Error::CutDeadline`] when the barrier does not close, or the copies
-/// do not complete, while it holds; [`Error::NoInSyncReplica`] when no
-/// in-sync replica's node is up; [`Error::Agent`] when an agent refuses or
-/// cannot be reached. Copies taken before the failure stay for the caller
-/// to remove.
+/// As [`take_group`].
 pub async fn take(
     context: &Context,
     volume: &VolumeRecord,
@@ -58,130 +78,247 @@ pub async fn take(
     deadline: Duration,
     asked: &mut Vec<String>,
 ) -> Result<Taken, Error> {
-    let cut = Cut {
-        context,
+    let mut asked_all = vec![Vec::new()];
+    let member = Member {
         volume,
         snapshot_id,
-        deadline,
     };
-    match &volume.target {
-        Some(target) => cut.at_barrier(&target.node_id, asked).await,
-        None => cut.idle(asked).await,
-    }
+    let taken = take_group(context, &[member], deadline, &mut asked_all).await;
+    asked.extend(asked_all.into_iter().flatten());
+    taken.map(|mut taken| taken.remove(0))
 }
 
-/// One cut in progress.
+/// Takes one cut of every member within `deadline` (counted from the first
+/// pause). The caller holds every member volume's guard (no publish or
+/// unpublish meanwhile). `asked[i]` receives every node asked for a copy
+/// of member `i`, which may hold one whatever the outcome.
+///
+/// # Errors
+///
+/// [`Error::CutDeadline`] when a barrier does not close, or the copies do
+/// not complete, while the barriers hold; [`Error::NoInSyncReplica`] when
+/// a member has no in-sync replica on a node that is up;
+/// [`Error::NodeDown`], [`Error::Agent`] when an agent refuses or cannot
+/// be reached. Every barrier raised is dropped before the error returns;
+/// copies taken before the failure stay for the caller to remove.
+pub async fn take_group(
+    context: &Context,
+    members: &[Member<'_>],
+    deadline: Duration,
+    asked: &mut [Vec<String>],
+) -> Result<Vec<Taken>, Error> {
+    let cuts: Vec<Cut<'_>> = members
+        .iter()
+        .map(|m| Cut {
+            context,
+            volume: m.volume,
+            snapshot_id: m.snapshot_id,
+            deadline,
+        })
+        .collect();
+    // Phase 0, outside any barrier: prepare the copies of published
+    // members.
+    let mut in_sync = Vec::with_capacity(cuts.len());
+    for (cut, asked) in cuts.iter().zip(asked.iter_mut()) {
+        let nodes = cut.up_in_sync_nodes().await?;
+        asked.extend(nodes.iter().cloned());
+        in_sync.push(nodes);
+    }
+    join_all(
+        cuts.iter()
+            .zip(&in_sync)
+            .filter(|(cut, _)| cut.volume.target.is_some())
+            .map(|(cut, nodes)| cut.prepare_all(nodes)),
+    )
+    .await;
+
+    // Phase 1: every published member's barrier, at once.
+    let until = Instant::now() + deadline;
+    let pauses = join_all(cuts.iter().map(|cut| cut.pause())).await;
+    let idle_at = unix_nanos(SystemTime::now());
+    let mut held = Vec::with_capacity(cuts.len());
+    let mut first_error = None;
+    for pause in pauses {
+        match pause {
+            Ok(paused) => held.push(paused),
+            Err(err) => {
+                first_error.get_or_insert(err);
+                held.push(None);
+            }
+        }
+    }
+    if let Some(err) = first_error {
+        resume_all(&cuts, &held).await;
+        return Err(err);
+    }
+
+    // Phase 2: every copy of every member, at once, while all hold.
+    for ((paused, asked), nodes) in held.iter().zip(asked.iter_mut()).zip(in_sync.iter_mut()) {
+        if let Some(paused) = paused {
+            *nodes = paused.response.in_sync_node_ids.clone();
+            for node in nodes.iter() {
+                if !asked.contains(node) {
+                    asked.push(node.clone());
+                }
+            }
+        }
+    }
+    let copied = join_all(
+        cuts.iter()
+            .zip(&in_sync)
+            .map(|(cut, nodes)| cut.copy_all(nodes, until)),
+    )
+    .await;
+
+    // Phase 3: resume all, then judge.
+    let resumed = resume_all(&cuts, &held).await;
+    let mut taken = Vec::with_capacity(cuts.len());
+    for (((cut, copies), paused), resumed) in cuts.iter().zip(copied).zip(&held).zip(resumed) {
+        let copies = copies?;
+        let (created_at_unix_nanos, paused_ms) = match (paused, resumed) {
+            (None, _) => (idle_at, 0),
+            (Some(_), None) => {
+                return Err(cut.void(
+                    "the target could not be asked to resume, so the barrier may have dropped before the copies were done",
+                ));
+            }
+            (Some(_), Some(r)) if !r.was_paused => {
+                return Err(
+                    cut.void("the barrier dropped at its deadline before the copies were done")
+                );
+            }
+            (Some(p), Some(r)) => (p.response.paused_at_unix_nanos, r.paused_ms),
+        };
+        info!(
+            volume.id = %cut.volume.volume_id,
+            snapshot.id = %cut.snapshot_id,
+            epoch = cut.volume.epoch,
+            paused_ms,
+            copies = copies.len(),
+            "Cut taken"
+        );
+        taken.push(Taken {
+            copies,
+            created_at_unix_nanos,
+            paused_ms,
+        });
+    }
+    Ok(taken)
+}
+
+/// Drops every barrier in `held`; per member, the resume's answer (`None`
+/// for an unpublished member or a target that could not be asked).
+async fn resume_all(
+    cuts: &[Cut<'_>],
+    held: &[Option<Paused>],
+) -> Vec<Option<agent_pb::ResumeTargetResponse>> {
+    join_all(cuts.iter().zip(held).map(|(cut, paused)| async move {
+        match paused {
+            Some(paused) => cut.resume(paused).await,
+            None => None,
+        }
+    }))
+    .await
+}
+
+/// A raised barrier.
+struct Paused {
+    target_node: String,
+    address: String,
+    response: agent_pb::PauseTargetResponse,
+}
+
+/// One volume's part of a cut.
 struct Cut<'a> {
     context: &'a Context,
     volume: &'a VolumeRecord,
     snapshot_id: &'a str,
-    /// Longest the barrier may hold writes (and the copies of an idle
+    /// Longest the barriers may hold writes (and the copies of an idle
     /// volume may take).
     deadline: Duration,
 }
 
 impl Cut<'_> {
-    async fn at_barrier(&self, target_node: &str, asked: &mut Vec<String>) -> Result<Taken, Error> {
-        let Cut {
-            context,
-            volume,
-            snapshot_id,
-            deadline,
-            ..
-        } = *self;
-        let volume_id = &volume.volume_id;
-        let void = |why: &str| Error::CutDeadline {
-            volume: volume_id.clone(),
-            deadline,
+    fn void(&self, why: &str) -> Error {
+        Error::CutDeadline {
+            volume: self.volume.volume_id.clone(),
+            deadline: self.deadline,
             why: why.to_string(),
+        }
+    }
+
+    /// Raises the volume's barrier; `None` for an unpublished volume.
+    async fn pause(&self) -> Result<Option<Paused>, Error> {
+        let Some(target) = &self.volume.target else {
+            return Ok(None);
         };
-        // Outside the barrier: each in-sync replica is reflinked now, so
-        // the copy under the barrier only refreshes what changed since and
-        // its cost grows with those writes, not with the replica's extents.
-        let in_sync = self.up_in_sync_nodes().await?;
-        asked.extend(in_sync.iter().cloned());
-        self.prepare_all(&in_sync).await;
-        let address = agent_address(context, target_node).await?;
-        let mut targets = context.agents.targets(&address)?;
-        // The barrier's own deadline starts with the pause.
-        let until = Instant::now() + deadline;
-        let deadline_ms = u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX);
+        let volume_id = &self.volume.volume_id;
+        let target_node = target.node_id.clone();
+        let address = agent_address(self.context, &target_node).await?;
+        let mut targets = self.context.agents.targets(&address)?;
+        let deadline_ms = u32::try_from(self.deadline.as_millis()).unwrap_or(u32::MAX);
         let pause = tokio::time::timeout(
-            deadline,
+            self.deadline,
             targets.pause_target(agent_pb::PauseTargetRequest {
                 volume_id: volume_id.clone(),
-                epoch: volume.epoch,
-                pause_id: snapshot_id.to_string(),
+                epoch: self.volume.epoch,
+                pause_id: self.snapshot_id.to_string(),
                 deadline_ms,
             }),
         )
         .await;
-        let paused = match pause {
-            Ok(Ok(paused)) => paused.into_inner(),
+        let held_at = |response| Paused {
+            target_node: target_node.clone(),
+            address: address.clone(),
+            response,
+        };
+        match pause {
+            Ok(Ok(paused)) => Ok(Some(held_at(paused.into_inner()))),
             Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
-                return Err(void("the writes in flight did not complete"));
+                Err(self.void("the writes in flight did not complete"))
             }
             Ok(Err(status)) => {
                 // A transport failure may hide a barrier that did close.
-                resume(context, &address, target_node, volume_id, snapshot_id).await;
-                return Err(AgentError::new(
-                    target_node,
+                self.resume(&held_at(Default::default())).await;
+                Err(AgentError::new(
+                    &target_node,
                     format!("Pausing the target of volume {volume_id}"),
                     status,
                 )
-                .into());
+                .into())
             }
             Err(_) => {
-                resume(context, &address, target_node, volume_id, snapshot_id).await;
-                return Err(void("the target did not answer the pause"));
+                self.resume(&held_at(Default::default())).await;
+                Err(self.void("the target did not answer the pause"))
             }
-        };
-        asked.extend(
-            paused
-                .in_sync_node_ids
-                .iter()
-                .filter(|n| !asked.contains(n))
-                .cloned()
-                .collect::<Vec<_>>(),
-        );
-        let copied = self.copy_all(&paused.in_sync_node_ids, until).await;
-        let resumed = resume(context, &address, target_node, volume_id, snapshot_id).await;
-        let copies = copied?;
-        let Some(resumed) = resumed else {
-            return Err(void(
-                "the target could not be asked to resume, so the barrier may have dropped before the copies were done",
-            ));
-        };
-        if !resumed.was_paused {
-            return Err(void(
-                "the barrier dropped at its deadline before the copies were done",
-            ));
         }
-        info!(
-            volume.id = %volume_id,
-            snapshot.id = %snapshot_id,
-            epoch = volume.epoch,
-            paused_ms = resumed.paused_ms,
-            "Cut taken at the write barrier"
-        );
-        Ok(Taken {
-            copies,
-            created_at_unix_nanos: paused.paused_at_unix_nanos,
-            paused_ms: resumed.paused_ms,
-        })
     }
 
-    async fn idle(&self, asked: &mut Vec<String>) -> Result<Taken, Error> {
-        let created_at_unix_nanos = unix_nanos(SystemTime::now());
-        let until = Instant::now() + self.deadline;
-        let nodes = self.up_in_sync_nodes().await?;
-        asked.extend(nodes.iter().cloned());
-        let copies = self.copy_all(&nodes, until).await?;
-        Ok(Taken {
-            copies,
-            created_at_unix_nanos,
-            paused_ms: 0,
-        })
+    /// Drops the barrier; `None` if the target could not be asked (it
+    /// drops on its own at its deadline).
+    async fn resume(&self, paused: &Paused) -> Option<agent_pb::ResumeTargetResponse> {
+        let volume_id = &self.volume.volume_id;
+        let request = agent_pb::ResumeTargetRequest {
+            volume_id: volume_id.clone(),
+            pause_id: self.snapshot_id.to_string(),
+        };
+        let result = match self.context.agents.targets(&paused.address) {
+            Ok(mut targets) => targets.resume_target(request).await.map_err(|status| {
+                crate::error_chain(&AgentError::new(
+                    &paused.target_node,
+                    format!("Resuming the target of volume {volume_id}"),
+                    status,
+                ))
+            }),
+            Err(err) => Err(crate::error_chain(&err)),
+        };
+        match result {
+            Ok(resumed) => Some(resumed.into_inner()),
+            Err(error) => {
+                warn!(volume.id = %volume_id, snapshot.id = %self.snapshot_id, %error, "Cannot resume the target; its barrier drops at its deadline");
+                None
+            }
+        }
     }
 
     /// The nodes of the record's in-sync replicas that are up.
@@ -220,7 +357,7 @@ impl Cut<'_> {
                 warn!(volume.id = %self.volume.volume_id, snapshot.id = %self.snapshot_id, node.id = %node_id, error = %crate::error_chain(err), "Cannot prepare the copy; it is taken in full at the barrier");
             }
         });
-        let all = futures_util::future::join_all(prepares);
+        let all = join_all(prepares);
         if tokio::time::timeout(self.deadline, all).await.is_err() {
             warn!(volume.id = %self.volume.volume_id, snapshot.id = %self.snapshot_id, "Preparing the copies outlasted the deadline; they are taken at the barrier");
         }
@@ -302,7 +439,7 @@ impl Cut<'_> {
             });
         }
         let copies = nodes.iter().map(|node_id| self.copy_one(node_id));
-        let all = futures_util::future::join_all(copies);
+        let all = join_all(copies);
         let Ok(results) = tokio::time::timeout_at(until.into(), all).await else {
             return Err(Error::CutDeadline {
                 volume: volume.volume_id.clone(),
@@ -328,36 +465,4 @@ fn unix_nanos(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0)
-}
-
-/// Drops the barrier; `None` if the target could not be asked (it drops
-/// on its own at its deadline).
-async fn resume(
-    context: &Context,
-    address: &str,
-    target_node: &str,
-    volume_id: &str,
-    snapshot_id: &str,
-) -> Option<agent_pb::ResumeTargetResponse> {
-    let request = agent_pb::ResumeTargetRequest {
-        volume_id: volume_id.to_string(),
-        pause_id: snapshot_id.to_string(),
-    };
-    let result = match context.agents.targets(address) {
-        Ok(mut targets) => targets.resume_target(request).await.map_err(|status| {
-            crate::error_chain(&AgentError::new(
-                target_node,
-                format!("Resuming the target of volume {volume_id}"),
-                status,
-            ))
-        }),
-        Err(err) => Err(crate::error_chain(&err)),
-    };
-    match result {
-        Ok(resumed) => Some(resumed.into_inner()),
-        Err(error) => {
-            warn!(volume.id = %volume_id, snapshot.id = %snapshot_id, %error, "Cannot resume the target; its barrier drops at its deadline");
-            None
-        }
-    }
 }

@@ -5,6 +5,7 @@
 //! - [`cut`]: taking the copies at one instant (the target's write barrier
 //!   on a published volume; the idle in-sync replicas of an unpublished
 //!   one).
+//! - [`group`]: group snapshots, one cut across several volumes.
 //! - [`metadata`]: changed block tracking (allocated and changed ranges).
 //! - [`api`]: the management API's `SnapshotService`.
 //! - [`reconcile`]: removing what an interrupted create or delete left.
@@ -29,6 +30,7 @@
 
 pub mod api;
 pub mod cut;
+pub mod group;
 pub mod metadata;
 pub mod operations;
 pub use operations::CreateRequest;
@@ -99,6 +101,25 @@ pub enum Error {
         snapshot: String,
         /// The volume it is a snapshot of.
         source_volume: String,
+    },
+    /// A group snapshot of that name exists with other volumes or
+    /// parameters, or a member's id is taken (CSI
+    /// CreateVolumeGroupSnapshot: `ALREADY_EXISTS`).
+    #[error("Group snapshot {group} already exists but is incompatible: {reason}")]
+    GroupMismatch {
+        /// The group id.
+        group: String,
+        /// What differs.
+        reason: String,
+    },
+    /// A member of a group snapshot is deleted with its group only (CSI
+    /// DeleteSnapshot: `FAILED_PRECONDITION`).
+    #[error("Snapshot {snapshot} is a member of group snapshot {group}; delete the group")]
+    MemberOfGroup {
+        /// The snapshot id.
+        snapshot: String,
+        /// Its group.
+        group: String,
     },
     /// Another operation on the snapshot or its volume is in progress.
     #[error("Another operation on {what} is in progress; retry later")]
@@ -172,7 +193,8 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::SnapshotNotFound { .. } | Error::VolumeNotFound { .. } => Code::NotFound,
             Error::VolumeNotReady { .. } => Code::FailedPrecondition,
-            Error::SnapshotMismatch { .. } => Code::AlreadyExists,
+            Error::SnapshotMismatch { .. } | Error::GroupMismatch { .. } => Code::AlreadyExists,
+            Error::MemberOfGroup { .. } => Code::FailedPrecondition,
             Error::Busy { .. } | Error::Deleting { .. } => Code::Aborted,
             Error::NoInSyncReplica { .. } | Error::NodeDown { .. } => Code::Unavailable,
             Error::CutDeadline { .. } => Code::DeadlineExceeded,

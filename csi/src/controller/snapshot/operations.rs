@@ -131,6 +131,7 @@ impl Snapshots {
             paused_ms: 0,
             unclean: volume.unclean_stop,
             clone_for: request.clone_for.clone(),
+            group_snapshot_id: None,
         };
         let revision = record::create(store, &planned).await?;
         let mut asked = Vec::new();
@@ -189,7 +190,8 @@ impl Snapshots {
     }
 
     /// Deletes a snapshot and its copies. Idempotent: a missing snapshot
-    /// is not an error. Copies on nodes that are down are removed when the
+    /// is not an error. A group's member is refused
+    /// ([`Error::MemberOfGroup`]): it goes with its group. Copies on nodes that are down are removed when the
     /// nodes return (the record stays, in state `deleting`).
     ///
     /// # Errors
@@ -202,6 +204,14 @@ impl Snapshots {
             return Err(invalid("snapshot_id is required"));
         }
         let _guard = self.guard(&guard_key(snapshot_id), format!("snapshot {snapshot_id}"))?;
+        if let Some(current) = record::read(&self.context.store, snapshot_id).await?
+            && let Some(group) = current.value.group_snapshot_id
+        {
+            return Err(Error::MemberOfGroup {
+                snapshot: snapshot_id.to_string(),
+                group,
+            });
+        }
         let outcome = self.undo(snapshot_id).await?;
         if outcome == DeleteOutcome::Gone {
             info!("Snapshot deleted");

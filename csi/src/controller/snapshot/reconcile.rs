@@ -11,6 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tracing::{info, warn};
 
+use super::group::{GroupRecord, group_key};
 use super::record::{self, SnapshotRecord, SnapshotState};
 use super::{Error, Snapshots, guard_key};
 use crate::controller::Context;
@@ -60,6 +61,23 @@ impl Leftovers {
     }
 }
 
+impl Leftovers {
+    /// Undoes a group left `creating` (no operation holds it) or
+    /// `deleting`.
+    async fn finish_group(&self, group: &GroupRecord) -> Result<(), Error> {
+        let id = &group.group_snapshot_id;
+        if group.state == SnapshotState::Ready {
+            return Ok(());
+        }
+        let Some(_guard) = self.snapshots.context.guards.try_acquire(&group_key(id)) else {
+            return Ok(());
+        };
+        info!(group.id = %id, state = group.state.as_str(), "Removing the group snapshot's copies");
+        self.snapshots.undo_group(id).await?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Reconciler for Leftovers {
     fn name(&self) -> &'static str {
@@ -67,6 +85,20 @@ impl Reconciler for Leftovers {
     }
 
     async fn reconcile(&self) -> Result<(), store::Error> {
+        let groups = match self.snapshots.list_groups().await {
+            Ok(groups) => groups,
+            Err(Error::Store(err)) => return Err(err),
+            Err(_) => Vec::new(),
+        };
+        for group in groups {
+            match self.finish_group(&group).await {
+                Ok(()) => {}
+                Err(Error::Store(err @ store::Error::Unavailable(_))) => return Err(err),
+                Err(err) => {
+                    warn!(group.id = %group.group_snapshot_id, error = %error_chain(&err), "Group snapshot cleanup step failed; retrying on the next pass")
+                }
+            }
+        }
         for snapshot in record::list(&self.snapshots.context.store).await? {
             match self.finish(&snapshot).await {
                 Ok(()) => {}

@@ -81,6 +81,10 @@ pub struct SnapshotRecord {
     /// which deletes the snapshot once created.
     #[serde(default)]
     pub clone_for: Option<String>,
+    /// For a member of a group snapshot: the group, which it is deleted
+    /// with.
+    #[serde(default)]
+    pub group_snapshot_id: Option<String>,
 }
 
 impl SnapshotRecord {

@@ -51,7 +51,7 @@
 
 mod capability;
 mod parameters;
-mod snapshot;
+pub(crate) mod snapshot;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -30,7 +30,12 @@ pub const DEADLINE_PARAMETER: &str = "deadline";
 /// Prefix of the parameters the external-snapshotter adds.
 const SNAPSHOTTER_PREFIX: &str = "csi.storage.k8s.io/";
 
-fn deadline(parameters: &HashMap<String, String>) -> Result<Duration, Error> {
+/// The `deadline` parameter of a (group) snapshot class.
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`] for a bad duration or an unknown key.
+pub(crate) fn deadline(parameters: &HashMap<String, String>) -> Result<Duration, Error> {
     let mut deadline = DEFAULT_DEADLINE;
     for (key, value) in parameters {
         match key.as_str() {
@@ -48,20 +53,24 @@ fn deadline(parameters: &HashMap<String, String>) -> Result<Duration, Error> {
     Ok(deadline)
 }
 
+/// A time in nanoseconds since the Unix epoch as a protobuf Timestamp.
+pub(crate) fn to_timestamp(nanos: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: i64::try_from(nanos / 1_000_000_000).unwrap_or(i64::MAX),
+        // Below 10^9, so it fits.
+        nanos: i32::try_from(nanos % 1_000_000_000).unwrap_or(0),
+    }
+}
+
 /// The snapshot as CSI returns it.
-pub(super) fn to_snapshot(record: &SnapshotRecord) -> csi::Snapshot {
-    let nanos = record.created_at_unix_nanos;
+pub(crate) fn to_snapshot(record: &SnapshotRecord) -> csi::Snapshot {
     csi::Snapshot {
         size_bytes: i64_bytes(record.size_bytes),
         snapshot_id: record.snapshot_id.clone(),
         source_volume_id: record.source_volume_id.clone(),
-        creation_time: Some(prost_types::Timestamp {
-            seconds: i64::try_from(nanos / 1_000_000_000).unwrap_or(i64::MAX),
-            // Below 10^9, so it fits.
-            nanos: i32::try_from(nanos % 1_000_000_000).unwrap_or(0),
-        }),
+        creation_time: Some(to_timestamp(record.created_at_unix_nanos)),
         ready_to_use: record.state == SnapshotState::Ready,
-        group_snapshot_id: String::new(),
+        group_snapshot_id: record.group_snapshot_id.clone().unwrap_or_default(),
     }
 }
 
@@ -210,6 +219,7 @@ mod tests {
             paused_ms: 3,
             unclean: false,
             clone_for: None,
+            group_snapshot_id: None,
         };
         let snapshot = to_snapshot(&record);
         let time = snapshot.creation_time.expect("time");

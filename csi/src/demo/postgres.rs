@@ -387,6 +387,18 @@ impl Instance {
     ///
     /// [`Error::DataDirNotEmpty`], initdb's failure, I/O errors.
     pub async fn init(&self) -> Result<(), Error> {
+        self.init_with_wal(None).await
+    }
+
+    /// [`Self::init`] with the write-ahead log in `wal_dir` (`initdb
+    /// --waldir`: the data directory's `pg_wal` is a symbolic link to it),
+    /// e.g. on a volume of its own. `wal_dir` is created owned by
+    /// `postgres` and must be empty.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::init`].
+    pub async fn init_with_wal(&self, wal_dir: Option<&Path>) -> Result<(), Error> {
         let not_empty = std::fs::read_dir(&self.data_dir)
             .map(|mut entries| entries.next().is_some())
             .unwrap_or(false);
@@ -400,6 +412,10 @@ impl Instance {
             .arg(&self.data_dir)
             .args(["--auth=trust", "--username", ROLE, "--encoding=UTF8"])
             .arg("--locale=C");
+        if let Some(wal_dir) = wal_dir {
+            create_owned_dir(&self.account, wal_dir, 0o700)?;
+            initdb.arg("--waldir").arg(wal_dir);
+        }
         command::run_of(initdb, "initdb", INITDB_TIMEOUT).await?;
         let conf = self.data_dir.join("postgresql.conf");
         let socket_dir = self.socket_dir.display().to_string().replace('\'', "''");

@@ -609,9 +609,10 @@ async fn group_controller_rpcs_answer_as_the_spec_says() -> Result<()> {
     let announced: Vec<GroupRpc> = caps
         .capabilities
         .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(csi::group_controller_service_capability::Type::Rpc(rpc)) => Some(rpc.r#type()),
-            None => None,
+        .filter_map(|c| {
+            c.r#type.as_ref().map(|t| match t {
+                csi::group_controller_service_capability::Type::Rpc(rpc) => rpc.r#type(),
+            })
         })
         .collect();
     assert_eq!(announced, [GroupRpc::CreateDeleteGetVolumeGroupSnapshot]);

@@ -12,6 +12,10 @@
      at publish), in MiB/s of the volume's allocated bytes.
   4. GetMetadataDelta (`ballast snapshot diff`) of the 10 GiB volume with
      1 % of it overwritten (4 KiB random writes) between two snapshots.
+  5. Group snapshots of 2, 4 and 8 volumes (256 MiB, 3 replicas, targets
+     spread over the 3 nodes) while fio 4k randwrite QD16 runs on the
+     first: the longest time any member's barrier held writes, the
+     group's creation time, fio's completion latency.
 
 Every cluster is a `ballast cluster up` on loopback under WORK, always
 brought down, also on failure. Prints the Markdown tables of the
@@ -145,6 +149,41 @@ def delta(cluster, uri, size):
             "changed_bytes": d["changed_bytes"], "size_bytes": d["size_bytes"]}
 
 
+def group_stall(cluster, counts=(2, 4, 8), runtime=10):
+    volumes = []
+    for i in range(max(counts)):
+        name = "grp%d" % i
+        cluster.cli("volume", "create", name, "--size", str(256 * MIB), "--replicas", "3", "--thin")
+        uri = cluster.cli("volume", "publish", name, "--node", "node-%d" % (i % 3 + 1)).strip()
+        repl.fio_nbd(uri, "--rw=write", "--bs=1m", "--iodepth=8", "--size=%d" % (64 * MIB), "--end_fsync=1")
+        volumes.append((name, uri))
+    results = {}
+    for n in counts:
+        members = [v for v, _ in volumes[:n]]
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault("fio", randwrite(volumes[0][1], runtime, 64 * MIB)))
+        t.start()
+        held, walls = [], []
+        try:
+            for k in range(3):
+                time.sleep(2.0)
+                args = ["snapshot", "group", "create", "g%d-%d" % (n, k)]
+                for m in members:
+                    args += ["--volume", m]
+                start = time.time()
+                g = cluster.json(*args)
+                walls.append(time.time() - start)
+                held.append(max(s["paused_ms"] for s in g["snapshots"]))
+        finally:
+            t.join()
+        for k in range(3):
+            cluster.cli("snapshot", "group", "delete", "g%d-%d" % (n, k))
+        m, p99, p999 = clat(out["fio"])
+        results[n] = {"held_ms": held, "wall_s": walls, "fio_max_ms": m, "fio_p99_ms": p99,
+                      "fio_p999_ms": p999}
+    return results
+
+
 def report(r):
     print("### Results\n")
     s = r.get("stall")
@@ -174,6 +213,16 @@ def report(r):
         print("| by reflink | %.3f | %.0f |" % (x["reflink_s"], x["reflink_mibs"]))
         print("| by copy (publish + full rebuild) | %.2f | %.0f |" % (x["copy_s"], x["copy_mibs"]))
         print("| ratio reflink/copy | | %.0f× |\n" % (x["reflink_mibs"] / x["copy_mibs"]))
+    g = r.get("group")
+    if g:
+        print("Group snapshots (no freeze), fio 4k randwrite QD16 on the first member:\n")
+        print("| volumes | writes held, longest member, ms | group create s | fio max ms | fio p99 ms |")
+        print("|---:|---|---|---:|---:|")
+        for n, v in sorted(g.items(), key=lambda kv: int(kv[0])):
+            print("| %s | %s | %s | %.1f | %.2f |" % (
+                n, ", ".join(str(h) for h in v["held_ms"]), ", ".join("%.3f" % w for w in v["wall_s"]),
+                v["fio_max_ms"], v["fio_p99_ms"]))
+        print()
     d = r.get("delta")
     if d:
         print("GetMetadataDelta of %d GiB with %.1f MiB changed: %d ranges, median %.3f s (%s).\n" % (
@@ -185,7 +234,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runtime", type=int, default=20, help="seconds per fio run of the stall part")
     ap.add_argument("--no-build", action="store_true", help="use the existing release binaries")
-    ap.add_argument("--parts", default="stall,creation,restore,delta")
+    ap.add_argument("--parts", default="stall,creation,restore,delta,group")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (loop devices and mounts)")
@@ -220,6 +269,9 @@ def main():
         if "restore" in parts:
             log("restore")
             results["restore"] = restores(cluster, 2 * GIB)
+        if "group" in parts:
+            log("group")
+            results["group"] = group_stall(cluster)
     except Exception as e:  # noqa: BLE001 (report what failed)
         log("failed: %s" % e)
         failures.append(str(e))

@@ -199,3 +199,79 @@ fn group_snapshots_hold_one_instant_across_targets_on_two_nodes() -> Result<()> 
     }
     Ok(())
 }
+
+#[test]
+fn a_group_cut_whose_member_stalls_fails_and_a_retry_succeeds() -> Result<()> {
+    let cluster = Cluster::up("group-stall", 3, "embedded", &["--heartbeat-timeout", "5s"])?;
+    let mut uris = Vec::new();
+    for (volume, node) in [("vol-a", "node-1"), ("vol-b", "node-2")] {
+        cluster.cli_ok(&[
+            "volume",
+            "create",
+            volume,
+            "--size",
+            "32MiB",
+            "--replicas",
+            "3",
+            "--thin",
+        ])?;
+        let uri = cluster.cli_ok(&["volume", "publish", volume, "--node", node])?;
+        uris.push(uri.trim().to_string());
+    }
+    crate::harness::qemu_io(&uris[0], &["write -P 0x61 0 1M"])?;
+    crate::harness::qemu_io(&uris[1], &["write -P 0x62 0 1M"])?;
+    // node-2 runs vol-b's target: stopped, it never answers its pause.
+    let info = cluster.info()?;
+    let stalled = info
+        .nodes
+        .iter()
+        .find(|n| n.node_id == "node-2")
+        .context("node-2")?
+        .process
+        .clone();
+    stalled.signal(nix::sys::signal::Signal::SIGSTOP)?;
+    let outcome = (|| -> Result<()> {
+        let err = cluster.cli_err(&[
+            "snapshot",
+            "group",
+            "create",
+            "g-stall",
+            "--volume",
+            "vol-a",
+            "--volume",
+            "vol-b",
+            "--deadline",
+            "1s",
+        ])?;
+        ensure!(err.contains("deadline"), "{err}");
+        // vol-a's target was paused with the group and resumed: its writes
+        // go on while vol-b's node is stopped.
+        crate::harness::qemu_io(&uris[0], &["write -P 0x63 1M 1M", "read -P 0x61 0 1M"])?;
+        let groups = cluster.cli_json(&["snapshot", "group", "list"])?;
+        ensure!(
+            groups
+                .as_array()
+                .is_some_and(|g| g.iter().all(|g| g["state"] != "ready")),
+            "{groups}"
+        );
+        Ok(())
+    })();
+    stalled.signal(nix::sys::signal::Signal::SIGCONT)?;
+    outcome?;
+    // Once the node answers, the failed group's leftovers go and a retry
+    // under the same name succeeds.
+    crate::harness::wait_for(
+        "the failed group to be removed",
+        Duration::from_secs(120),
+        || {
+            let groups = cluster.cli_json(&["snapshot", "group", "list"]).ok()?;
+            groups.as_array()?.is_empty().then_some(())
+        },
+    )?;
+    let group = cluster.cli_json(&[
+        "snapshot", "group", "create", "g-stall", "--volume", "vol-a", "--volume", "vol-b",
+    ])?;
+    ensure!(group["state"] == "ready", "{group}");
+    crate::harness::qemu_io(&uris[1], &["read -P 0x62 0 1M"])?;
+    Ok(())
+}

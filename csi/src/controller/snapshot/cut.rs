@@ -302,14 +302,22 @@ impl Cut<'_> {
             volume_id: volume_id.clone(),
             pause_id: self.snapshot_id.to_string(),
         };
+        // No longer than the deadline: by then the barrier has dropped on
+        // its own, and a stalled node must not hold the other members'
+        // answer.
         let result = match self.context.agents.targets(&paused.address) {
-            Ok(mut targets) => targets.resume_target(request).await.map_err(|status| {
-                crate::error_chain(&AgentError::new(
-                    &paused.target_node,
-                    format!("Resuming the target of volume {volume_id}"),
-                    status,
-                ))
-            }),
+            Ok(mut targets) => {
+                match tokio::time::timeout(self.deadline, targets.resume_target(request)).await {
+                    Ok(answer) => answer.map_err(|status| {
+                        crate::error_chain(&AgentError::new(
+                            &paused.target_node,
+                            format!("Resuming the target of volume {volume_id}"),
+                            status,
+                        ))
+                    }),
+                    Err(_) => Err(format!("no answer within {:?}", self.deadline)),
+                }
+            }
             Err(err) => Err(crate::error_chain(&err)),
         };
         match result {

@@ -33,9 +33,10 @@ pub mod cut;
 pub mod group;
 pub mod metadata;
 pub mod operations;
-pub use operations::CreateRequest;
 pub mod reconcile;
 pub mod record;
+
+pub use operations::CreateRequest;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -573,3 +573,70 @@ fn a_restore_copied_to_another_node_survives_the_loss_of_its_source() -> Result<
     )?;
     Ok(())
 }
+
+#[test]
+fn a_snapshot_while_a_replica_rebuilds_copies_only_the_in_sync_ones() -> Result<()> {
+    let cluster = Cluster::up(
+        "snap-rebuilding",
+        3,
+        "embedded",
+        &["--heartbeat-timeout", "5s"],
+    )?;
+    let uri = published(&cluster, "vol-1", "256MiB", 1, "node-1")?;
+    let writes: Vec<String> = (0..4)
+        .map(|i| format!("write -P {} {}M 60M", 0x70 + i, i * 64))
+        .collect();
+    let writes: Vec<&str> = writes.iter().map(String::as_str).collect();
+    qemu_io(&uri, &writes)?;
+    cluster.cli_ok(&["snapshot", "create", "base", "--volume", "vol-1"])?;
+    // Three replicas: node-1's restored, the two others to be copied at
+    // publish; node-3's agent is stopped, so its replica stays out of sync.
+    cluster.cli_ok(&[
+        "volume",
+        "create",
+        "vol-3",
+        "--from-snapshot",
+        "base",
+        "--replicas",
+        "3",
+        "--thin",
+    ])?;
+    let info = cluster.info()?;
+    let stopped = info
+        .nodes
+        .iter()
+        .find(|n| n.node_id == "node-3")
+        .context("node-3")?
+        .process
+        .clone();
+    stopped.signal(nix::sys::signal::Signal::SIGSTOP)?;
+    let outcome = (|| -> Result<Value> {
+        let restored = publish(&cluster, "vol-3", "node-1")?;
+        qemu_io(&restored, &["write -P 0x7f 250M 1M"])?;
+        let shown = cluster.volume("vol-3")?;
+        let node3 = shown["replicas"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["node_id"] == "node-3"))
+            .context("node-3's replica")?;
+        ensure!(node3["sync_state"] != "in-sync", "{shown}");
+        cluster.cli_json(&["snapshot", "create", "during", "--volume", "vol-3"])
+    })();
+    stopped.signal(nix::sys::signal::Signal::SIGCONT)?;
+    let snapshot = outcome?;
+    let nodes = copy_nodes(&snapshot);
+    ensure!(
+        nodes.contains(&"node-1".to_string()) && !nodes.contains(&"node-3".to_string()),
+        "copies must be of in-sync replicas only: {snapshot}"
+    );
+    cluster.cli_ok(&["volume", "create", "vol-back", "--from-snapshot", "during"])?;
+    let back = publish(&cluster, "vol-back", "node-2")?;
+    qemu_io(
+        &back,
+        &[
+            "read -P 0x70 0 60M",
+            "read -P 0x73 192M 58M",
+            "read -P 0x7f 250M 1M",
+        ],
+    )?;
+    Ok(())
+}

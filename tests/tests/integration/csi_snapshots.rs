@@ -780,3 +780,122 @@ async fn group_controller_rpcs_answer_as_the_spec_says() -> Result<()> {
     qemu_io(&restored_uri, &["read -P 0x44 0 1M"])?;
     Ok(())
 }
+
+/// Writes every other 4 KiB block of the first `bytes` of `uri`, so that a
+/// copy's extent map needs many records.
+const SPARSE_WRITER: &str = r#"
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+for block in range(0, int(sys.argv[2]) // 4096, 2):
+    h.pwrite(b"\x42" * 4096, block * 4096)
+h.flush()
+"#;
+
+/// Allocates what is left of the XFS pool mounted at `mount` to one file.
+fn fill_pool(mount: &Path) -> Result<std::path::PathBuf> {
+    let path = mount.join("filler");
+    let filler = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    let mut offset: i64 = 0;
+    let mut chunk: i64 = 256 << 20;
+    while chunk >= 4096 {
+        match nix::fcntl::fallocate(&filler, nix::fcntl::FallocateFlags::empty(), offset, chunk) {
+            Ok(()) => offset += chunk,
+            Err(_) => chunk /= 2,
+        }
+    }
+    filler.sync_all()?;
+    Ok(path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_on_a_full_pool_is_resource_exhausted_and_leaves_nothing() -> Result<()> {
+    let cluster = Cluster::up("csi-snap-full", 1, "embedded", &[])?;
+    cluster.wait_all_up(1)?;
+    let mut ctl = ControllerClient::new(channel(&cluster.path.join("csi.sock")).await?);
+    let volume = create(&mut ctl, create_request("vol-full", 32 * MIB, 1)).await?;
+    let uri = controller_publish(&mut ctl, &volume, "node-1").await?[NBD_URI_KEY].clone();
+    run_ok(
+        std::process::Command::new("/usr/bin/python3").args([
+            "-c",
+            SPARSE_WRITER,
+            &uri,
+            &(32 << 20).to_string(),
+        ]),
+        std::time::Duration::from_secs(120),
+    )?;
+    snapshot(&mut ctl, "before-full", "vol-full").await?;
+    let pool = crate::harness::cluster::mounts_under(&cluster.path)
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|m| m.join("snapshots").is_dir())
+        .context("the pool's mount")?;
+    let filler = fill_pool(&pool)?;
+
+    // Each copy needs extent-map records; the full pool soon refuses one.
+    let mut refused = None;
+    for i in 0..64 {
+        let name = format!("full-{i}");
+        match ctl
+            .create_snapshot(snapshot_request(&name, "vol-full"))
+            .await
+        {
+            Ok(_) => {}
+            Err(status) => {
+                ensure!(
+                    status.code() == Code::ResourceExhausted,
+                    "{name}: {status:?}"
+                );
+                refused = Some(name);
+                break;
+            }
+        }
+    }
+    let refused = refused.context("64 copies fit in a full pool")?;
+    // Nothing of it is left: no record (CSI or management), no copy file.
+    crate::harness::wait_for(
+        "the refused snapshot's record to go",
+        std::time::Duration::from_secs(30),
+        || {
+            let listed = cluster.cli_json(&["snapshot", "list"]).ok()?;
+            listed
+                .as_array()?
+                .iter()
+                .all(|s| s["snapshot_id"] != refused.as_str())
+                .then_some(())
+        },
+    )?;
+    for suffix in [".data", ".meta.json"] {
+        ensure!(
+            !pool
+                .join("snapshots")
+                .join(format!("{refused}{suffix}"))
+                .exists(),
+            "{refused}{suffix} was left in the pool"
+        );
+    }
+    assert_eq!(
+        code(
+            ctl.get_snapshot(csi::GetSnapshotRequest {
+                snapshot_id: refused.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Some(Code::NotFound)
+    );
+    // With room again, the same name succeeds; the earlier snapshot is
+    // intact.
+    std::fs::remove_file(&filler)?;
+    snapshot(&mut ctl, &refused, "vol-full").await?;
+    let mut restore = from_snapshot("vol-back", "before-full", 32 * MIB);
+    restore.parameters.insert("replicas".into(), "1".into());
+    let restored = create(&mut ctl, restore).await?;
+    let restored_uri =
+        controller_publish(&mut ctl, &restored, "node-1").await?[NBD_URI_KEY].clone();
+    qemu_io(&restored_uri, &["read -P 0x42 0 4k", "read -P 0 4k 4k"])?;
+    Ok(())
+}

@@ -275,3 +275,99 @@ fn a_group_cut_whose_member_stalls_fails_and_a_retry_succeeds() -> Result<()> {
     crate::harness::qemu_io(&uris[1], &["read -P 0x62 0 1M"])?;
     Ok(())
 }
+
+#[test]
+fn a_controller_killed_while_members_are_paused_holds_no_write_past_the_deadline() -> Result<()> {
+    let cluster = Cluster::up("group-kill", 3, "embedded", &["--heartbeat-timeout", "5s"])?;
+    let mut uris = Vec::new();
+    for (volume, node) in [("vol-a", "node-1"), ("vol-b", "node-2")] {
+        cluster.cli_ok(&[
+            "volume",
+            "create",
+            volume,
+            "--size",
+            "32MiB",
+            "--replicas",
+            "3",
+            "--thin",
+        ])?;
+        let uri = cluster.cli_ok(&["volume", "publish", volume, "--node", node])?;
+        uris.push(uri.trim().to_string());
+    }
+    let info = cluster.info()?;
+    let node = |id: &str| -> Result<ballast_csi::cluster::ProcessInfo> {
+        Ok(info
+            .nodes
+            .iter()
+            .find(|n| n.node_id == id)
+            .with_context(|| format!("no {id}"))?
+            .process
+            .clone())
+    };
+    // node-3 holds a replica of both and answers nothing: the cut waits in
+    // its copy phase, with both targets paused.
+    let stalled = node("node-3")?;
+    stalled.signal(nix::sys::signal::Signal::SIGSTOP)?;
+    let outcome = (|| -> Result<()> {
+        let mut group = Child::spawn(
+            "group create",
+            std::process::Command::new(crate::harness::bin("ballast"))
+                .arg("--cluster")
+                .arg(&cluster.path)
+                .args(["snapshot", "group", "create", "g-kill"])
+                .args(["--volume", "vol-a", "--volume", "vol-b", "--deadline", "4s"]),
+            &cluster.dir.join("group-create.log"),
+        )?;
+        for (id, member) in [("node-1", "g-kill-vol-a"), ("node-2", "g-kill-vol-b")] {
+            let log = node(id)?.log;
+            crate::harness::wait_for(
+                &format!("{member}'s barrier on {id}"),
+                Duration::from_secs(60),
+                || {
+                    let text = std::fs::read_to_string(&log).ok()?;
+                    text.lines()
+                        .any(|l| l.contains("Write barrier raised") && l.contains(member))
+                        .then_some(())
+                },
+            )?;
+        }
+        let controller = info.controller.as_ref().context("controller")?;
+        controller
+            .process
+            .signal(nix::sys::signal::Signal::SIGKILL)?;
+        let _ = group.wait_timeout(Duration::from_secs(30));
+        Ok(())
+    })();
+    stalled.signal(nix::sys::signal::Signal::SIGCONT)?;
+    outcome?;
+    // No controller: both targets drop their barriers at the deadline on
+    // their own, and writes go on (node-3 answers again, so no write needs
+    // a drop the dead controller would have to commit).
+    crate::harness::qemu_io(&uris[0], &["write -P 0x21 0 1M", "read -P 0x21 0 1M"])?;
+    crate::harness::qemu_io(&uris[1], &["write -P 0x22 0 1M", "read -P 0x22 0 1M"])?;
+
+    // A restarted controller's reconciler removes the partial group; a
+    // retry under the same name succeeds.
+    let controller = info.controller.as_ref().context("controller")?;
+    let _restarted = Child::spawn(
+        "ballast-csi",
+        std::process::Command::new(&controller.process.command[0])
+            .args(&controller.process.command[1..]),
+        &cluster.dir.join("controller-restarted.log"),
+    )?;
+    cluster.wait_all_up(3)?;
+    crate::harness::wait_for(
+        "the partial group to be removed",
+        Duration::from_secs(120),
+        || {
+            let groups = cluster.cli_json(&["snapshot", "group", "list"]).ok()?;
+            let snapshots = cluster.cli_json(&["snapshot", "list"]).ok()?;
+            (groups.as_array()?.is_empty() && snapshots.as_array()?.is_empty()).then_some(())
+        },
+    )?;
+    let group = cluster.cli_json(&[
+        "snapshot", "group", "create", "g-kill", "--volume", "vol-a", "--volume", "vol-b",
+    ])?;
+    ensure!(group["state"] == "ready", "{group}");
+    Ok(())
+}

@@ -20,14 +20,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use ballast_csi::demo::kubelet::Kubelet;
-use ballast_csi::demo::pgbench::{self, Load, LoadSpec};
 use ballast_csi::demo::postgres::Instance;
 use nix::sys::signal::Signal;
 
 use crate::harness::cluster::{
     Cluster, ControllerCli as _, loops_under, mark_owner, mounts_under, sweep_orphans,
 };
+use crate::harness::postgres::{committing_load, history, kubelet};
 use crate::harness::{Child, TestDir, bin, wait_for};
 
 /// Bound of the whole demo run (it takes about 40 s on an idle machine).
@@ -149,20 +148,8 @@ fn the_demo_passes_every_check_with_measured_numbers() -> Result<()> {
 async fn postgres_recovers_every_commit_on_node_2_after_its_nodes_agent_dies() -> Result<()> {
     const VOLUME: &str = "pvc-pg-target-fault";
     let cluster = Cluster::up("demo-target-fault", 3, "embedded", &[])?;
-    open_to_postgres(&cluster.dir)?;
     let info = cluster.info()?;
-    let controller = info.controller.as_ref().context("no controller")?;
-    let endpoints: Vec<(String, String)> = info
-        .nodes
-        .iter()
-        .map(|n| (n.node_id.clone(), n.csi_endpoint.clone()))
-        .collect();
-    let mut kubelet = Kubelet::connect(
-        &cluster.dir.join("kubelet"),
-        &controller.csi_endpoint,
-        &endpoints,
-    )
-    .await?;
+    let mut kubelet = kubelet(&cluster).await?;
     let volume = kubelet.create_volume(VOLUME, 768 << 20, 3, "ext4").await?;
     let context = kubelet.controller_publish(&volume, "node-1").await?;
     let first = kubelet.attachment(VOLUME, "node-1", "postgres-0");
@@ -175,26 +162,7 @@ async fn postgres_recovers_every_commit_on_node_2_after_its_nodes_agent_dies() -
     )?;
     pg.init().await?;
     let server = pg.start().await?;
-    pgbench::initialize(&pg, 1, Duration::from_secs(300)).await?;
-    let mut load = Load::start(
-        &pg,
-        &LoadSpec {
-            clients: 4,
-            threads: 2,
-            duration: Duration::from_secs(120),
-            log_dir: cluster.dir.join("pgbench"),
-        },
-    )?;
-    let mut progress = load.take_progress().context("progress")?;
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(p) = progress.recv().await {
-            if p.at_secs >= 3.0 && p.tps > 0.0 {
-                return;
-            }
-        }
-    })
-    .await
-    .context("pgbench committed nothing in 60 s")?;
+    let load = committing_load(&pg, &cluster, Duration::from_secs(120)).await?;
 
     // The node where PostgreSQL runs loses its agent: the volume's target
     // and node-1's replica die with it.
@@ -258,11 +226,7 @@ async fn postgres_recovers_every_commit_on_node_2_after_its_nodes_agent_dies() -
             })
         },
     )?;
-    let rows: u64 = pg
-        .query("SELECT count(*) FROM pgbench_history")
-        .await?
-        .parse()
-        .context("a count")?;
+    let rows = history(&pg).await?;
     assert!(
         rows >= committed,
         "every transaction pgbench saw committed is there: {rows} rows, {committed} committed"

@@ -5,46 +5,24 @@
 //! PostgreSQL runs as the `postgres` user, so the test directory is made
 //! enterable by others (mode 0755).
 
-use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use ballast_csi::demo::kubelet::Kubelet;
-use ballast_csi::demo::pgbench::{self, Load, LoadSpec};
 use ballast_csi::demo::postgres::Instance;
 use ballast_proto::csi;
 use ballast_proto::csi::controller_client::ControllerClient;
 
 use crate::harness::cluster::Cluster;
 use crate::harness::csi::{channel, mount_cap};
+use crate::harness::postgres::{committing_load, history, kubelet};
 
 const SOURCE: &str = "pvc-pg-source";
 const RESTORED: &str = "pvc-pg-restored";
 
-async fn history(pg: &Instance) -> Result<u64> {
-    pg.query("SELECT count(*) FROM pgbench_history")
-        .await?
-        .parse()
-        .context("a count")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restored_from_a_snapshot_under_pgbench_holds_the_cut() -> Result<()> {
     let cluster = Cluster::up("snap-postgres", 3, "embedded", &[])?;
-    std::fs::set_permissions(cluster.dir.join(""), std::fs::Permissions::from_mode(0o755))?;
-    let info = cluster.info()?;
-    let controller = info.controller.as_ref().context("no controller")?;
-    let endpoints: Vec<(String, String)> = info
-        .nodes
-        .iter()
-        .map(|n| (n.node_id.clone(), n.csi_endpoint.clone()))
-        .collect();
-    let mut kubelet = Kubelet::connect(
-        &cluster.dir.join("kubelet"),
-        &controller.csi_endpoint,
-        &endpoints,
-    )
-    .await?;
+    let mut kubelet = kubelet(&cluster).await?;
     let mut ctl = ControllerClient::new(channel(&cluster.path.join("csi.sock")).await?);
 
     let volume = kubelet.create_volume(SOURCE, 512 << 20, 3, "ext4").await?;
@@ -58,26 +36,7 @@ async fn postgres_restored_from_a_snapshot_under_pgbench_holds_the_cut() -> Resu
     )?;
     pg.init().await?;
     let server = pg.start().await?;
-    pgbench::initialize(&pg, 1, Duration::from_secs(300)).await?;
-    let mut load = Load::start(
-        &pg,
-        &LoadSpec {
-            clients: 4,
-            threads: 2,
-            duration: Duration::from_secs(12),
-            log_dir: cluster.dir.join("pgbench"),
-        },
-    )?;
-    let mut progress = load.take_progress().context("progress")?;
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(p) = progress.recv().await {
-            if p.at_secs >= 3.0 && p.tps > 0.0 {
-                return;
-            }
-        }
-    })
-    .await
-    .context("pgbench committed nothing in 60 s")?;
+    let load = committing_load(&pg, &cluster, Duration::from_secs(12)).await?;
 
     // The cut, between two counts of committed transactions.
     let before = history(&pg).await?;
@@ -150,20 +109,7 @@ async fn postgres_with_its_wal_on_another_node_restores_from_a_group_snapshot() 
     const DATA: &str = "pvc-pg-data";
     const WAL: &str = "pvc-pg-wal";
     let cluster = Cluster::up("group-postgres", 3, "embedded", &[])?;
-    std::fs::set_permissions(cluster.dir.join(""), std::fs::Permissions::from_mode(0o755))?;
-    let info = cluster.info()?;
-    let controller = info.controller.as_ref().context("no controller")?;
-    let endpoints: Vec<(String, String)> = info
-        .nodes
-        .iter()
-        .map(|n| (n.node_id.clone(), n.csi_endpoint.clone()))
-        .collect();
-    let mut kubelet = Kubelet::connect(
-        &cluster.dir.join("kubelet"),
-        &controller.csi_endpoint,
-        &endpoints,
-    )
-    .await?;
+    let mut kubelet = kubelet(&cluster).await?;
     let channel = channel(&cluster.path.join("csi.sock")).await?;
     let mut ctl = ControllerClient::new(channel.clone());
     let mut groups = GroupControllerClient::new(channel);
@@ -185,26 +131,7 @@ async fn postgres_with_its_wal_on_another_node_restores_from_a_group_snapshot() 
     pg.init_with_wal(Some(&attachments[1].target_path.join("pgwal")))
         .await?;
     let server = pg.start().await?;
-    pgbench::initialize(&pg, 1, Duration::from_secs(300)).await?;
-    let mut load = Load::start(
-        &pg,
-        &LoadSpec {
-            clients: 4,
-            threads: 2,
-            duration: Duration::from_secs(10),
-            log_dir: cluster.dir.join("pgbench"),
-        },
-    )?;
-    let mut progress = load.take_progress().context("progress")?;
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(p) = progress.recv().await {
-            if p.at_secs >= 3.0 && p.tps > 0.0 {
-                return;
-            }
-        }
-    })
-    .await
-    .context("pgbench committed nothing in 60 s")?;
+    let load = committing_load(&pg, &cluster, Duration::from_secs(10)).await?;
 
     let before = history(&pg).await?;
     let group = groups

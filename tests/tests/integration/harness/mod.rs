@@ -17,6 +17,7 @@ pub mod csi;
 pub mod fio;
 pub mod netcluster;
 pub mod network;
+pub mod postgres;
 
 use std::fs;
 use std::io::Write as _;

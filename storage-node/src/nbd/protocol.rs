@@ -788,3 +788,41 @@ mod tests {
         assert_eq!(error_value(libc::EBADF), errno::EIO);
     }
 }
+
+/// decode(encode(x)) == x over generated headers (proptest).
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn requests_round_trip(
+            flags in any::<u16>(),
+            kind in any::<u16>(),
+            handle in any::<u64>(),
+            offset in any::<u64>(),
+            length in any::<u32>(),
+        ) {
+            let request = Request { flags, command: Command::from_type(kind), handle, offset, length };
+            prop_assert_eq!(Request::decode(&request.encode()).ok(), Some(request));
+        }
+
+        #[test]
+        fn option_headers_round_trip(option in any::<u32>(), length in any::<u32>()) {
+            let header = OptionHeader { option, length };
+            prop_assert_eq!(OptionHeader::decode(&header.encode()).ok(), Some(header));
+        }
+
+        #[test]
+        fn a_request_without_its_magic_is_refused(
+            bytes in any::<[u8; REQUEST_HEADER_LEN]>(),
+        ) {
+            prop_assume!(bytes[0..4] != magic::REQUEST.to_be_bytes());
+            prop_assert!(Request::decode(&bytes).is_err());
+        }
+    }
+}

@@ -861,4 +861,6 @@ pub fn truncate_message(message: &str) -> &str {
 }
 
 #[cfg(test)]
+mod properties;
+#[cfg(test)]
 mod tests;

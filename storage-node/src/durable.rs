@@ -61,6 +61,28 @@ pub fn remove(path: &Path) -> io::Result<()> {
     sync_dir(parent_dir(path)?)
 }
 
+/// Removes a file pair whose metadata file is its commit point: the
+/// metadata first (durably), then the data. A missing file is not an
+/// error. Returns the error of removing the data, which the caller only
+/// reports: without its metadata the data file is an unfinished file that
+/// the next start-up removes.
+///
+/// # Errors
+///
+/// Returns the error of removing the metadata file (nothing is removed).
+pub fn remove_committed(meta_path: &Path, data_path: &Path) -> io::Result<Option<io::Error>> {
+    match remove(meta_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    match remove(data_path) {
+        Ok(()) => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Ok(Some(e)),
+    }
+}
+
 /// Fsyncs a directory, making creations, renames and removals of its entries
 /// durable.
 ///

@@ -52,7 +52,6 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, OpenOptions};
-use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -445,23 +444,15 @@ impl ReplicaCatalog {
             });
         };
 
-        match durable::remove(&meta_path) {
-            Ok(()) => {}
-            // A faulted replica may have lost its metadata already.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(Error::Remove {
-                    path: meta_path,
-                    source,
-                });
-            }
-        }
-        match durable::remove(&data_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                warn!(replica.id = %name, path = %data_path.display(), error = %e, "Cannot remove data of a destroyed replica; it will be removed at the next start-up");
-            }
+        // A faulted replica may have lost its metadata already: that is
+        // no error.
+        let left =
+            durable::remove_committed(&meta_path, &data_path).map_err(|source| Error::Remove {
+                path: meta_path.clone(),
+                source,
+            })?;
+        if let Some(e) = left {
+            warn!(replica.id = %name, path = %data_path.display(), error = %e, "Cannot remove data of a destroyed replica; it will be removed at the next start-up");
         }
         self.replicas.remove(name);
         self.faulted.remove(name);

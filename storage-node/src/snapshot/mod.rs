@@ -334,22 +334,13 @@ impl SnapshotCatalog {
         } else {
             return Ok(false);
         };
-        match durable::remove(&meta_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(Error::Remove {
-                    path: meta_path,
-                    source,
-                });
-            }
-        }
-        match durable::remove(&data_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                warn!(snapshot.id = %snapshot_id, path = %data_path.display(), error = %e, "Cannot remove data of a deleted snapshot copy; it will be removed at the next start-up");
-            }
+        let left =
+            durable::remove_committed(&meta_path, &data_path).map_err(|source| Error::Remove {
+                path: meta_path.clone(),
+                source,
+            })?;
+        if let Some(e) = left {
+            warn!(snapshot.id = %snapshot_id, path = %data_path.display(), error = %e, "Cannot remove data of a deleted snapshot copy; it will be removed at the next start-up");
         }
         self.copies.remove(snapshot_id);
         self.faulted.remove(snapshot_id);

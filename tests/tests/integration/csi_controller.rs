@@ -157,16 +157,6 @@ async fn capacity_of(ctl: &mut Ctl, req: csi::GetCapacityRequest) -> Result<(i64
     ))
 }
 
-fn node_process(cluster: &Cluster, node: &str) -> Result<ProcessInfo> {
-    Ok(cluster
-        .info()?
-        .nodes
-        .into_iter()
-        .find(|n| n.node_id == node)
-        .with_context(|| format!("no node {node}"))?
-        .process)
-}
-
 /// A SIGSTOPped process, continued when dropped (also when a test fails).
 struct Stopped(ProcessInfo);
 
@@ -1083,7 +1073,7 @@ async fn aborted_guard_and_volume_condition_under_agent_faults() -> Result<()> {
 
     // A stopped agent holds CreateVolume inside the volume's guard: the
     // record exists (state creating) while a replica waits for node-2.
-    let stopped = Stopped::new(node_process(&cluster, "node-2")?)?;
+    let stopped = Stopped::new(cluster.node_process("node-2")?)?;
     let mut first = ctl.clone();
     let held = tokio::spawn(async move {
         first
@@ -1165,7 +1155,7 @@ async fn aborted_guard_and_volume_condition_under_agent_faults() -> Result<()> {
         .clone();
     let healthy = condition(&mut ctl, "vol-held").await?;
     assert!(!healthy.abnormal, "{healthy:?}");
-    node_process(&cluster, "node-3")?.signal(Signal::SIGKILL)?;
+    cluster.node_process("node-3")?.signal(Signal::SIGKILL)?;
     qemu_io(&uri, &["write -P 0x3c 0 4M", "flush"])?;
     let mut abnormal = None;
     for _ in 0..600 {

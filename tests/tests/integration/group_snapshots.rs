@@ -221,14 +221,7 @@ fn a_group_cut_whose_member_stalls_fails_and_a_retry_succeeds() -> Result<()> {
     crate::harness::qemu_io(&uris[0], &["write -P 0x61 0 1M"])?;
     crate::harness::qemu_io(&uris[1], &["write -P 0x62 0 1M"])?;
     // node-2 runs vol-b's target: stopped, it never answers its pause.
-    let info = cluster.info()?;
-    let stalled = info
-        .nodes
-        .iter()
-        .find(|n| n.node_id == "node-2")
-        .context("node-2")?
-        .process
-        .clone();
+    let stalled = cluster.node_process("node-2")?;
     stalled.signal(nix::sys::signal::Signal::SIGSTOP)?;
     let outcome = (|| -> Result<()> {
         let err = cluster.cli_err(&[
@@ -295,18 +288,9 @@ fn a_controller_killed_while_members_are_paused_holds_no_write_past_the_deadline
         uris.push(uri.trim().to_string());
     }
     let info = cluster.info()?;
-    let node = |id: &str| -> Result<ballast_csi::cluster::ProcessInfo> {
-        Ok(info
-            .nodes
-            .iter()
-            .find(|n| n.node_id == id)
-            .with_context(|| format!("no {id}"))?
-            .process
-            .clone())
-    };
     // node-3 holds a replica of both and answers nothing: the cut waits in
     // its copy phase, with both targets paused.
-    let stalled = node("node-3")?;
+    let stalled = cluster.node_process("node-3")?;
     stalled.signal(nix::sys::signal::Signal::SIGSTOP)?;
     let outcome = (|| -> Result<()> {
         let mut group = Child::spawn(
@@ -319,7 +303,7 @@ fn a_controller_killed_while_members_are_paused_holds_no_write_past_the_deadline
             &cluster.dir.join("group-create.log"),
         )?;
         for (id, member) in [("node-1", "g-kill-vol-a"), ("node-2", "g-kill-vol-b")] {
-            let log = node(id)?.log;
+            let log = cluster.node_process(id)?.log;
             crate::harness::wait_for(
                 &format!("{member}'s barrier on {id}"),
                 Duration::from_secs(60),

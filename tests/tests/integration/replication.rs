@@ -78,23 +78,12 @@ fn assert_replicas_identical(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
-fn node_process(cluster: &Cluster, node: &str) -> Result<ballast_csi::cluster::ProcessInfo> {
-    let info = cluster.info()?;
-    Ok(info
-        .nodes
-        .iter()
-        .find(|n| n.node_id == node)
-        .with_context(|| format!("no node {node}"))?
-        .process
-        .clone())
-}
-
 #[test]
 fn sigkilled_replica_agent_loses_no_write_and_rebuilds() -> Result<()> {
     let (cluster, uri) = published_volume("repl-kill", "node-1")?;
     let mut fio = fio::start(&cluster.dir, &uri, "fio-kill.log")?;
     std::thread::sleep(Duration::from_secs(2));
-    node_process(&cluster, "node-3")?.signal(Signal::SIGKILL)?;
+    cluster.node_process("node-3")?.signal(Signal::SIGKILL)?;
 
     // The target drops the dead replica through the controller and goes on.
     wait_for(
@@ -119,7 +108,7 @@ fn sigstopped_replica_agent_stalls_io_only_for_the_timeout() -> Result<()> {
     let (cluster, uri) = published_volume("repl-stop", "node-1")?;
     let mut fio = fio::start(&cluster.dir, &uri, "fio-stop.log")?;
     std::thread::sleep(Duration::from_secs(2));
-    let hung = node_process(&cluster, "node-2")?;
+    let hung = cluster.node_process("node-2")?;
     hung.signal(Signal::SIGSTOP)?;
     let resumed = (|| -> Result<()> {
         // A hung node: I/O resumes after the replica timeout, and fio sees
@@ -323,7 +312,7 @@ fn writes_wait_while_the_controller_cannot_commit_a_drop() -> Result<()> {
     let controller = cluster.info()?.controller.context("controller")?.process;
     controller.signal(Signal::SIGSTOP)?;
     let outcome = (|| -> Result<Child> {
-        node_process(&cluster, "node-3")?.signal(Signal::SIGKILL)?;
+        cluster.node_process("node-3")?.signal(Signal::SIGKILL)?;
         let mut writer = Child::spawn(
             "qemu-io",
             Command::new("qemu-io")
@@ -388,7 +377,7 @@ fn a_new_target_after_an_unclean_stop_resynchronises_the_replicas() -> Result<()
             .args(["bs=1M", "count=1", "conv=notrunc", "oflag=direct,sync"]),
         T,
     )?;
-    let target_agent = node_process(&cluster, "node-1")?;
+    let target_agent = cluster.node_process("node-1")?;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(target_agent.pid),
         Signal::SIGKILL,

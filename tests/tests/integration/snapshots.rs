@@ -390,14 +390,7 @@ fn a_cut_that_outlasts_its_deadline_fails_and_loses_no_write() -> Result<()> {
     )?;
     let uri = published(&cluster, "vol-d", "32MiB", 3, "node-1")?;
     qemu_io(&uri, &["write -P 0x31 0 1M"])?;
-    let info = cluster.info()?;
-    let hung = info
-        .nodes
-        .iter()
-        .find(|n| n.node_id == "node-3")
-        .context("node-3")?
-        .process
-        .clone();
+    let hung = cluster.node_process("node-3")?;
     hung.signal(nix::sys::signal::Signal::SIGSTOP)?;
     let outcome = (|| -> Result<()> {
         // A write in flight to the stopped replica holds the barrier off
@@ -498,19 +491,12 @@ fn a_restore_copied_to_another_node_survives_the_loss_of_its_source() -> Result<
         "--thin",
     ])?;
     let restored = publish(&cluster, "vol-kr", "node-3")?;
-    let info = cluster.info()?;
-    let log = &info
-        .nodes
-        .iter()
-        .find(|n| n.node_id == "node-3")
-        .context("node-3")?
-        .process
-        .log;
+    let log = cluster.node_process("node-3")?.log;
     let source = wait_for(
         "node-3's copy to start",
         std::time::Duration::from_secs(60),
         || {
-            let text = std::fs::read_to_string(log).ok()?;
+            let text = std::fs::read_to_string(&log).ok()?;
             let line = text
                 .lines()
                 .find(|l| l.contains("Copying regions") && l.contains("volume.id=vol-kr"))?;
@@ -519,13 +505,7 @@ fn a_restore_copied_to_another_node_survives_the_loss_of_its_source() -> Result<
                 .find(|n| line.contains(&format!("source={n}")))
         },
     )?;
-    let victim = info
-        .nodes
-        .iter()
-        .find(|n| n.node_id == source)
-        .context("source node")?
-        .process
-        .clone();
+    let victim = cluster.node_process(source)?;
     // Freeze the source mid-copy, check the copy is not done, then kill it.
     victim.signal(nix::sys::signal::Signal::SIGSTOP)?;
     let shown = cluster.volume("vol-kr")?;
@@ -601,14 +581,7 @@ fn a_snapshot_while_a_replica_rebuilds_copies_only_the_in_sync_ones() -> Result<
         "3",
         "--thin",
     ])?;
-    let info = cluster.info()?;
-    let stopped = info
-        .nodes
-        .iter()
-        .find(|n| n.node_id == "node-3")
-        .context("node-3")?
-        .process
-        .clone();
+    let stopped = cluster.node_process("node-3")?;
     stopped.signal(nix::sys::signal::Signal::SIGSTOP)?;
     let outcome = (|| -> Result<Value> {
         let restored = publish(&cluster, "vol-3", "node-1")?;

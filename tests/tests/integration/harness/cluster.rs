@@ -108,6 +108,17 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// The agent process of node `node` as `cluster.json` records it.
+    pub fn node_process(&self, node: &str) -> Result<ballast_csi::cluster::ProcessInfo> {
+        Ok(self
+            .info()?
+            .nodes
+            .into_iter()
+            .find(|n| n.node_id == node)
+            .with_context(|| format!("no node {node}"))?
+            .process)
+    }
+
     pub fn info(&self) -> Result<ClusterInfo> {
         Ok(ClusterInfo::load(&self.path)?)
     }

@@ -123,6 +123,9 @@ pub enum Error {
         #[source]
         source: nix::errno::Errno,
     },
+    /// A process did not stop after SIGSTOP.
+    #[error("Cannot stop a process")]
+    Stop(#[from] ballast_storage_node::host::process::Error),
     /// A component did not become ready in time.
     #[error("{what} not ready after {timeout:?}; last log lines:\n{log_tail}")]
     NotReady {

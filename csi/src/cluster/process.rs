@@ -70,6 +70,17 @@ impl ProcessInfo {
         }
     }
 
+    /// Stops the process with SIGSTOP and waits up to `within` until every
+    /// thread of it is stopped (a hung node in tests: nothing it was about
+    /// to send goes out after this returns).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Stop`] if it cannot be signalled or still runs.
+    pub fn stop(&self, within: Duration) -> Result<(), Error> {
+        Ok(ballast_storage_node::host::process::stop(self.pid, within)?)
+    }
+
     /// Waits up to `timeout` for the process to exit; true if it did.
     pub fn wait_exit(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;

@@ -23,6 +23,9 @@ use super::{EtcdConfig, EtcdStore};
 /// How long etcd may take to answer after starting.
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
+/// How long every etcd thread may take to stop after SIGSTOP.
+const STOPPED_WITHIN: Duration = Duration::from_secs(5);
+
 /// A running etcd, killed on drop.
 pub(crate) struct EtcdServer {
     child: Option<Child>,
@@ -69,9 +72,12 @@ impl EtcdServer {
     }
 
     /// Freezes etcd with SIGSTOP: its sockets stay open but nothing answers,
-    /// like a paused or partitioned node.
+    /// like a paused or partitioned node. Returns once every etcd thread is
+    /// stopped, so no request sent after it is served.
     pub(crate) fn pause(&self) -> anyhow::Result<()> {
-        self.signal(Signal::SIGSTOP)
+        let child = self.child.as_ref().context("etcd is not running")?;
+        let pid = i32::try_from(child.id()).context("Process id out of range")?;
+        ballast_storage_node::host::process::stop(pid, STOPPED_WITHIN).context("Pausing etcd")
     }
 
     /// Resumes etcd after [`Self::pause`].

@@ -1,6 +1,7 @@
 //! Helpers for the host both the agent and the CSI plugins run on: running
 //! its tools with a deadline ([`command`]), reading its mount table
-//! ([`mountinfo`]) and driving its loop devices ([`loopdev`]).
+//! ([`mountinfo`]), driving its loop devices ([`loopdev`]) and stopping a
+//! process for certain ([`process`]).
 //!
 //! They live in one place so the agent (`ballast-agent`) and the control
 //! plane (`ballast-csi`, `ballast`, which depends on this library for them)
@@ -12,3 +13,4 @@
 pub mod command;
 pub mod loopdev;
 pub mod mountinfo;
+pub mod process;

@@ -109,7 +109,7 @@ fn sigstopped_replica_agent_stalls_io_only_for_the_timeout() -> Result<()> {
     let mut fio = fio::start(&cluster.dir, &uri, "fio-stop.log")?;
     std::thread::sleep(Duration::from_secs(2));
     let hung = cluster.node_process("node-2")?;
-    hung.signal(Signal::SIGSTOP)?;
+    hung.stop(Duration::from_secs(5))?;
     let resumed = (|| -> Result<()> {
         // A hung node: I/O resumes after the replica timeout, and fio sees
         // no error at all.
@@ -310,7 +310,7 @@ fn a_stale_target_cannot_write_after_a_newer_one_started() -> Result<()> {
 fn writes_wait_while_the_controller_cannot_commit_a_drop() -> Result<()> {
     let (cluster, uri) = published_volume("repl-inv2", "node-1")?;
     let controller = cluster.info()?.controller.context("controller")?.process;
-    controller.signal(Signal::SIGSTOP)?;
+    controller.stop(Duration::from_secs(5))?;
     let outcome = (|| -> Result<Child> {
         cluster.node_process("node-3")?.signal(Signal::SIGKILL)?;
         let mut writer = Child::spawn(

@@ -391,7 +391,7 @@ fn a_cut_that_outlasts_its_deadline_fails_and_loses_no_write() -> Result<()> {
     let uri = published(&cluster, "vol-d", "32MiB", 3, "node-1")?;
     qemu_io(&uri, &["write -P 0x31 0 1M"])?;
     let hung = cluster.node_process("node-3")?;
-    hung.signal(nix::sys::signal::Signal::SIGSTOP)?;
+    hung.stop(std::time::Duration::from_secs(5))?;
     let outcome = (|| -> Result<()> {
         // A write in flight to the stopped replica holds the barrier off
         // until the replica times out and is dropped.
@@ -507,7 +507,7 @@ fn a_restore_copied_to_another_node_survives_the_loss_of_its_source() -> Result<
     )?;
     let victim = cluster.node_process(source)?;
     // Freeze the source mid-copy, check the copy is not done, then kill it.
-    victim.signal(nix::sys::signal::Signal::SIGSTOP)?;
+    victim.stop(std::time::Duration::from_secs(5))?;
     let shown = cluster.volume("vol-kr")?;
     let node3 = shown["replicas"]
         .as_array()
@@ -582,7 +582,7 @@ fn a_snapshot_while_a_replica_rebuilds_copies_only_the_in_sync_ones() -> Result<
         "--thin",
     ])?;
     let stopped = cluster.node_process("node-3")?;
-    stopped.signal(nix::sys::signal::Signal::SIGSTOP)?;
+    stopped.stop(std::time::Duration::from_secs(5))?;
     let outcome = (|| -> Result<Value> {
         let restored = publish(&cluster, "vol-3", "node-1")?;
         qemu_io(&restored, &["write -P 0x7f 250M 1M"])?;

@@ -80,6 +80,12 @@ struct Args {
     #[arg(long, env = "BALLAST_DATA_LISTEN")]
     data_listen: Option<SocketAddr>,
 
+    /// The CSI node plugin of this node (`unix:///path/csi.sock`), to which
+    /// freezes and snapshot hooks are forwarded. Without it the agent
+    /// cannot quiesce volumes for app-consistent snapshots.
+    #[arg(long, env = "BALLAST_NODE_PLUGIN_ENDPOINT")]
+    node_plugin_endpoint: Option<String>,
+
     /// A topology label of this node, key=value (repeatable).
     /// topology.ballast.io/node=<node id> is always added.
     #[arg(long = "topology", value_name = "KEY=VALUE")]
@@ -204,7 +210,15 @@ async fn main() -> anyhow::Result<()> {
     };
     tokio::spawn(trim_buffer_pool());
     info!(grpc = %args.grpc_listen, "Serving the agent API");
-    let served = api::serve(agent.clone(), args.grpc_listen, shutdown).await;
+    let node_plugin = match &args.node_plugin_endpoint {
+        Some(endpoint) => Some(
+            tonic::transport::Endpoint::from_shared(endpoint.clone())
+                .with_context(|| format!("Invalid --node-plugin-endpoint {endpoint:?}"))?
+                .connect_lazy(),
+        ),
+        None => None,
+    };
+    let served = api::serve(agent.clone(), args.grpc_listen, node_plugin, shutdown).await;
     if let Some(registration) = registration {
         registration.abort();
     }

@@ -11,7 +11,8 @@
 //!   `DIR/node-K/pool.img` and state in `DIR/node-K/state`, registered with
 //!   the controller as `node-K`;
 //! - next to each agent, its CSI node plugin, `ballast-csi node`, serving
-//!   Identity and Node on `DIR/node-K/csi.sock` with its state in
+//!   Identity, Node and QuiesceService on `DIR/node-K/csi.sock` (the agent
+//!   forwards freezes and hooks there) with its state in
 //!   `DIR/node-K/csi-state` (attach backend auto-detected);
 //!
 //! then waits (bounded) until every node is registered and up and every
@@ -446,6 +447,7 @@ async fn start(
         let state_dir = node_dir.join("state");
         create_dir(&state_dir)?;
         let pool_file = node_dir.join("pool.img");
+        let csi_endpoint = format!("unix://{}", node_dir.join("csi.sock").display());
         let args = vec![
             "--node-id".to_string(),
             node_id.clone(),
@@ -461,6 +463,8 @@ async fn start(
             format!("127.0.0.1:{data_port}"),
             "--controller".to_string(),
             format!("http://{listen}"),
+            "--node-plugin-endpoint".to_string(),
+            csi_endpoint.clone(),
         ];
         let process =
             process::spawn_daemon(&binaries.agent, &args, &dir.join(format!("{node_id}.log")))?;
@@ -477,7 +481,6 @@ async fn start(
         });
         info.save()?;
 
-        let csi_endpoint = format!("unix://{}", node_dir.join("csi.sock").display());
         let csi_state_dir = node_dir.join("csi-state");
         let args = vec![
             "node".to_string(),

@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use ballast_proto::agent::quiesce_service_client::QuiesceServiceClient;
 use ballast_proto::agent::replica_service_client::ReplicaServiceClient;
 use ballast_proto::agent::snapshot_service_client::SnapshotServiceClient;
 use ballast_proto::agent::target_service_client::TargetServiceClient;
@@ -151,6 +152,16 @@ impl AgentClients {
     /// [`Error::InvalidAddress`].
     pub fn snapshots(&self, address: &str) -> Result<SnapshotServiceClient<Channel>, Error> {
         Ok(SnapshotServiceClient::new(self.channel(address)?))
+    }
+
+    /// The quiesce service (freeze, thaw, hooks) of the agent at
+    /// `address`, which forwards to its node plugin.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidAddress`].
+    pub fn quiesce(&self, address: &str) -> Result<QuiesceServiceClient<Channel>, Error> {
+        Ok(QuiesceServiceClient::new(self.channel(address)?))
     }
 
     fn channel(&self, address: &str) -> Result<Channel, Error> {

@@ -97,6 +97,9 @@ pub struct Context {
     pub guards: ballast_storage_node::guard::OpGuards,
     /// Rebuild progress reported by targets (memory only).
     pub rebuilds: volume::RebuildProgress,
+    /// Where snapshot hooks run ([`snapshot::quiesce::NodePluginHooks`]
+    /// unless replaced, e.g. by the Kubernetes pod-exec runner).
+    pub hooks: Arc<dyn snapshot::quiesce::HookRunner>,
     /// The controller's settings.
     pub config: ControllerConfig,
 }
@@ -109,6 +112,7 @@ impl Context {
             agents: agents::AgentClients::new(config.agent_timeout),
             guards: ballast_storage_node::guard::OpGuards::default(),
             rebuilds: volume::RebuildProgress::default(),
+            hooks: Arc::new(snapshot::quiesce::NodePluginHooks),
             store,
             config,
         })

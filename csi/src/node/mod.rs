@@ -8,6 +8,9 @@
 //! - [`staging`]: NodeStage, NodeUnstage, NodePublish, NodeUnpublish,
 //!   NodeExpand and NodeGetVolumeStats as plain async functions over the two traits above, with the CSI
 //!   idempotency and error rules.
+//! - [`freeze`] and [`hook`]: quiescing a staged volume for an
+//!   app-consistent snapshot (FIFREEZE/FITHAW, and the user's pre/post
+//!   commands), reached through the agent's `QuiesceService`.
 //!
 //! The gRPC `Node` service is a thin layer on [`staging`].
 //!
@@ -20,6 +23,8 @@
 //! restarted at any time.
 
 pub mod attach;
+pub mod freeze;
+pub mod hook;
 pub mod mount;
 pub mod staging;
 

@@ -24,14 +24,13 @@ use ballast_proto::csi::group_controller_service_capability::rpc::Type as RpcTyp
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::controller::snapshot::{deadline, to_snapshot, to_timestamp};
+use super::controller::snapshot::{
+    SNAPSHOTTER_PREFIX, class_parameters, to_snapshot, to_timestamp,
+};
 use crate::controller::snapshot::group::{CreateGroupRequest, GroupRecord};
 use crate::controller::snapshot::record::{SnapshotRecord, SnapshotState};
 use crate::controller::snapshot::{self, Snapshots};
 use crate::controller::volume::operations::DeleteOutcome;
-
-/// Prefix of the parameters the external-snapshotter adds.
-const SNAPSHOTTER_PREFIX: &str = "csi.storage.k8s.io/";
 
 /// The GroupController service.
 #[derive(Debug, Clone)]
@@ -113,7 +112,7 @@ impl csi::group_controller_server::GroupController for GroupController {
         if req.source_volume_ids.is_empty() {
             return Err(Status::invalid_argument("source_volume_ids is required"));
         }
-        let deadline = deadline(&req.parameters).map_err(Status::from)?;
+        let class = class_parameters(&req.parameters).map_err(Status::from)?;
         let parameters: BTreeMap<String, String> = req
             .parameters
             .into_iter()
@@ -124,8 +123,9 @@ impl csi::group_controller_server::GroupController for GroupController {
             .create_group(&CreateGroupRequest {
                 name: req.name,
                 source_volume_ids: req.source_volume_ids,
-                deadline,
+                deadline: class.deadline,
                 parameters,
+                quiesce: class.quiesce,
             })
             .await?;
         Ok(Response::new(csi::CreateVolumeGroupSnapshotResponse {

@@ -11,6 +11,8 @@
 //!   served by `ballast-csi controller`.
 //! - [`snapshot_metadata`]: the SnapshotMetadata service (changed block
 //!   tracking), served by `ballast-csi controller`.
+//! - [`quiesce`]: Ballast's `QuiesceService` (freeze, thaw, hooks), served
+//!   by `ballast-csi node` beside Node for its agent to forward to.
 //!
 //! Every handler has the same shape (STYLE.md, "Handlers"): validate the
 //! request (`INVALID_ARGUMENT`), take the volume's operation guard
@@ -26,6 +28,7 @@ pub mod controller;
 pub mod group_controller;
 pub mod identity;
 pub mod node;
+pub mod quiesce;
 pub mod snapshot_metadata;
 
 use std::path::{Path, PathBuf};

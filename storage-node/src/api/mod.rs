@@ -7,6 +7,7 @@
 //! error variant forces a decision about its code.
 
 mod pool;
+mod quiesce;
 mod raw_export;
 mod replica;
 mod snapshot;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 
 use ballast_proto::agent::export_service_server::ExportServiceServer;
 use ballast_proto::agent::pool_service_server::PoolServiceServer;
+use ballast_proto::agent::quiesce_service_server::QuiesceServiceServer;
 use ballast_proto::agent::replica_service_server::ReplicaServiceServer;
 use ballast_proto::agent::snapshot_service_server::SnapshotServiceServer;
 use ballast_proto::agent::target_service_server::TargetServiceServer;
@@ -24,13 +26,16 @@ use tonic::Status;
 
 use crate::agent::{self, Agent};
 
-/// Serves the agent API on `listen` until `shutdown` completes.
+/// Serves the agent API on `listen` until `shutdown` completes;
+/// `QuiesceService` calls go to `node_plugin` (the node's CSI node
+/// plugin), or are UNAVAILABLE without one.
 ///
 /// Errors: the transport error if the address cannot be bound or serving
 /// fails.
 pub async fn serve(
     agent: Arc<Agent>,
     listen: SocketAddr,
+    node_plugin: Option<tonic::transport::Channel>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
@@ -45,6 +50,9 @@ pub async fn serve(
             agent.clone(),
         )))
         .add_service(TargetServiceServer::new(target::TargetApi::new(agent)))
+        .add_service(QuiesceServiceServer::new(quiesce::QuiesceApi::new(
+            node_plugin,
+        )))
         .serve_with_shutdown(listen, shutdown)
         .await
 }

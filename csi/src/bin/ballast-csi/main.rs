@@ -19,11 +19,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use ballast_csi::controller::{self, Context, ControllerConfig};
 use ballast_csi::node::attach::{self, AttachMode};
+use ballast_csi::node::freeze::Freezer;
 use ballast_csi::node::mount::SystemMounter;
 use ballast_csi::service::group_controller::GroupController;
 use ballast_csi::service::snapshot_metadata::SnapshotMetadata;
 use ballast_csi::service::{self, controller::Controller, identity::Identity, node::Node};
 use ballast_csi::store;
+use ballast_proto::agent::quiesce_service_server::QuiesceServiceServer;
 use ballast_proto::csi::controller_server::ControllerServer;
 use ballast_proto::csi::group_controller_server::GroupControllerServer;
 use ballast_proto::csi::identity_server::IdentityServer;
@@ -287,6 +289,11 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let attacher = attach::attacher(args.attach, &args.state_dir)
         .context("Cannot set up the attach backend")?;
     info!(node.id = %args.node_id, attach = attacher.name(), "Node plugin starting");
+    let mounter: Arc<SystemMounter> = Arc::new(SystemMounter::new());
+    let freezer = Freezer::new(&args.state_dir, attacher.clone(), mounter.clone());
+    // A node plugin that died with a filesystem frozen must not leave the
+    // pod's writes stalled until someone notices.
+    freezer.thaw_recorded().await;
     let node = Node::new(
         service::node::NodeConfig {
             node_id: args.node_id.clone(),
@@ -294,13 +301,16 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             topology: args.topology.iter().cloned().collect(),
         },
         attacher,
-        Arc::new(SystemMounter::new()),
+        mounter,
     );
     let (path, incoming) = service::listen(&args.endpoint)?;
-    info!(endpoint = %path.display(), "Serving the CSI Identity and Node services");
+    info!(endpoint = %path.display(), "Serving the CSI Identity and Node services, and QuiesceService");
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(Identity))
         .add_service(NodeServer::new(node))
+        .add_service(QuiesceServiceServer::new(service::quiesce::Quiesce::new(
+            freezer,
+        )))
         .serve_with_incoming_shutdown(incoming, wait_for_signal()?)
         .await
         .context("Cannot serve the CSI services")?;

@@ -29,6 +29,8 @@ pub enum SnapshotCommand {
         /// Longest the cut may hold the volume's writes (e.g. 10s, 500ms).
         #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
         deadline: Duration,
+        #[command(flatten)]
+        quiesce: QuiesceArgs,
     },
     /// Lists snapshots.
     List {
@@ -61,6 +63,56 @@ pub enum SnapshotCommand {
     Group(GroupCommand),
 }
 
+/// App consistency: hooks and filesystem freeze around the cut.
+#[derive(clap::Args)]
+pub struct QuiesceArgs {
+    /// Freeze the filesystem of each published volume (FIFREEZE on the
+    /// node it is staged on) through the cut: the snapshot holds a clean
+    /// filesystem.
+    #[arg(long)]
+    freeze: bool,
+    /// A command (sh -c) run on the node of each published volume before
+    /// the freeze, with BALLAST_MOUNT_PATH set (repeat for several, run in
+    /// order); a failure fails the snapshot before any write is held.
+    #[arg(long = "pre-hook", value_name = "CMD")]
+    pre_hooks: Vec<String>,
+    /// A command run after the thaw (repeat; run in reverse order, also
+    /// when the snapshot failed after the pre-hooks started).
+    #[arg(long = "post-hook", value_name = "CMD")]
+    post_hooks: Vec<String>,
+    /// Longest one hook may run.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    hook_timeout: Duration,
+}
+
+impl QuiesceArgs {
+    /// The request fields: (freeze, pre_hooks, post_hooks, hook_timeout_ms).
+    fn fields(self) -> anyhow::Result<(bool, Vec<String>, Vec<String>, u32)> {
+        let timeout = self.hook_timeout;
+        let hook_timeout_ms = u32::try_from(timeout.as_millis())
+            .map_err(|_| anyhow::anyhow!("The hook timeout {timeout:?} is too long"))?;
+        Ok((
+            self.freeze,
+            self.pre_hooks,
+            self.post_hooks,
+            hook_timeout_ms,
+        ))
+    }
+}
+
+/// " (frozen)", or the notes of what quiescing did not do.
+fn quiesced(snapshot: &Snapshot) -> String {
+    let mut parts = Vec::new();
+    if snapshot.frozen {
+        parts.push("frozen".to_string());
+    }
+    if snapshot.hooks_run > 0 {
+        parts.push(format!("{} hook(s)", snapshot.hooks_run));
+    }
+    parts.extend(snapshot.quiesce_notes.iter().cloned());
+    parts.join("; ")
+}
+
 #[derive(Subcommand)]
 pub enum GroupCommand {
     /// Takes one snapshot of each volume at one instant: every volume's
@@ -75,6 +127,8 @@ pub enum GroupCommand {
         /// Longest the cut may hold the volumes' writes (e.g. 10s, 500ms).
         #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
         deadline: Duration,
+        #[command(flatten)]
+        quiesce: QuiesceArgs,
     },
     /// Lists group snapshots.
     List,
@@ -97,20 +151,26 @@ pub async fn run(cmd: SnapshotCommand, channel: Channel, format: Format) -> anyh
             name,
             volume,
             deadline,
+            quiesce,
         } => {
             let deadline_ms = u32::try_from(deadline.as_millis())
                 .map_err(|_| anyhow::anyhow!("The deadline {deadline:?} is too long"))?;
+            let (freeze, pre_hooks, post_hooks, hook_timeout_ms) = quiesce.fields()?;
             let snapshot = client
                 .create_snapshot(CreateSnapshotRequest {
                     name: name.clone(),
                     source_volume_id: volume.clone(),
                     deadline_ms,
+                    freeze,
+                    pre_hooks,
+                    post_hooks,
+                    hook_timeout_ms,
                 })
                 .await
                 .map_err(|s| status_error(&format!("Snapshotting volume {volume} failed"), s))?
                 .into_inner();
             let nodes: Vec<&str> = snapshot.copies.iter().map(|c| c.node_id.as_str()).collect();
-            let text = format!(
+            let mut text = format!(
                 "Took snapshot {} of volume {} ({}) with copies on {}; writes held {} ms",
                 snapshot.snapshot_id,
                 snapshot.source_volume_id,
@@ -118,6 +178,10 @@ pub async fn run(cmd: SnapshotCommand, channel: Channel, format: Format) -> anyh
                 nodes.join(", "),
                 snapshot.paused_ms
             );
+            let quiesced = quiesced(&snapshot);
+            if !quiesced.is_empty() {
+                text.push_str(&format!(" ({quiesced})"));
+            }
             output::print_item(format, &snapshot, &text)
         }
         SnapshotCommand::List { volume } => {
@@ -210,14 +274,20 @@ async fn run_group(
             name,
             volumes,
             deadline,
+            quiesce,
         } => {
             let deadline_ms = u32::try_from(deadline.as_millis())
                 .map_err(|_| anyhow::anyhow!("The deadline {deadline:?} is too long"))?;
+            let (freeze, pre_hooks, post_hooks, hook_timeout_ms) = quiesce.fields()?;
             let group = client
                 .create_group_snapshot(CreateGroupSnapshotRequest {
                     name: name.clone(),
                     source_volume_ids: volumes,
                     deadline_ms,
+                    freeze,
+                    pre_hooks,
+                    post_hooks,
+                    hook_timeout_ms,
                 })
                 .await
                 .map_err(|s| status_error(&format!("Group snapshot {name} failed"), s))?
@@ -225,7 +295,10 @@ async fn run_group(
             let held: Vec<String> = group
                 .snapshots
                 .iter()
-                .map(|s| format!("{} {} ms", s.source_volume_id, s.paused_ms))
+                .map(|s| match quiesced(s) {
+                    q if q.is_empty() => format!("{} {} ms", s.source_volume_id, s.paused_ms),
+                    q => format!("{} {} ms ({q})", s.source_volume_id, s.paused_ms),
+                })
                 .collect();
             let text = format!(
                 "Took group snapshot {} of {}; writes held: {}",
@@ -273,13 +346,14 @@ async fn run_group(
                     output::print_list(
                         format,
                         &group.snapshots,
-                        &["MEMBER", "VOLUME", "COPIES", "WRITES HELD"],
+                        &["MEMBER", "VOLUME", "COPIES", "WRITES HELD", "QUIESCED"],
                         |s| {
                             vec![
                                 s.snapshot_id.clone(),
                                 s.source_volume_id.clone(),
                                 s.copies.len().to_string(),
                                 format!("{} ms", s.paused_ms),
+                                quiesced(s),
                             ]
                         },
                     )
@@ -332,6 +406,10 @@ fn print_snapshot(snapshot: &Snapshot) {
     );
     println!("Cut at:       {}", created(snapshot));
     println!("Writes held:  {} ms", snapshot.paused_ms);
+    let quiesced = quiesced(snapshot);
+    if !quiesced.is_empty() {
+        println!("Quiesced:     {quiesced}");
+    }
     let mut table = comfy_table::Table::new();
     table
         .load_style(comfy_table::presets::NOTHING)

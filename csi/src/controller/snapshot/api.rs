@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::group::{CreateGroupRequest, GroupRecord};
+use super::quiesce::{DEFAULT_HOOK_TIMEOUT, Quiesce};
 use super::record::{SnapshotRecord, SnapshotState};
 use super::{CreateRequest, DEFAULT_DEADLINE, Snapshots};
 
@@ -46,6 +47,13 @@ pub fn to_proto(record: &SnapshotRecord) -> pb::Snapshot {
             .collect(),
         paused_ms: record.paused_ms,
         group_snapshot_id: record.group_snapshot_id.clone().unwrap_or_default(),
+        frozen: record.quiesce.as_ref().is_some_and(|q| q.frozen),
+        hooks_run: record.quiesce.as_ref().map_or(0, |q| q.hooks_run),
+        quiesce_notes: record
+            .quiesce
+            .as_ref()
+            .map(|q| q.notes.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -68,6 +76,24 @@ fn deadline(ms: u32) -> Duration {
     }
 }
 
+/// The app consistency a management API request asks for.
+fn quiesce(
+    freeze: bool,
+    pre_hooks: Vec<String>,
+    post_hooks: Vec<String>,
+    hook_timeout_ms: u32,
+) -> Quiesce {
+    Quiesce {
+        freeze,
+        pre_hooks,
+        post_hooks,
+        hook_timeout: match hook_timeout_ms {
+            0 => DEFAULT_HOOK_TIMEOUT,
+            ms => Duration::from_millis(u64::from(ms)),
+        },
+    }
+}
+
 #[tonic::async_trait]
 impl SnapshotService for SnapshotApi {
     #[instrument(err, skip(self, request), fields(snapshot.id = %request.get_ref().name))]
@@ -80,6 +106,12 @@ impl SnapshotService for SnapshotApi {
             .snapshots
             .create(&CreateRequest {
                 deadline: deadline(request.deadline_ms),
+                quiesce: quiesce(
+                    request.freeze,
+                    request.pre_hooks,
+                    request.post_hooks,
+                    request.hook_timeout_ms,
+                ),
                 ..CreateRequest::new(&request.name, &request.source_volume_id)
             })
             .await?;
@@ -157,6 +189,12 @@ impl SnapshotService for SnapshotApi {
                 source_volume_ids: request.source_volume_ids,
                 deadline: deadline(request.deadline_ms),
                 parameters: Default::default(),
+                quiesce: quiesce(
+                    request.freeze,
+                    request.pre_hooks,
+                    request.post_hooks,
+                    request.hook_timeout_ms,
+                ),
             })
             .await?;
         Ok(Response::new(group_to_proto(&group, &members)))

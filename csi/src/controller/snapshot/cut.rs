@@ -65,29 +65,6 @@ pub struct Member<'a> {
     pub snapshot_id: &'a str,
 }
 
-/// Takes the cut of `volume` for snapshot `snapshot_id`; see
-/// [`take_group`].
-///
-/// # Errors
-///
-/// As [`take_group`].
-pub async fn take(
-    context: &Context,
-    volume: &VolumeRecord,
-    snapshot_id: &str,
-    deadline: Duration,
-    asked: &mut Vec<String>,
-) -> Result<Taken, Error> {
-    let mut asked_all = vec![Vec::new()];
-    let member = Member {
-        volume,
-        snapshot_id,
-    };
-    let taken = take_group(context, &[member], deadline, &mut asked_all).await;
-    asked.extend(asked_all.into_iter().flatten());
-    taken.map(|mut taken| taken.remove(0))
-}
-
 /// Takes one cut of every member within `deadline` (counted from the first
 /// pause). The caller holds every member volume's guard (no publish or
 /// unpublish meanwhile). `asked[i]` receives every node asked for a copy
@@ -460,7 +437,7 @@ impl Cut<'_> {
 }
 
 /// The agent address of `node_id`, which must be up.
-async fn agent_address(context: &Context, node_id: &str) -> Result<String, Error> {
+pub(super) async fn agent_address(context: &Context, node_id: &str) -> Result<String, Error> {
     match context.nodes.get(node_id).await? {
         Some(node) if node.is_up() => Ok(node.record.agent_address),
         _ => Err(Error::NodeDown {

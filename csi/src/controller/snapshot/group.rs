@@ -2,7 +2,8 @@
 //! DESIGN.md invariant 5). A group record at `/ballast/group-snapshots/<id>`
 //! names its members, each an ordinary snapshot (restorable, listable,
 //! CBT-able) whose record carries the group's id; all members are cut
-//! together by [`cut::take_group`]: every member's target paused before
+//! together by [`quiesce::take_group`] (hooks and freezes around
+//! [`cut::take_group`]): every member's target paused before
 //! any copy, every copy durable before any resume.
 //!
 //! Life cycle as a snapshot's: the group record and its members' records
@@ -18,6 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tracing::{info, instrument, warn};
 
+use super::quiesce::{self, Quiesce};
 use super::record::{self, SnapshotRecord, SnapshotState};
 use super::{Error, MAX_DEADLINE, Snapshots, cut, guard_key, invalid, validate_id};
 use crate::controller::volume::operations::DeleteOutcome;
@@ -56,6 +58,8 @@ pub struct CreateGroupRequest {
     pub deadline: Duration,
     /// The parameters, kept for idempotency.
     pub parameters: BTreeMap<String, String>,
+    /// Hooks and freeze around the cut (app consistency).
+    pub quiesce: Quiesce,
 }
 
 /// The id of the member snapshot of `volume_id` in group `group_id`.
@@ -90,6 +94,7 @@ impl CreateGroupRequest {
         for volume in &volumes {
             validate_id(&member_id(&self.name, volume))?;
         }
+        self.quiesce.validate()?;
         if self.deadline.is_zero() || self.deadline > MAX_DEADLINE {
             return Err(invalid(format!(
                 "the deadline must be between 1 ms and {MAX_DEADLINE:?}, not {:?}",
@@ -111,7 +116,7 @@ impl Snapshots {
     /// name with other volumes or parameters, or a member id taken by
     /// another snapshot; [`Error::VolumeNotFound`];
     /// [`Error::VolumeNotReady`]; [`Error::Busy`]; [`Error::Deleting`];
-    /// the cut's errors (see [`cut::take_group`]), after which nothing of
+    /// [`Error::Hook`]; the cut's errors (see [`cut::take_group`]), after which nothing of
     /// the group is kept.
     #[instrument(err, skip(self, request), fields(group.id = %request.name))]
     pub async fn create_group(
@@ -210,6 +215,7 @@ impl Snapshots {
                 unclean: volume.unclean_stop,
                 clone_for: None,
                 group_snapshot_id: Some(id.clone()),
+                quiesce: None,
             };
             let revision = record::create(store, &snapshot).await?;
             planned.push((snapshot, revision));
@@ -224,8 +230,15 @@ impl Snapshots {
             })
             .collect();
         let mut asked = vec![Vec::new(); members.len()];
-        let taken = match cut::take_group(&self.context, &members, request.deadline, &mut asked)
-            .await
+        let taken = match quiesce::take_group(
+            &self.context,
+            &members,
+            &request.quiesce,
+            id,
+            request.deadline,
+            &mut asked,
+        )
+        .await
         {
             Ok(taken) => taken,
             Err(err) => {
@@ -235,12 +248,13 @@ impl Snapshots {
             }
         };
         let mut ready = Vec::with_capacity(planned.len());
-        for ((snapshot, revision), taken) in planned.into_iter().zip(taken) {
+        for ((snapshot, revision), (taken, quiesced)) in planned.into_iter().zip(taken) {
             let snapshot = SnapshotRecord {
                 state: SnapshotState::Ready,
                 copies: taken.copies,
                 created_at_unix_nanos: taken.created_at_unix_nanos,
                 paused_ms: taken.paused_ms,
+                quiesce: (!request.quiesce.is_none()).then_some(quiesced),
                 ..snapshot
             };
             record::replace(store, &snapshot, revision).await?;

@@ -6,6 +6,8 @@
 //!   on a published volume; the idle in-sync replicas of an unpublished
 //!   one).
 //! - [`group`]: group snapshots, one cut across several volumes.
+//! - [`quiesce`]: app consistency around a cut (pre/post hooks,
+//!   filesystem freeze).
 //! - [`metadata`]: changed block tracking (allocated and changed ranges).
 //! - [`api`]: the management API's `SnapshotService`.
 //! - [`reconcile`]: removing what an interrupted create or delete left.
@@ -33,6 +35,7 @@ pub mod cut;
 pub mod group;
 pub mod metadata;
 pub mod operations;
+pub mod quiesce;
 pub mod reconcile;
 pub mod record;
 
@@ -62,6 +65,7 @@ pub const MAX_ID_LEN: usize = 128;
 ///
 /// For gRPC (see `From<Error> for tonic::Status`): arguments
 /// `INVALID_ARGUMENT`; unknown snapshots and source volumes `NOT_FOUND`;
+/// a failed pre-hook `FAILED_PRECONDITION`;
 /// a name taken by a snapshot of another volume `ALREADY_EXISTS`; a
 /// concurrent operation or a snapshot being deleted `ABORTED`; a volume
 /// that is not ready `FAILED_PRECONDITION`; a cut past its deadline
@@ -169,6 +173,17 @@ pub enum Error {
         /// What ran out of time.
         why: String,
     },
+    /// A snapshot hook failed or timed out (a pre-hook's failure fails the
+    /// snapshot before any target is paused).
+    #[error("A hook of volume {volume} on node {node} failed: {message}")]
+    Hook {
+        /// The member volume.
+        volume: String,
+        /// Where it ran.
+        node: String,
+        /// What the runner reported (exit status, output tail).
+        message: String,
+    },
     /// An agent failed or refused.
     #[error(transparent)]
     Agent(#[from] AgentError),
@@ -195,7 +210,7 @@ impl From<Error> for tonic::Status {
             Error::SnapshotNotFound { .. } | Error::VolumeNotFound { .. } => Code::NotFound,
             Error::VolumeNotReady { .. } => Code::FailedPrecondition,
             Error::SnapshotMismatch { .. } | Error::GroupMismatch { .. } => Code::AlreadyExists,
-            Error::MemberOfGroup { .. } => Code::FailedPrecondition,
+            Error::MemberOfGroup { .. } | Error::Hook { .. } => Code::FailedPrecondition,
             Error::Busy { .. } | Error::Deleting { .. } => Code::Aborted,
             Error::NoInSyncReplica { .. } | Error::NodeDown { .. } => Code::Unavailable,
             Error::CutDeadline { .. } => Code::DeadlineExceeded,

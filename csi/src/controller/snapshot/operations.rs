@@ -9,6 +9,7 @@ use std::time::Duration;
 use ballast_proto::agent as agent_pb;
 use tracing::{info, instrument, warn};
 
+use super::quiesce::{self, Quiesce};
 use super::record::{self, SnapshotRecord, SnapshotState};
 use super::{
     CLONE_PREFIX, DEFAULT_DEADLINE, Error, MAX_DEADLINE, Snapshots, cut, guard_key, invalid,
@@ -31,6 +32,8 @@ pub struct CreateRequest {
     pub deadline: Duration,
     /// For a clone's internal snapshot: the volume being created.
     pub clone_for: Option<String>,
+    /// Hooks and freeze around the cut (app consistency).
+    pub quiesce: Quiesce,
 }
 
 impl CreateRequest {
@@ -41,11 +44,13 @@ impl CreateRequest {
             source_volume_id: source_volume_id.to_string(),
             deadline: DEFAULT_DEADLINE,
             clone_for: None,
+            quiesce: Quiesce::default(),
         }
     }
 
     fn validate(&self) -> Result<(), Error> {
         validate_id(&self.name)?;
+        self.quiesce.validate()?;
         if self.clone_for.is_none() && self.name.starts_with(CLONE_PREFIX) {
             return Err(invalid(format!(
                 "snapshot names starting with {CLONE_PREFIX:?} are reserved for clones"
@@ -73,8 +78,9 @@ impl Snapshots {
     ///
     /// [`Error::InvalidArgument`], [`Error::SnapshotMismatch`],
     /// [`Error::VolumeNotFound`], [`Error::VolumeNotReady`],
-    /// [`Error::Busy`], [`Error::Deleting`], and the cut's errors (see
-    /// [`cut::take`]), after which nothing of the snapshot is left.
+    /// [`Error::Busy`], [`Error::Deleting`], [`Error::Hook`] for a failed
+    /// pre-hook, and the cut's errors (see [`cut::take_group`]), after
+    /// which nothing of the snapshot is left.
     #[instrument(err, skip(self, request), fields(snapshot.id = %request.name, volume.id = %request.source_volume_id))]
     pub async fn create(&self, request: &CreateRequest) -> Result<SnapshotRecord, Error> {
         request.validate()?;
@@ -132,11 +138,25 @@ impl Snapshots {
             unclean: volume.unclean_stop,
             clone_for: request.clone_for.clone(),
             group_snapshot_id: None,
+            quiesce: None,
         };
         let revision = record::create(store, &planned).await?;
-        let mut asked = Vec::new();
-        let cut = cut::take(&self.context, &volume, id, request.deadline, &mut asked).await;
-        let taken = match cut {
+        let mut asked = vec![Vec::new()];
+        let member = cut::Member {
+            volume: &volume,
+            snapshot_id: id,
+        };
+        let cut = quiesce::take_group(
+            &self.context,
+            &[member],
+            &request.quiesce,
+            id,
+            request.deadline,
+            &mut asked,
+        )
+        .await;
+        let asked = asked.into_iter().flatten().collect();
+        let (taken, quiesced) = match cut.map(|mut taken| taken.remove(0)) {
             Ok(taken) => taken,
             Err(err) => {
                 warn!(error = %crate::error_chain(&err), "The cut failed; removing its copies");
@@ -149,6 +169,7 @@ impl Snapshots {
             copies: taken.copies,
             created_at_unix_nanos: taken.created_at_unix_nanos,
             paused_ms: taken.paused_ms,
+            quiesce: (!request.quiesce.is_none()).then_some(quiesced),
             ..planned
         };
         record::replace(store, &ready, revision).await?;

@@ -85,6 +85,9 @@ pub struct SnapshotRecord {
     /// with.
     #[serde(default)]
     pub group_snapshot_id: Option<String>,
+    /// What was done for app consistency, when it was asked for.
+    #[serde(default)]
+    pub quiesce: Option<super::quiesce::QuiesceRecord>,
 }
 
 impl SnapshotRecord {

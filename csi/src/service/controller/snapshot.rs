@@ -8,6 +8,16 @@
 //!   duration (`10s`, `500ms`; default 10 s, at most 10 min). A cut that
 //!   does not complete in time fails with `DEADLINE_EXCEEDED` and keeps
 //!   nothing; the CO retries.
+//! - `ballast.io/freeze`: `"true"` freezes the filesystem of the volume
+//!   (FIFREEZE on the node it is staged on) from before the cut until just
+//!   after it: the snapshot holds a clean filesystem, not one that needs
+//!   journal recovery. Block volumes and volumes not staged are cut
+//!   without a freeze, with a note.
+//! - `ballast.io/pre-hook`, `ballast.io/post-hook`: a command (`sh -c`) run
+//!   on the volume's node before the freeze, and after the thaw; a failing
+//!   pre-hook fails the snapshot (`FAILED_PRECONDITION`) before any write
+//!   is held, and the post-hook runs anyway. `ballast.io/hook-timeout`
+//!   bounds each (default 30 s).
 //! - Keys under `csi.storage.k8s.io/` (added by the external-snapshotter)
 //!   are ignored; any other key is `INVALID_ARGUMENT`.
 //!
@@ -21,36 +31,80 @@ use std::time::Duration;
 use ballast_proto::csi;
 
 use super::{Controller, Error, i64_bytes, invalid, required};
+use crate::controller::snapshot::quiesce::Quiesce;
 use crate::controller::snapshot::record::{SnapshotRecord, SnapshotState};
 use crate::controller::snapshot::{self, CLONE_PREFIX, CreateRequest, DEFAULT_DEADLINE};
 
 /// VolumeSnapshotClass parameter: the cut's deadline.
 pub const DEADLINE_PARAMETER: &str = "deadline";
 
-/// Prefix of the parameters the external-snapshotter adds.
-const SNAPSHOTTER_PREFIX: &str = "csi.storage.k8s.io/";
+/// (Group) snapshot class parameter: freeze the filesystems (`"true"`).
+pub const FREEZE_PARAMETER: &str = "ballast.io/freeze";
 
-/// The `deadline` parameter of a (group) snapshot class.
+/// (Group) snapshot class parameter: a command run before the freeze.
+pub const PRE_HOOK_PARAMETER: &str = "ballast.io/pre-hook";
+
+/// (Group) snapshot class parameter: a command run after the thaw.
+pub const POST_HOOK_PARAMETER: &str = "ballast.io/post-hook";
+
+/// (Group) snapshot class parameter: longest a hook may run.
+pub const HOOK_TIMEOUT_PARAMETER: &str = "ballast.io/hook-timeout";
+
+/// Prefix of the parameters the external-snapshotter adds.
+pub(crate) const SNAPSHOTTER_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// What a (group) snapshot class's parameters ask for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ClassParameters {
+    /// The cut's deadline.
+    pub deadline: Duration,
+    /// Hooks and freeze.
+    pub quiesce: Quiesce,
+}
+
+/// Parses the parameters of a VolumeSnapshotClass or
+/// VolumeGroupSnapshotClass (see the module docs).
 ///
 /// # Errors
 ///
-/// [`Error::InvalidArgument`] for a bad duration or an unknown key.
-pub(crate) fn deadline(parameters: &HashMap<String, String>) -> Result<Duration, Error> {
-    let mut deadline = DEFAULT_DEADLINE;
+/// [`Error::InvalidArgument`] for a bad value or an unknown key.
+pub(crate) fn class_parameters(
+    parameters: &HashMap<String, String>,
+) -> Result<ClassParameters, Error> {
+    let duration = |key: &str, value: &str| {
+        humantime::parse_duration(value)
+            .map_err(|e| invalid(format!("parameter {key}={value:?} is not a duration: {e}")))
+    };
+    let mut parsed = ClassParameters {
+        deadline: DEFAULT_DEADLINE,
+        quiesce: Quiesce::default(),
+    };
     for (key, value) in parameters {
         match key.as_str() {
-            DEADLINE_PARAMETER => {
-                deadline = humantime::parse_duration(value).map_err(|e| {
-                    invalid(format!(
-                        "parameter {DEADLINE_PARAMETER}={value:?} is not a duration: {e}"
-                    ))
-                })?;
+            DEADLINE_PARAMETER => parsed.deadline = duration(key, value)?,
+            FREEZE_PARAMETER => {
+                parsed.quiesce.freeze = match value.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => {
+                        return Err(invalid(format!(
+                            "parameter {key}={value:?} is not \"true\" or \"false\""
+                        )));
+                    }
+                }
             }
+            PRE_HOOK_PARAMETER => parsed.quiesce.pre_hooks = vec![value.clone()],
+            POST_HOOK_PARAMETER => parsed.quiesce.post_hooks = vec![value.clone()],
+            HOOK_TIMEOUT_PARAMETER => parsed.quiesce.hook_timeout = duration(key, value)?,
             other if other.starts_with(SNAPSHOTTER_PREFIX) => {}
             other => return Err(invalid(format!("unknown parameter {other:?}"))),
         }
     }
-    Ok(deadline)
+    parsed
+        .quiesce
+        .validate()
+        .map_err(|e| invalid(e.to_string()))?;
+    Ok(parsed)
 }
 
 /// A time in nanoseconds since the Unix epoch as a protobuf Timestamp.
@@ -86,8 +140,10 @@ impl Controller {
     ) -> Result<csi::Snapshot, Error> {
         required("name", &req.name)?;
         required("source_volume_id", &req.source_volume_id)?;
+        let parameters = class_parameters(&req.parameters)?;
         let request = CreateRequest {
-            deadline: deadline(&req.parameters)?,
+            deadline: parameters.deadline,
+            quiesce: parameters.quiesce,
             ..CreateRequest::new(&req.name, &req.source_volume_id)
         };
         let record = self.snapshots.create(&request).await?;
@@ -182,27 +238,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_deadline_parameter_is_a_duration_and_unknown_keys_are_refused() {
-        assert_eq!(
-            deadline(&HashMap::new()).expect("default"),
-            DEFAULT_DEADLINE
-        );
+    fn class_parameters_parse_and_unknown_keys_are_refused() {
+        let defaults = class_parameters(&HashMap::new()).expect("default");
+        assert_eq!(defaults.deadline, DEFAULT_DEADLINE);
+        assert!(defaults.quiesce.is_none());
         let given = HashMap::from([
             (DEADLINE_PARAMETER.to_string(), "1500ms".to_string()),
+            (FREEZE_PARAMETER.to_string(), "true".to_string()),
+            (
+                PRE_HOOK_PARAMETER.to_string(),
+                "psql -c CHECKPOINT".to_string(),
+            ),
+            (POST_HOOK_PARAMETER.to_string(), "echo done".to_string()),
+            (HOOK_TIMEOUT_PARAMETER.to_string(), "5s".to_string()),
             (
                 "csi.storage.k8s.io/volumesnapshot/name".to_string(),
                 "s".to_string(),
             ),
         ]);
+        let parsed = class_parameters(&given).expect("given");
+        assert_eq!(parsed.deadline, Duration::from_millis(1500));
         assert_eq!(
-            deadline(&given).expect("given"),
-            Duration::from_millis(1500)
+            parsed.quiesce,
+            Quiesce {
+                freeze: true,
+                pre_hooks: vec!["psql -c CHECKPOINT".into()],
+                post_hooks: vec!["echo done".into()],
+                hook_timeout: Duration::from_secs(5),
+            }
         );
         for bad in [
             HashMap::from([(DEADLINE_PARAMETER.to_string(), "soon".to_string())]),
             HashMap::from([("freeze".to_string(), "true".to_string())]),
+            HashMap::from([(FREEZE_PARAMETER.to_string(), "yes".to_string())]),
+            HashMap::from([(PRE_HOOK_PARAMETER.to_string(), " ".to_string())]),
+            HashMap::from([(HOOK_TIMEOUT_PARAMETER.to_string(), "2h".to_string())]),
         ] {
-            assert!(matches!(deadline(&bad), Err(Error::InvalidArgument(_))));
+            assert!(
+                matches!(class_parameters(&bad), Err(Error::InvalidArgument(_))),
+                "{bad:?}"
+            );
         }
     }
 
@@ -220,6 +295,7 @@ mod tests {
             unclean: false,
             clone_for: None,
             group_snapshot_id: None,
+            quiesce: None,
         };
         let snapshot = to_snapshot(&record);
         let time = snapshot.creation_time.expect("time");

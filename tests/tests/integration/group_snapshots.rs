@@ -4,13 +4,12 @@
 //! volume; the same check applied to two single snapshots shows that it
 //! can see a violation.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 
 use crate::harness::cluster::Cluster;
-use crate::harness::{Child, run_ok};
+use crate::harness::{Child, files_ending, run_ok};
 
 /// Bytes of one record.
 const RECORD_BYTES: usize = 4096;
@@ -66,27 +65,10 @@ fn consistent(a: &[u8], b: &[u8]) -> Result<(u64, u64)> {
     Ok((on_a, on_b))
 }
 
-/// Files under `dir` (at most 8 levels down) whose path ends in `suffix`.
-fn file_ending(dir: &Path, suffix: &str) -> Option<PathBuf> {
-    fn walk(dir: &Path, suffix: &str, depth: usize) -> Option<PathBuf> {
-        for entry in std::fs::read_dir(dir).ok()?.flatten() {
-            let path = entry.path();
-            let kind = entry.file_type().ok()?;
-            if kind.is_dir() && depth < 8 {
-                if let Some(found) = walk(&path, suffix, depth + 1) {
-                    return Some(found);
-                }
-            } else if kind.is_file() && path.to_string_lossy().ends_with(suffix) {
-                return Some(path);
-            }
-        }
-        None
-    }
-    walk(dir, suffix, 0)
-}
-
 fn copy_of(cluster: &Cluster, snapshot: &str) -> Result<Vec<u8>> {
-    let path = file_ending(&cluster.path, &format!("snapshots/{snapshot}.data"))
+    let path = files_ending(&cluster.path, &format!("snapshots/{snapshot}.data"))
+        .into_iter()
+        .next()
         .with_context(|| format!("no copy of {snapshot}"))?;
     Ok(std::fs::read(path)?)
 }
@@ -192,7 +174,7 @@ fn group_snapshots_hold_one_instant_across_targets_on_two_nodes() -> Result<()> 
         for volume in ["vol-a", "vol-b"] {
             let member = format!("snapshots/{name}-{volume}.data");
             ensure!(
-                file_ending(&cluster.path, &member).is_none(),
+                files_ending(&cluster.path, &member).is_empty(),
                 "{member} stayed after its group was deleted"
             );
         }

@@ -5,6 +5,7 @@
 //! Every test runs as root (loop devices, mounts, FUSE). Fixtures in
 //! [`harness`] tear everything down even when an assertion fails.
 
+mod app_consistent;
 mod bad_input;
 mod cluster;
 mod crash;

@@ -3,37 +3,11 @@
 //! acknowledged before its cut, restored volumes are independent of their
 //! source and of the snapshot, and a snapshot outlives its volume.
 
-use std::path::{Path, PathBuf};
-
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 
 use crate::harness::cluster::{Cluster, ControllerCli as _};
-use crate::harness::{qemu_io, wait_for};
-
-/// Files under `dir` (at most 8 levels down) whose path ends in `suffix`.
-fn files_ending(dir: &Path, suffix: &str) -> Vec<PathBuf> {
-    fn walk(dir: &Path, suffix: &str, depth: usize, found: &mut Vec<PathBuf>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(kind) = entry.file_type() else {
-                continue;
-            };
-            if kind.is_dir() && depth < 8 {
-                walk(&path, suffix, depth + 1, found);
-            } else if kind.is_file() && path.to_string_lossy().ends_with(suffix) {
-                found.push(path);
-            }
-        }
-    }
-    let mut found = Vec::new();
-    walk(dir, suffix, 0, &mut found);
-    found.sort();
-    found
-}
+use crate::harness::{files_ending, qemu_io, wait_for};
 
 fn publish(cluster: &Cluster, volume: &str, node: &str) -> Result<String> {
     Ok(cluster

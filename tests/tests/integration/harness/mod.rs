@@ -491,3 +491,27 @@ impl Agent {
 pub const MIB: u64 = 1 << 20;
 /// One gibibyte in bytes.
 pub const GIB: u64 = 1 << 30;
+
+/// Files under `dir` (at most 8 levels down) whose path ends in `suffix`.
+pub fn files_ending(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, suffix: &str, depth: usize, found: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() && depth < 8 {
+                walk(&path, suffix, depth + 1, found);
+            } else if kind.is_file() && path.to_string_lossy().ends_with(suffix) {
+                found.push(path);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(dir, suffix, 0, &mut found);
+    found.sort();
+    found
+}

@@ -9,6 +9,10 @@
 # Arguments go to `ballast demo` (see `ballast demo --help`), e.g.
 #   scripts/demo.sh --pgbench-seconds 10 --scale 5
 #   scripts/demo.sh --dir /var/tmp/my-demo --keep
+#   scripts/demo.sh snapshot      # the app-consistent group snapshot story
+# With --all first, both stories run, one after the other, each on a
+# cluster of its own (the other arguments go to both; not --dir):
+#   scripts/demo.sh --all --pgbench-seconds 10
 #
 # Run as root on a Debian machine: scripts/demo.sh (sudo if you are not root)
 set -euo pipefail
@@ -20,4 +24,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 scripts/setup.sh
 cargo build --release --bins
+if [ "${1:-}" = "--all" ]; then
+    shift
+    target/release/ballast demo failover "$@"
+    exec target/release/ballast demo snapshot "$@"
+fi
 exec target/release/ballast demo "$@"

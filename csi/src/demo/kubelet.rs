@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use ballast_proto::csi;
 use ballast_proto::csi::controller_client::ControllerClient;
+use ballast_proto::csi::group_controller_client::GroupControllerClient;
 use ballast_proto::csi::node_client::NodeClient;
 use ballast_proto::csi::volume_capability::access_mode::Mode;
 use ballast_proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};
@@ -110,6 +111,7 @@ pub struct Attachment {
 pub struct Kubelet {
     root: PathBuf,
     controller: ControllerClient<Channel>,
+    groups: GroupControllerClient<Channel>,
     nodes: BTreeMap<String, NodeClient<Channel>>,
 }
 
@@ -136,7 +138,9 @@ impl Kubelet {
         controller_endpoint: &str,
         node_endpoints: &[(String, String)],
     ) -> Result<Self, Error> {
-        let controller = ControllerClient::new(connect(controller_endpoint).await?);
+        let channel = connect(controller_endpoint).await?;
+        let controller = ControllerClient::new(channel.clone());
+        let groups = GroupControllerClient::new(channel);
         let mut nodes = BTreeMap::new();
         for (node_id, endpoint) in node_endpoints {
             nodes.insert(node_id.clone(), NodeClient::new(connect(endpoint).await?));
@@ -144,8 +148,44 @@ impl Kubelet {
         Ok(Self {
             root: root.to_path_buf(),
             controller,
+            groups,
             nodes,
         })
+    }
+
+    /// CreateVolumeGroupSnapshot as the external-snapshotter sends it for
+    /// a VolumeGroupSnapshot of a class with `parameters`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Call`].
+    pub async fn create_group_snapshot(
+        &mut self,
+        name: &str,
+        volume_ids: &[&str],
+        parameters: &[(&str, &str)],
+    ) -> Result<csi::VolumeGroupSnapshot, Error> {
+        let request = csi::CreateVolumeGroupSnapshotRequest {
+            name: name.to_string(),
+            source_volume_ids: volume_ids.iter().map(|v| v.to_string()).collect(),
+            parameters: parameters
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        let response = self
+            .groups
+            .create_volume_group_snapshot(request)
+            .await
+            .map_err(call("CreateVolumeGroupSnapshot", None))?;
+        response
+            .into_inner()
+            .group_snapshot
+            .ok_or_else(|| Error::Call {
+                call: "CreateVolumeGroupSnapshot".into(),
+                status: tonic::Status::internal("the response has no group snapshot"),
+            })
     }
 
     /// CreateVolume as the external-provisioner sends it for a PVC of a
@@ -161,7 +201,34 @@ impl Kubelet {
         replicas: u32,
         fs_type: &str,
     ) -> Result<csi::Volume, Error> {
+        self.create_volume_from(name, bytes, replicas, fs_type, None)
+            .await
+    }
+
+    /// CreateVolume as for a PVC whose `dataSource` is the
+    /// VolumeSnapshot `snapshot_id` (when given), else as
+    /// [`Kubelet::create_volume`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Call`].
+    pub async fn create_volume_from(
+        &mut self,
+        name: &str,
+        bytes: u64,
+        replicas: u32,
+        fs_type: &str,
+        snapshot_id: Option<&str>,
+    ) -> Result<csi::Volume, Error> {
+        let volume_content_source = snapshot_id.map(|id| csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(
+                csi::volume_content_source::SnapshotSource {
+                    snapshot_id: id.to_string(),
+                },
+            )),
+        });
         let request = csi::CreateVolumeRequest {
+            volume_content_source,
             name: name.to_string(),
             capacity_range: Some(csi::CapacityRange {
                 required_bytes: i64::try_from(bytes).unwrap_or(i64::MAX),
@@ -366,7 +433,8 @@ mod tests {
         let channel = Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
         let kubelet = Kubelet {
             root: PathBuf::from("/k"),
-            controller: ControllerClient::new(channel),
+            controller: ControllerClient::new(channel.clone()),
+            groups: GroupControllerClient::new(channel),
             nodes: BTreeMap::new(),
         };
         let a = kubelet.attachment("pvc-1", "node-2", "postgres-0");

@@ -23,6 +23,11 @@
 //!    after the fault, the longest stall, the rebuild time, and PASS or
 //!    FAIL per check.
 //!
+//! `ballast demo snapshot` tells the other story ([`snapshot`]): an
+//! app-consistent group snapshot of PostgreSQL with its data and WAL on
+//! volumes served from two nodes, taken under pgbench (filesystems frozen,
+//! a CHECKPOINT pre-hook) and restored on a third node.
+//!
 //! A line per step with the elapsed time, pgbench's progress each second and
 //! a progress bar for the rebuild are printed as it goes ([`progress`]).
 //!
@@ -43,12 +48,14 @@ pub mod progress;
 pub mod replicas;
 pub mod report;
 mod scenario;
+pub mod snapshot;
 mod watch;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub use report::Report;
+pub use snapshot::SnapshotReport;
 
 use crate::cluster;
 use progress::Console;
@@ -158,6 +165,9 @@ pub enum Error {
     /// The run was interrupted by a signal.
     #[error("Interrupted by {0}")]
     Interrupted(&'static str),
+    /// A component answered something the demo cannot use.
+    #[error("Unexpected answer: {0}")]
+    Unexpected(String),
 }
 
 /// Runs the demo as `options` say and returns its report; cleans up in
@@ -168,10 +178,39 @@ pub enum Error {
 /// Any [`Error`] that stopped the story; the clean-up's own error if the
 /// story finished but the clean-up left something behind.
 pub async fn run(options: &Options) -> Result<Report, Error> {
+    run_story(options, Report::passed, |options, console, res| {
+        Box::pin(scenario::run(options, console, res))
+    })
+    .await
+}
+
+/// Runs `ballast demo snapshot` ([`snapshot`]) as `options` say and
+/// returns its report; cleans up as [`run`] does.
+///
+/// # Errors
+///
+/// As [`run`].
+pub async fn run_snapshot(options: &Options) -> Result<SnapshotReport, Error> {
+    run_story(options, SnapshotReport::passed, |options, console, res| {
+        Box::pin(snapshot::run(options, console, res))
+    })
+    .await
+}
+
+/// A story's future, borrowing what [`run_story`] lends it.
+type StoryFuture<'a, R> = std::pin::Pin<Box<dyn Future<Output = Result<R, Error>> + 'a>>;
+
+/// Runs `story` until it ends or a signal comes, then cleans up what
+/// [`Resources`] holds; `passed` tells whether a fresh directory may go.
+async fn run_story<R>(
+    options: &Options,
+    passed: fn(&R) -> bool,
+    story: impl for<'a> FnOnce(&'a Options, &'a Console, &'a mut Resources) -> StoryFuture<'a, R>,
+) -> Result<R, Error> {
     let console = Console::new();
     let mut resources = Resources::default();
     let outcome = tokio::select! {
-        outcome = scenario::run(options, &console, &mut resources) => outcome,
+        outcome = story(options, &console, &mut resources) => outcome,
         signal = interrupted() => Err(Error::Interrupted(signal)),
     };
     if let Err(err) = &outcome {
@@ -186,7 +225,7 @@ pub async fn run(options: &Options) -> Result<Report, Error> {
         (Ok(report), Ok(())) => {
             if !options.keep
                 && options.dir.is_none()
-                && report.passed()
+                && passed(&report)
                 && let Some(dir) = &resources.dir
             {
                 // A fresh directory of a successful run holds nothing

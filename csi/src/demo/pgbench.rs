@@ -446,6 +446,22 @@ impl TransactionLog {
             })
     }
 
+    /// The longest time between two consecutive completions that overlaps
+    /// `[from, to]` (the gap that holds an event, such as a snapshot's
+    /// cut, counts whole).
+    pub fn longest_stall_around(&self, from: SystemTime, to: SystemTime) -> Option<Stall> {
+        let (from, to) = (micros(from), micros(to));
+        self.completions_us
+            .windows(2)
+            .filter(|pair| pair[1] >= from && pair[0] <= to)
+            .map(|pair| (pair[0], pair[1] - pair[0]))
+            .max_by_key(|(_, gap)| *gap)
+            .map(|(from, gap)| Stall {
+                from: from_micros(from),
+                length: Duration::from_micros(gap),
+            })
+    }
+
     /// The slowest transaction's latency.
     pub fn slowest(&self) -> Option<Duration> {
         self.latencies_us
@@ -533,6 +549,16 @@ mod tests {
         assert_eq!(log.tps_between(at(101.0), at(103.0)), Some(0.0));
         assert_eq!(log.tps_between(at(103.0), at(103.0)), None);
         assert!(TransactionLog::parse("").longest_stall().is_none());
+        // Around 103.1 s only the gap from 103.0 to 103.2 counts.
+        let around = log
+            .longest_stall_around(at(103.1), at(103.1))
+            .expect("a gap around 103.1 s");
+        assert_eq!(around.from, at(103.0));
+        assert_eq!(around.length, Duration::from_millis(200));
+        let around = log
+            .longest_stall_around(at(101.0), at(103.1))
+            .expect("a gap");
+        assert_eq!(around.length, Duration::from_millis(2500));
     }
 
     #[test]

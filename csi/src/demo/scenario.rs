@@ -30,9 +30,9 @@ const FIRST_NODE: &str = "node-1";
 /// The node whose agent is killed, and where PostgreSQL moves afterwards.
 const SECOND_NODE: &str = "node-2";
 /// Nodes in the cluster and replicas of the volume.
-const NODES: usize = 3;
+pub(super) const NODES: usize = 3;
 /// Deadline of `pgbench -i`.
-const INIT_TIMEOUT: Duration = Duration::from_secs(600);
+pub(super) const INIT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often pgbench is checked while a phase runs.
 const POLL: Duration = Duration::from_millis(200);
 
@@ -41,10 +41,10 @@ const POLL: Duration = Duration::from_millis(200);
 pub(super) struct Resources {
     /// The demo directory, once the cluster start was attempted.
     pub(super) dir: Option<PathBuf>,
-    kubelet: Option<Kubelet>,
+    pub(super) kubelet: Option<Kubelet>,
     /// Volumes published on a node (ControllerPublishVolume was called).
-    attachments: Vec<Attachment>,
-    server: Option<postgres::Server>,
+    pub(super) attachments: Vec<Attachment>,
+    pub(super) server: Option<postgres::Server>,
 }
 
 impl Resources {
@@ -103,13 +103,14 @@ impl Resources {
         console.note("the cluster keeps running (--keep)");
         for attachment in &self.attachments {
             console.detail(&format!(
-                "{VOLUME} is still published on {} and mounted at {}",
+                "{} is still published on {} and mounted at {}",
+                attachment.volume_id,
                 attachment.node_id,
                 attachment.target_path.display()
             ));
         }
         console.detail(&format!(
-            "look:  ballast --cluster {} volume show {VOLUME}",
+            "look:  ballast --cluster {} volume list",
             dir.display()
         ));
         console.detail(&format!(
@@ -218,33 +219,9 @@ impl<'a> Story<'a> {
         res: &'a mut Resources,
         dir: PathBuf,
     ) -> Result<Self, Error> {
-        console.step(&format!(
-            "Starting a local cluster in {}: controller (embedded store), {NODES} agents, {NODES} CSI node plugins",
-            dir.display()
-        ));
-        let mut spec = ClusterSpec::new(&dir, NODES);
-        spec.pool_size_bytes = (volume_size(options.scale) + (2 << 30)).max(4 << 30);
-        if let Some(bin_dir) = &options.bin_dir {
-            spec.bin_dir = bin_dir.clone();
-        }
-        let info = cluster::up(&spec).await?;
-        console.detail(&format!(
-            "{NODES} nodes up; logs in {}/*.log",
-            dir.display()
-        ));
+        let pool_bytes = (volume_size(options.scale) + (2 << 30)).max(4 << 30);
+        let (info, kubelet) = start_cluster(options, console, res, &dir, pool_bytes).await?;
         let watch = Watch::connect(&info, VOLUME).await?;
-        let endpoints: Vec<(String, String)> = info
-            .nodes
-            .iter()
-            .map(|n| (n.node_id.clone(), n.csi_endpoint.clone()))
-            .collect();
-        let csi_endpoint = info
-            .controller
-            .as_ref()
-            .map(|c| c.csi_endpoint.clone())
-            .unwrap_or_default();
-        let kubelet = Kubelet::connect(&dir.join("kubelet"), &csi_endpoint, &endpoints).await?;
-        res.kubelet = Some(kubelet.clone());
         Ok(Self {
             options,
             console,
@@ -468,7 +445,7 @@ impl<'a> Story<'a> {
         let outcome = &fault.outcome;
         let in_sync = end.replicas.iter().filter(|r| r.state == "in-sync").count();
         let checks = vec![
-            load_check(outcome),
+            load_check(outcome, "pgbench ran without errors through the fault"),
             Check::new(
                 fault.dropped_after.is_ok(),
                 format!("{SECOND_NODE}'s replica left the in-sync set after the kill"),
@@ -558,9 +535,52 @@ impl FaultRun {
     }
 }
 
+/// Starts a [`NODES`]-node cluster in `dir` with pools of `pool_bytes`
+/// and connects a kubelet to its CSI sockets (recorded in `res` for the
+/// clean-up).
+///
+/// # Errors
+///
+/// The cluster's and the connections' errors.
+pub(super) async fn start_cluster(
+    options: &Options,
+    console: &Console,
+    res: &mut Resources,
+    dir: &Path,
+    pool_bytes: u64,
+) -> Result<(ClusterInfo, Kubelet), Error> {
+    console.step(&format!(
+        "Starting a local cluster in {}: controller (embedded store), {NODES} agents, {NODES} CSI node plugins",
+        dir.display()
+    ));
+    let mut spec = ClusterSpec::new(dir, NODES);
+    spec.pool_size_bytes = pool_bytes;
+    if let Some(bin_dir) = &options.bin_dir {
+        spec.bin_dir = bin_dir.clone();
+    }
+    let info = cluster::up(&spec).await?;
+    console.detail(&format!(
+        "{NODES} nodes up; logs in {}/*.log",
+        dir.display()
+    ));
+    let endpoints: Vec<(String, String)> = info
+        .nodes
+        .iter()
+        .map(|n| (n.node_id.clone(), n.csi_endpoint.clone()))
+        .collect();
+    let csi_endpoint = info
+        .controller
+        .as_ref()
+        .map(|c| c.csi_endpoint.clone())
+        .unwrap_or_default();
+    let kubelet = Kubelet::connect(&dir.join("kubelet"), &csi_endpoint, &endpoints).await?;
+    res.kubelet = Some(kubelet.clone());
+    Ok((info, kubelet))
+}
+
 /// Runs `f` on tokio's blocking pool (process waits, cluster start-up and
 /// shut-down, file comparison sleep or read without yielding).
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     what: &'static str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Error> {
@@ -571,7 +591,7 @@ async fn blocking<T: Send + 'static>(
 
 /// The demo directory: the one given (new or empty) or a fresh one under
 /// /var/tmp; mode 0755, since PostgreSQL (user `postgres`) must enter it.
-fn prepare_dir(dir: Option<&Path>) -> Result<PathBuf, Error> {
+pub(super) fn prepare_dir(dir: Option<&Path>) -> Result<PathBuf, Error> {
     let dir = match dir {
         Some(dir) => std::path::absolute(dir).map_err(|source| Error::Io {
             op: "resolve",
@@ -605,7 +625,7 @@ fn prepare_dir(dir: Option<&Path>) -> Result<PathBuf, Error> {
 
 /// Room for pgbench's tables at `scale` (about 16 MB each) with their
 /// indexes and the WAL (`max_wal_size` 256 MB): 1 GiB plus 32 MiB a unit.
-fn volume_size(scale: u32) -> u64 {
+pub(super) fn volume_size(scale: u32) -> u64 {
     (1 << 30) + u64::from(scale) * (32 << 20)
 }
 
@@ -659,7 +679,7 @@ fn node_info(info: &ClusterInfo, node_id: &str) -> Result<NodeInfo, Error> {
 
 /// Prints pgbench's progress lines under the current step until pgbench
 /// closes its output.
-fn print_progress(load: &mut Load, console: &Console) -> tokio::task::JoinHandle<()> {
+pub(super) fn print_progress(load: &mut Load, console: &Console) -> tokio::task::JoinHandle<()> {
     let receiver = load.take_progress();
     let console = console.clone();
     tokio::spawn(async move {
@@ -678,7 +698,7 @@ fn print_progress(load: &mut Load, console: &Console) -> tokio::task::JoinHandle
 }
 
 /// Sleeps for `duration`, or less if pgbench exits.
-async fn sleep_while_running(load: &mut Load, duration: Duration) {
+pub(super) async fn sleep_while_running(load: &mut Load, duration: Duration) {
     let deadline = Instant::now() + duration;
     while Instant::now() < deadline && !load.has_exited() {
         tokio::time::sleep(POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
@@ -704,7 +724,7 @@ async fn kill_agent(node: &NodeInfo) -> Result<(), Error> {
     }
 }
 
-fn load_check(outcome: &Outcome) -> Check {
+pub(super) fn load_check(outcome: &Outcome, what: &str) -> Check {
     let detail = if outcome.clean() {
         format!(
             "exit code 0, {} transactions, 0 failed",
@@ -722,11 +742,7 @@ fn load_check(outcome: &Outcome) -> Check {
                 .unwrap_or_default()
         )
     };
-    Check::new(
-        outcome.clean(),
-        "pgbench ran without errors through the fault",
-        detail,
-    )
+    Check::new(outcome.clean(), what, detail)
 }
 
 fn volume_state(volume: &Volume) -> VolumeState {

@@ -69,10 +69,12 @@ fn figure(report: &str, label: &str) -> Option<f64> {
         .and_then(|n| n.parse().ok())
 }
 
-#[test]
-fn the_demo_passes_every_check_with_measured_numbers() -> Result<()> {
+/// Runs `ballast demo ARGS` as a user does, in a directory of its own;
+/// returns the cluster (to check what is left), the whole output and the
+/// report after `REPORT`, once every check passed.
+fn run_demo(name: &str, args: &[&str]) -> Result<(Cluster, String, String)> {
     sweep_orphans();
-    let dir = TestDir::new("demo");
+    let dir = TestDir::new(name);
     mark_owner(&dir)?;
     open_to_postgres(&dir)?;
     // Dropped last: `cluster down` on the demo's directory even if the
@@ -86,6 +88,7 @@ fn the_demo_passes_every_check_with_measured_numbers() -> Result<()> {
         "ballast demo",
         Command::new(bin("ballast"))
             .arg("demo")
+            .args(args)
             .arg("--dir")
             .arg(&cluster.path)
             .args(["--pgbench-seconds", "6", "--scale", "2"]),
@@ -108,19 +111,41 @@ fn the_demo_passes_every_check_with_measured_numbers() -> Result<()> {
 
     let report = text
         .split_once("REPORT")
-        .map(|(_, r)| r)
+        .map(|(_, r)| r.to_string())
         .with_context(|| format!("no report:\n{text}"))?;
     let checks: Vec<&str> = report
         .lines()
         .map(str::trim)
         .filter(|l| l.starts_with("PASS") || l.starts_with("FAIL"))
         .collect();
-    assert!(checks.len() >= 7, "every check is reported:\n{report}");
+    assert!(checks.len() >= 5, "every check is reported:\n{report}");
     assert!(
         checks.iter().all(|c| c.starts_with("PASS")),
         "every check passes:\n{report}"
     );
     assert!(report.contains("RESULT: PASS"), "{report}");
+    Ok((cluster, text, report))
+}
+
+/// Nothing of the demo is left: no mount, loop device or process.
+fn nothing_left(cluster: &Cluster) {
+    assert_eq!(mounts_under(&cluster.path), Vec::<String>::new());
+    assert_eq!(loops_under(&cluster.path), Vec::<String>::new());
+    assert_eq!(processes_under(&cluster.path), Vec::<String>::new());
+}
+
+#[test]
+fn the_demo_passes_every_check_with_measured_numbers() -> Result<()> {
+    let (cluster, text, report) = run_demo("demo", &[])?;
+    let report = report.as_str();
+    assert!(
+        report
+            .lines()
+            .filter(|l| l.trim().starts_with("PASS"))
+            .count()
+            >= 7,
+        "every check is reported:\n{report}"
+    );
     for label in [
         "TPS before the fault:",
         "TPS during the fault:",
@@ -137,10 +162,30 @@ fn the_demo_passes_every_check_with_measured_numbers() -> Result<()> {
         text.contains("back in sync") && text.contains("SIGKILL the agent of node-2"),
         "the steps are shown:\n{text}"
     );
+    nothing_left(&cluster);
+    Ok(())
+}
 
-    assert_eq!(mounts_under(&cluster.path), Vec::<String>::new());
-    assert_eq!(loops_under(&cluster.path), Vec::<String>::new());
-    assert_eq!(processes_under(&cluster.path), Vec::<String>::new());
+#[test]
+fn the_snapshot_demo_restores_postgres_from_a_frozen_group_snapshot() -> Result<()> {
+    let (cluster, text, report) = run_demo("demo-snapshot", &["snapshot"])?;
+    for volume in ["pvc-pg-data", "pvc-pg-wal"] {
+        let line = report
+            .lines()
+            .find(|l| l.trim().starts_with(volume))
+            .with_context(|| format!("no line of {volume} in\n{report}"))?;
+        line.split_once("writes held: ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .with_context(|| format!("no paused window in {line:?}"))?;
+        assert!(line.contains(", frozen,"), "{line}");
+    }
+    assert!(report.contains("stall at the cut: "), "{report}");
+    assert!(
+        text.contains("CreateVolumeGroupSnapshot grp-pg-demo"),
+        "the steps are shown:\n{text}"
+    );
+    nothing_left(&cluster);
     Ok(())
 }
 

@@ -16,6 +16,11 @@
      spread over the 3 nodes) while fio 4k randwrite QD16 runs on the
      first: the longest time any member's barrier held writes, the
      group's creation time, fio's completion latency.
+  6. App-consistent against crash-consistent group snapshots of
+     PostgreSQL (data and WAL on two volumes on two nodes) under pgbench:
+     `ballast demo snapshot`, 3 runs with freeze and a CHECKPOINT pre-hook
+     and 3 with `--crash-consistent`, alternating; each member's paused
+     window, the CSI call's time and pgbench's longest stall at the cut.
 
 Every cluster is a `ballast cluster up` on loopback under WORK, always
 brought down, also on failure. Prints the Markdown tables of the
@@ -184,6 +189,34 @@ def group_stall(cluster, counts=(2, 4, 8), runtime=10):
     return results
 
 
+def demo_snapshot(crash_consistent, k, seconds=8, scale=5):
+    """One `ballast demo snapshot` run; the figures of its report."""
+    name = "demo-%s-%d" % ("crash" if crash_consistent else "frozen", k)
+    args = [os.path.join(ROOT, "target/release/ballast"), "demo", "snapshot",
+            "--dir", os.path.join(WORK, name), "--pgbench-seconds", str(seconds), "--scale", str(scale)]
+    if crash_consistent:
+        args.append("--crash-consistent")
+    out = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError("%s failed: %s" % (" ".join(args), out.stdout[-2000:] + out.stderr[-2000:]))
+    report = out.stdout.split("REPORT", 1)[1]
+    held = [int(line.split("writes held: ")[1].split()[0]) for line in report.splitlines()
+            if "writes held: " in line]
+    call_ms = int(report.split("answered in ")[1].split()[0])
+    stall_ms = int(report.split("stall at the cut: ")[1].split()[0])
+    shutil.rmtree(os.path.join(WORK, name), ignore_errors=True)
+    return {"held_ms": held, "call_ms": call_ms, "stall_ms": stall_ms}
+
+
+def freeze(runs=3):
+    results = {"frozen": [], "crash": []}
+    for k in range(runs):
+        for crash in (False, True):
+            log("demo snapshot %s %d" % ("crash-consistent" if crash else "frozen", k))
+            results["crash" if crash else "frozen"].append(demo_snapshot(crash, k))
+    return results
+
+
 def report(r):
     print("### Results\n")
     s = r.get("stall")
@@ -223,6 +256,20 @@ def report(r):
                 n, ", ".join(str(h) for h in v["held_ms"]), ", ".join("%.3f" % w for w in v["wall_s"]),
                 v["fio_max_ms"], v["fio_p99_ms"]))
         print()
+    z = r.get("freeze")
+    if z:
+        print("PostgreSQL group snapshot under pgbench (`ballast demo snapshot`, scale 5, 4 clients):\n")
+        print("| snapshot | writes held per member, ms | CSI call ms | pgbench stall at the cut ms |")
+        print("|---|---|---|---|")
+        for key, label in (("crash", "crash-consistent"), ("frozen", "freeze + CHECKPOINT pre-hook + post-hook")):
+            runs = z[key]
+            print("| %s | %s | %s | %s |" % (
+                label, "; ".join("/".join(str(h) for h in x["held_ms"]) for x in runs),
+                ", ".join(str(x["call_ms"]) for x in runs), ", ".join(str(x["stall_ms"]) for x in runs)))
+        med = lambda key, field: statistics.median(x[field] for x in z[key])  # noqa: E731
+        print("| ratio frozen/crash (medians) | | %.1f× | %.1f× |\n" % (
+            med("frozen", "call_ms") / max(med("crash", "call_ms"), 1),
+            med("frozen", "stall_ms") / max(med("crash", "stall_ms"), 1)))
     d = r.get("delta")
     if d:
         print("GetMetadataDelta of %d GiB with %.1f MiB changed: %d ranges, median %.3f s (%s).\n" % (
@@ -234,7 +281,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runtime", type=int, default=20, help="seconds per fio run of the stall part")
     ap.add_argument("--no-build", action="store_true", help="use the existing release binaries")
-    ap.add_argument("--parts", default="stall,creation,restore,delta,group")
+    ap.add_argument("--parts", default="stall,creation,restore,delta,group,freeze")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (loop devices and mounts)")
@@ -247,6 +294,11 @@ def main():
     results, failures = {}, []
     cluster = Cluster("main")
     try:
+        if "freeze" in parts:
+            log("freeze")
+            results["freeze"] = freeze()
+        if not parts - {"freeze"}:
+            raise StopIteration
         cluster.up(3, "24GiB")
         cluster.cli("volume", "create", "v1", "--size", str(GIB), "--replicas", "3", "--thin")
         uri1 = cluster.cli("volume", "publish", "v1", "--node", "node-1").strip()
@@ -272,6 +324,8 @@ def main():
         if "group" in parts:
             log("group")
             results["group"] = group_stall(cluster)
+    except StopIteration:
+        pass
     except Exception as e:  # noqa: BLE001 (report what failed)
         log("failed: %s" % e)
         failures.append(str(e))

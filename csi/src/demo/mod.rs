@@ -79,6 +79,9 @@ pub struct Options {
     pub clients: u32,
     /// Where the cluster's binaries are; None for next to this executable.
     pub bin_dir: Option<PathBuf>,
+    /// `ballast demo snapshot` only: take the group snapshot without the
+    /// freeze and the hooks (crash-consistent), to compare.
+    pub crash_consistent: bool,
 }
 
 /// Errors that stop the demo (failed checks are not errors: they are in

@@ -42,6 +42,11 @@ pub struct DemoArgs {
     /// 16 MB, per unit).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     scale: u32,
+    /// With `snapshot`: take the group snapshot without freeze and hooks
+    /// (crash-consistent), to compare the paused window and pgbench's
+    /// stall with the app-consistent one.
+    #[arg(long)]
+    crash_consistent: bool,
     /// pgbench client sessions.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=25))]
     clients: u32,
@@ -55,6 +60,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         scale: args.scale,
         clients: args.clients,
         bin_dir: None,
+        crash_consistent: args.crash_consistent,
     };
     let (text, checks) = match args.story {
         Story::Failover => {

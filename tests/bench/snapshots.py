@@ -293,12 +293,17 @@ def main():
     os.makedirs(WORK)
     results, failures = {}, []
     cluster = Cluster("main")
+    down = True
     try:
         if "freeze" in parts:
             log("freeze")
             results["freeze"] = freeze()
+    except Exception as e:  # noqa: BLE001 (report what failed)
+        log("failed: %s" % e)
+        failures.append(str(e))
+    try:
         if not parts - {"freeze"}:
-            raise StopIteration
+            return finish(results, failures, down)
         cluster.up(3, "24GiB")
         cluster.cli("volume", "create", "v1", "--size", str(GIB), "--replicas", "3", "--thin")
         uri1 = cluster.cli("volume", "publish", "v1", "--node", "node-1").strip()
@@ -324,13 +329,17 @@ def main():
         if "group" in parts:
             log("group")
             results["group"] = group_stall(cluster)
-    except StopIteration:
-        pass
     except Exception as e:  # noqa: BLE001 (report what failed)
         log("failed: %s" % e)
         failures.append(str(e))
     finally:
         down = cluster.down()
+    return finish(results, failures, down)
+
+
+def finish(results, failures, down):
+    """Writes results.json, prints the tables; removes the pool files of a
+    cluster that went down."""
     with open(os.path.join(WORK, "results.json"), "w") as f:
         json.dump({"results": results, "failures": failures}, f, indent=1, default=str)
     report(results)

@@ -121,7 +121,7 @@ pub struct Report {
 impl Report {
     /// True if there is at least one check and every check passed.
     pub fn passed(&self) -> bool {
-        !self.checks.is_empty() && self.checks.iter().all(|c| c.passed)
+        all_passed(&self.checks)
     }
 }
 
@@ -196,24 +196,38 @@ impl fmt::Display for Report {
             or_na(r.in_sync_after, secs),
             bytes(r.rebuilt_bytes)
         )?;
-        writeln!(f, "  checks")?;
-        for check in &self.checks {
-            writeln!(
-                f,
-                "    {}  {}: {}",
-                if check.passed { "PASS" } else { "FAIL" },
-                check.what,
-                check.detail
-            )?;
-        }
-        let passed = self.checks.iter().filter(|c| c.passed).count();
-        write!(
-            f,
-            "  RESULT: {} ({passed} of {} checks passed)",
-            if self.passed() { "PASS" } else { "FAIL" },
-            self.checks.len()
-        )
+        write_checks(f, &self.checks)
     }
+}
+
+/// True if there is at least one check and every check passed.
+pub fn all_passed(checks: &[Check]) -> bool {
+    !checks.is_empty() && checks.iter().all(|c| c.passed)
+}
+
+/// The `checks` block and the `RESULT` line that end every report.
+///
+/// # Errors
+///
+/// The formatter's.
+pub fn write_checks(f: &mut fmt::Formatter<'_>, checks: &[Check]) -> fmt::Result {
+    writeln!(f, "  checks")?;
+    for check in checks {
+        writeln!(
+            f,
+            "    {}  {}: {}",
+            if check.passed { "PASS" } else { "FAIL" },
+            check.what,
+            check.detail
+        )?;
+    }
+    let passed = checks.iter().filter(|c| c.passed).count();
+    write!(
+        f,
+        "  RESULT: {} ({passed} of {} checks passed)",
+        if all_passed(checks) { "PASS" } else { "FAIL" },
+        checks.len()
+    )
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use super::kubelet::Attachment;
 use super::pgbench::{self, Load, LoadSpec};
 use super::postgres::{self, Instance};
 use super::progress::Console;
-use super::report::Check;
+use super::report::{Check, all_passed, write_checks};
 use super::scenario::{
     INIT_TIMEOUT, Resources, blocking, load_check, prepare_dir, print_progress,
     sleep_while_running, start_cluster, volume_size,
@@ -93,7 +93,7 @@ pub struct SnapshotReport {
 impl SnapshotReport {
     /// True if there is at least one check and every check passed.
     pub fn passed(&self) -> bool {
-        !self.checks.is_empty() && self.checks.iter().all(|c| c.passed)
+        all_passed(&self.checks)
     }
 }
 
@@ -135,23 +135,7 @@ impl fmt::Display for SnapshotReport {
             ms(self.restore),
             ms(self.recovery)
         )?;
-        writeln!(f, "  checks")?;
-        for check in &self.checks {
-            writeln!(
-                f,
-                "    {}  {}: {}",
-                if check.passed { "PASS" } else { "FAIL" },
-                check.what,
-                check.detail
-            )?;
-        }
-        let passed = self.checks.iter().filter(|c| c.passed).count();
-        write!(
-            f,
-            "  RESULT: {} ({passed} of {} checks passed)",
-            if self.passed() { "PASS" } else { "FAIL" },
-            self.checks.len()
-        )
+        write_checks(f, &self.checks)
     }
 }
 

@@ -146,6 +146,11 @@ pub struct Freezer {
     mounter: Arc<dyn Mounter>,
     /// Deadline timers of the freezes this process made, by volume.
     timers: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// One lock per volume, held by a freeze through its ioctl and by every
+    /// thaw: a thaw that came while FIFREEZE still ran (the controller
+    /// gave up waiting) must thaw after it, not find nothing frozen yet and
+    /// drop the record of a freeze that then lands.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Freezer {
@@ -160,7 +165,17 @@ impl Freezer {
             attacher,
             mounter,
             timers: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The lock of `volume_id`'s freezes and thaws.
+    fn lock_of(&self, volume_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .entry(volume_id.to_string())
+            .or_default()
+            .clone()
     }
 
     /// Freezes the filesystem of `volume_id` for freeze `freeze_id`, thawed
@@ -188,6 +203,8 @@ impl Freezer {
                 "the deadline must be between 1 ms and {MAX_FREEZE:?}, not {deadline:?}"
             )));
         }
+        let lock = self.lock_of(volume_id);
+        let _held = lock.lock().await;
         if let Some(held) = self.read_record(volume_id)? {
             if held.freeze_id == freeze_id {
                 return Ok(Frozen::At(held.mount_path));
@@ -246,6 +263,8 @@ impl Freezer {
     pub async fn thaw(&self, volume_id: &str, freeze_id: &str) -> Result<bool, Error> {
         attach::validate_volume_id(volume_id)
             .map_err(|err| Error::InvalidArgument(err.to_string()))?;
+        let lock = self.lock_of(volume_id);
+        let _held = lock.lock().await;
         let Some(record) = self.read_record(volume_id)? else {
             return Ok(false);
         };
@@ -335,8 +354,10 @@ impl Freezer {
         let dir = self.dir.clone();
         let volume_id = record.volume_id.clone();
         let freeze_id = record.freeze_id.clone();
+        let lock = self.lock_of(&volume_id);
         let timer = tokio::spawn(async move {
             tokio::time::sleep(deadline).await;
+            let _held = lock.lock().await;
             match read_record(&dir, &volume_id) {
                 Ok(Some(record)) if record.freeze_id == freeze_id => {
                     warn!(volume.id = %volume_id, freeze.id = %freeze_id, ?deadline, "Thawing at the freeze's deadline");
@@ -437,8 +458,8 @@ async fn thaw_record(dir: &Path, record: Record) -> Result<bool, Error> {
     Ok(thawed)
 }
 
-/// FIFREEZE or FITHAW on the filesystem mounted at `mount_path`. Blocks
-/// (FIFREEZE writes out every dirty page).
+/// FIFREEZE (after a syncfs) or FITHAW on the filesystem mounted at
+/// `mount_path`. Blocks (FIFREEZE writes out every dirty page).
 fn ioctl(mount_path: &Path, call: Call) -> Result<(), Error> {
     let error = |source| Error::Ioctl {
         call,
@@ -446,6 +467,15 @@ fn ioctl(mount_path: &Path, call: Call) -> Result<(), Error> {
         source,
     };
     let dir = File::open(mount_path).map_err(error)?;
+    if call == Call::Freeze {
+        // FIFREEZE blocks writers first and syncs after; writing out what
+        // is dirty now, while the application still runs, leaves the
+        // freeze less to write with its writers held. A failure here only
+        // costs that.
+        if let Err(errno) = nix::unistd::syncfs(&dir) {
+            warn!(path = %mount_path.display(), %errno, "syncfs before the freeze failed");
+        }
+    }
     let mut unused: nix::libc::c_int = 0;
     // SAFETY: `dir` is an open descriptor for the whole call, and the
     // kernel reads nothing through the pointer, which is valid anyway.

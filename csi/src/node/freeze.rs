@@ -227,9 +227,11 @@ impl Freezer {
         self.write_record(&record)?;
         self.arm_timer(&record, deadline);
         let path = mount_path.clone();
+        let started = std::time::Instant::now();
         match tokio::task::spawn_blocking(move || ioctl(&path, Call::Freeze)).await? {
             Ok(()) => {
-                info!(volume.id = %volume_id, freeze.id = %freeze_id, path = %mount_path.display(), ?deadline, "Filesystem frozen");
+                let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                info!(volume.id = %volume_id, freeze.id = %freeze_id, path = %mount_path.display(), ?deadline, took_ms, "Filesystem frozen");
                 Ok(Frozen::At(mount_path))
             }
             Err(err) => {

@@ -84,6 +84,33 @@ pub async fn take_group(
     deadline: Duration,
     asked: &mut [Vec<String>],
 ) -> Result<Vec<Taken>, Error> {
+    prepare(context, members, deadline, asked)
+        .await?
+        .take(asked)
+        .await
+}
+
+/// A cut whose copies are prepared (phase 0), not yet taken.
+pub struct Prepared<'a> {
+    cuts: Vec<Cut<'a>>,
+    deadline: Duration,
+    /// Per member, the in-sync nodes that were asked to prepare.
+    in_sync: Vec<Vec<String>>,
+}
+
+/// Phase 0 of [`take_group`], outside any barrier: prepares the copies of
+/// published members (best effort: a copy that is not prepared is taken in
+/// full at the barrier). `asked[i]` receives the nodes asked.
+///
+/// # Errors
+///
+/// [`Error::NoInSyncReplica`]; the node registry's errors.
+pub async fn prepare<'a>(
+    context: &'a Context,
+    members: &'a [Member<'a>],
+    deadline: Duration,
+    asked: &mut [Vec<String>],
+) -> Result<Prepared<'a>, Error> {
     let cuts: Vec<Cut<'_>> = members
         .iter()
         .map(|m| Cut {
@@ -93,8 +120,6 @@ pub async fn take_group(
             deadline,
         })
         .collect();
-    // Phase 0, outside any barrier: prepare the copies of published
-    // members.
     let mut in_sync = Vec::with_capacity(cuts.len());
     for (cut, asked) in cuts.iter().zip(asked.iter_mut()) {
         let nodes = cut.up_in_sync_nodes().await?;
@@ -108,79 +133,99 @@ pub async fn take_group(
             .map(|(cut, nodes)| cut.prepare_all(nodes)),
     )
     .await;
+    Ok(Prepared {
+        cuts,
+        deadline,
+        in_sync,
+    })
+}
 
-    // Phase 1: every published member's barrier, at once.
-    let until = Instant::now() + deadline;
-    let pauses = join_all(cuts.iter().map(|cut| cut.pause())).await;
-    let idle_at = unix_nanos(SystemTime::now());
-    let mut held = Vec::with_capacity(cuts.len());
-    let mut first_error = None;
-    for pause in pauses {
-        match pause {
-            Ok(paused) => held.push(paused),
-            Err(err) => {
-                first_error.get_or_insert(err);
-                held.push(None);
-            }
-        }
-    }
-    if let Some(err) = first_error {
-        resume_all(&cuts, &held).await;
-        return Err(err);
-    }
-
-    // Phase 2: every copy of every member, at once, while all hold.
-    for ((paused, asked), nodes) in held.iter().zip(asked.iter_mut()).zip(in_sync.iter_mut()) {
-        if let Some(paused) = paused {
-            *nodes = paused.response.in_sync_node_ids.clone();
-            for node in nodes.iter() {
-                if !asked.contains(node) {
-                    asked.push(node.clone());
+impl Prepared<'_> {
+    /// Phases 1 to 3 of [`take_group`]: pause all, copy all, resume all.
+    ///
+    /// # Errors
+    ///
+    /// As [`take_group`].
+    pub async fn take(self, asked: &mut [Vec<String>]) -> Result<Vec<Taken>, Error> {
+        let Prepared {
+            cuts,
+            deadline,
+            mut in_sync,
+        } = self;
+        let cuts = &cuts[..];
+        // Phase 1: every published member's barrier, at once.
+        let until = Instant::now() + deadline;
+        let pauses = join_all(cuts.iter().map(|cut| cut.pause())).await;
+        let idle_at = unix_nanos(SystemTime::now());
+        let mut held = Vec::with_capacity(cuts.len());
+        let mut first_error = None;
+        for pause in pauses {
+            match pause {
+                Ok(paused) => held.push(paused),
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                    held.push(None);
                 }
             }
         }
-    }
-    let copied = join_all(
-        cuts.iter()
-            .zip(&in_sync)
-            .map(|(cut, nodes)| cut.copy_all(nodes, until)),
-    )
-    .await;
+        if let Some(err) = first_error {
+            resume_all(cuts, &held).await;
+            return Err(err);
+        }
 
-    // Phase 3: resume all, then judge.
-    let resumed = resume_all(&cuts, &held).await;
-    let mut taken = Vec::with_capacity(cuts.len());
-    for (((cut, copies), paused), resumed) in cuts.iter().zip(copied).zip(&held).zip(resumed) {
-        let copies = copies?;
-        let (created_at_unix_nanos, paused_ms) = match (paused, resumed) {
-            (None, _) => (idle_at, 0),
-            (Some(_), None) => {
-                return Err(cut.void(
-                    "the target could not be asked to resume, so the barrier may have dropped before the copies were done",
-                ));
+        // Phase 2: every copy of every member, at once, while all hold.
+        for ((paused, asked), nodes) in held.iter().zip(asked.iter_mut()).zip(in_sync.iter_mut()) {
+            if let Some(paused) = paused {
+                *nodes = paused.response.in_sync_node_ids.clone();
+                for node in nodes.iter() {
+                    if !asked.contains(node) {
+                        asked.push(node.clone());
+                    }
+                }
             }
-            (Some(_), Some(r)) if !r.was_paused => {
-                return Err(
-                    cut.void("the barrier dropped at its deadline before the copies were done")
-                );
-            }
-            (Some(p), Some(r)) => (p.response.paused_at_unix_nanos, r.paused_ms),
-        };
-        info!(
-            volume.id = %cut.volume.volume_id,
-            snapshot.id = %cut.snapshot_id,
-            epoch = cut.volume.epoch,
-            paused_ms,
-            copies = copies.len(),
-            "Cut taken"
-        );
-        taken.push(Taken {
-            copies,
-            created_at_unix_nanos,
-            paused_ms,
-        });
+        }
+        let copied = join_all(
+            cuts.iter()
+                .zip(in_sync.iter())
+                .map(|(cut, nodes)| cut.copy_all(nodes, until)),
+        )
+        .await;
+
+        // Phase 3: resume all, then judge.
+        let resumed = resume_all(cuts, &held).await;
+        let mut taken = Vec::with_capacity(cuts.len());
+        for (((cut, copies), paused), resumed) in cuts.iter().zip(copied).zip(&held).zip(resumed) {
+            let copies = copies?;
+            let (created_at_unix_nanos, paused_ms) = match (paused, resumed) {
+                (None, _) => (idle_at, 0),
+                (Some(_), None) => {
+                    return Err(cut.void(
+                        "the target could not be asked to resume, so the barrier may have dropped before the copies were done",
+                    ));
+                }
+                (Some(_), Some(r)) if !r.was_paused => {
+                    return Err(
+                        cut.void("the barrier dropped at its deadline before the copies were done")
+                    );
+                }
+                (Some(p), Some(r)) => (p.response.paused_at_unix_nanos, r.paused_ms),
+            };
+            info!(
+                volume.id = %cut.volume.volume_id,
+                snapshot.id = %cut.snapshot_id,
+                epoch = cut.volume.epoch,
+                paused_ms,
+                copies = copies.len(),
+                "Cut taken"
+            );
+            taken.push(Taken {
+                copies,
+                created_at_unix_nanos,
+                paused_ms,
+            });
+        }
+        Ok(taken)
     }
-    Ok(taken)
 }
 
 /// Drops every barrier in `held`; per member, the resume's answer (`None`

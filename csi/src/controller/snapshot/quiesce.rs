@@ -2,8 +2,8 @@
 //! post-hooks, around [`cut::take_group`].
 //!
 //! ```text
-//!  pre-hooks (member order) ─> freeze all ─> cut (prepare, pause all, copy all, resume all) ─> thaw all ─> post-hooks (reverse order)
-//!      └─ a failure: post-hooks, fail ─┘  └─ a failure: thaw, post-hooks, fail ─┘
+//!  pre-hooks (member order) ─> prepare copies ─> freeze all ─> cut (pause all, copy all, resume all) ─> thaw all ─> post-hooks (reverse order)
+//!      └─ a failure: post-hooks, fail ─┘          └─ a failure: thaw, post-hooks, fail ─┘
 //! ```
 //!
 //! Only published members are quiesced: an unpublished volume has no
@@ -234,6 +234,16 @@ pub async fn take_group(
             return Err(err);
         }
     };
+    // Prepared before the freeze: the reflink of a fragmented replica
+    // takes tens of milliseconds, which the application need not spend
+    // frozen; the refresh under the barrier copies what the freeze wrote.
+    let prepared = match cut::prepare(context, members, deadline, asked).await {
+        Ok(prepared) => prepared,
+        Err(err) => {
+            quiesced.post_hooks(&started, &mut records).await;
+            return Err(err);
+        }
+    };
     let frozen = match quiesced.freeze_all(&mut records).await {
         Ok(frozen) => frozen,
         Err((err, frozen)) => {
@@ -242,7 +252,7 @@ pub async fn take_group(
             return Err(err);
         }
     };
-    let taken = cut::take_group(context, members, deadline, asked).await;
+    let taken = prepared.take(asked).await;
     quiesced.thaw_all(&frozen, &mut records).await;
     quiesced.post_hooks(&started, &mut records).await;
     Ok(taken?.into_iter().zip(records).collect())

@@ -8,7 +8,6 @@
 //! log (`xfs_db -r -c "ls /"`), while a crash-consistent cut of the same
 //! volumes needs its journal.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,12 +15,10 @@ use anyhow::{Context, Result, ensure};
 use ballast_csi::demo::kubelet::{Attachment, Kubelet};
 use ballast_proto::agent::quiesce_service_client::QuiesceServiceClient;
 use ballast_proto::csi;
-use ballast_proto::csi::group_controller_client::GroupControllerClient;
 use serde_json::Value;
-use tonic::transport::Channel;
 
 use crate::harness::cluster::Cluster;
-use crate::harness::csi::{NodePlugin, channel};
+use crate::harness::csi::NodePlugin;
 use crate::harness::postgres::kubelet;
 use crate::harness::{files_ending, run_ok, wait_for};
 
@@ -44,14 +41,12 @@ const POST_HOOK: &str =
 /// kubelet does.
 struct Members {
     kubelet: Kubelet,
-    groups: GroupControllerClient<Channel>,
     /// (volume id, attachment) for ext4 on node-1, XFS on node-2.
     volumes: Vec<(String, Attachment)>,
 }
 
 async fn members(cluster: &Cluster) -> Result<Members> {
     let mut kubelet = kubelet(cluster).await?;
-    let groups = GroupControllerClient::new(channel(&cluster.path.join("csi.sock")).await?);
     let mut volumes = Vec::new();
     for (name, fs, bytes, node) in [
         ("pvc-ext4", "ext4", 256u64 << 20, "node-1"),
@@ -63,11 +58,7 @@ async fn members(cluster: &Cluster) -> Result<Members> {
         kubelet.node_publish(&volume, &context, &attachment).await?;
         volumes.push((name.to_string(), attachment));
     }
-    Ok(Members {
-        kubelet,
-        groups,
-        volumes,
-    })
+    Ok(Members { kubelet, volumes })
 }
 
 impl Members {
@@ -89,25 +80,23 @@ impl Members {
         Ok(())
     }
 
+    /// CreateVolumeGroupSnapshot of both volumes with `parameters`; the
+    /// controller's status when it refuses.
     async fn group(
         &mut self,
         name: &str,
         parameters: &[(&str, &str)],
     ) -> Result<Result<csi::VolumeGroupSnapshot, tonic::Status>> {
-        let request = csi::CreateVolumeGroupSnapshotRequest {
-            name: name.into(),
-            source_volume_ids: self.volumes.iter().map(|(v, _)| v.clone()).collect(),
-            parameters: parameters
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<HashMap<_, _>>(),
-            ..Default::default()
-        };
-        Ok(self
-            .groups
-            .create_volume_group_snapshot(request)
+        let volumes: Vec<&str> = self.volumes.iter().map(|(v, _)| v.as_str()).collect();
+        match self
+            .kubelet
+            .create_group_snapshot(name, &volumes, parameters)
             .await
-            .map(|r| r.into_inner().group_snapshot.unwrap_or_default()))
+        {
+            Ok(group) => Ok(Ok(group)),
+            Err(ballast_csi::demo::kubelet::Error::Call { status, .. }) => Ok(Err(status)),
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// Unstages every volume (the cluster's teardown would too; doing it

@@ -36,4 +36,4 @@ mod transmission;
 pub(crate) mod tests;
 
 pub use export::{BLOCK_SIZES, Export, MAX_PAYLOAD};
-pub use server::{Error, NbdServer};
+pub use server::{Error, NbdServer, serve_stream};

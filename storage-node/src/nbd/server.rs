@@ -507,6 +507,40 @@ impl StdStream {
     }
 }
 
+/// Serves one client connection over any pair of byte streams, from the
+/// greeting to the close, exactly as [`NbdServer`] serves a connection it
+/// accepted: fixed newstyle negotiation on a table whose only (and default)
+/// export is `export`, then the transmission phase with the default limits.
+/// Returns once the client has gone, disconnected or broken the protocol
+/// (which is logged, never returned).
+///
+/// It runs on the caller's runtime, without a listener, thread or io_uring
+/// of its own: the fuzz targets (`fuzz/`) feed it their input as the
+/// client's bytes.
+///
+/// # Errors
+/// [`Error::InvalidExportName`] if the export's name is not an NBD string.
+///
+/// # Cancel safety
+/// Not cancel safe (see [`NbdServer::stop`] for how a server stops its
+/// connections); dropping the future mid-way aborts device operations.
+pub async fn serve_stream<R, W>(read: R, write: W, export: Export) -> Result<(), Error>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let exports = ExportTable::new(export, Vec::new()).map_err(Error::InvalidExportName)?;
+    let shared = Shared {
+        exports,
+        limits: Limits::default(),
+        stats: Arc::new(Stats::default()),
+    };
+    // Held until the connection ends: a dropped sender means "stop".
+    let (_running, shutdown) = watch::channel(false);
+    run_connection(read, write, "stream", &shared, shutdown).await;
+    Ok(())
+}
+
 /// Runs one connection from greeting to close. Never fails: every ending is
 /// logged here, as a warning when the client broke the protocol.
 async fn run_connection<R, W>(

@@ -46,6 +46,30 @@ impl PoolLabel {
                 .map_or(0, |d| d.as_secs()),
         }
     }
+
+    /// Parses the contents of a label file read from `path` (which only
+    /// names the file in errors). Reading a pool's label calls this; the
+    /// fuzz targets (`fuzz/`) call it with their input.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ReadLabel`] if it cannot be parsed,
+    /// [`Error::UnsupportedLabelVersion`] if it was written by a newer
+    /// Ballast.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self, Error> {
+        let path = path.to_owned();
+        let label: PoolLabel = serde_json::from_slice(bytes).map_err(|e| Error::ReadLabel {
+            path: path.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        })?;
+        if label.format_version > LABEL_FORMAT_VERSION {
+            return Err(Error::UnsupportedLabelVersion {
+                path,
+                version: label.format_version,
+            });
+        }
+        Ok(label)
+    }
 }
 
 /// Reads the label of the filesystem mounted at `root`; `None` if it has none.
@@ -61,17 +85,7 @@ pub(super) fn read(root: &Path) -> Result<Option<PoolLabel>, Error> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(Error::ReadLabel { path, source }),
     };
-    let label: PoolLabel = serde_json::from_slice(&bytes).map_err(|e| Error::ReadLabel {
-        path: path.clone(),
-        source: io::Error::new(io::ErrorKind::InvalidData, e),
-    })?;
-    if label.format_version > LABEL_FORMAT_VERSION {
-        return Err(Error::UnsupportedLabelVersion {
-            path,
-            version: label.format_version,
-        });
-    }
-    Ok(Some(label))
+    PoolLabel::parse(&path, &bytes).map(Some)
 }
 
 /// Writes the label at the root of the filesystem mounted at `root`,

@@ -76,7 +76,19 @@ impl ReplicaMeta {
             path: path.to_owned(),
             source,
         })?;
-        let meta: Self = serde_json::from_slice(&bytes).map_err(|source| Error::ParseMeta {
+        Self::parse(path, &bytes)
+    }
+
+    /// Parses the contents of a metadata file read from `path` (which only
+    /// names the file in errors). [`load`](Self::load) reads the file and
+    /// calls this; the fuzz targets (`fuzz/`) call it with their input.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ParseMeta`], or [`Error::UnsupportedMetaVersion`] for a file
+    /// written by a newer Ballast.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self, Error> {
+        let meta: Self = serde_json::from_slice(bytes).map_err(|source| Error::ParseMeta {
             path: path.to_owned(),
             source,
         })?;

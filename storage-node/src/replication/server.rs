@@ -414,6 +414,24 @@ fn refuse(responses: &mpsc::UnboundedSender<Response>, error: protocol::Error) -
     error
 }
 
+/// Checks a request whose frame passed [`read_request_header`] and
+/// [`read_payload`] the way the server does before it executes it: its
+/// lengths fit its op (otherwise BAD_REQUEST closes the connection) and its
+/// op's arguments are valid (otherwise the request alone is refused).
+/// Returns the reason of a refusal.
+///
+/// The server runs these same checks inline; this entry point lets the fuzz
+/// targets (`fuzz/`) drive them without a replica behind the server.
+///
+/// # Errors
+/// The reason the request would be refused.
+pub fn check_request(header: &RequestHeader, payload: IoBuf) -> Result<(), String> {
+    check_shape(header, &payload)?;
+    command(header, payload)
+        .map(drop)
+        .map_err(|error| crate::error_chain(&error))
+}
+
 /// Bytes of payload a request holds while it executes (what it brings plus
 /// what it will answer with), at most [`MAX_PAYLOAD_BYTES`] and at least a
 /// page, so that many tiny requests also add up.

@@ -62,8 +62,9 @@ use ballast_proto::csi::volume_capability::AccessType;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-pub use self::parameters::{DEFAULT_REPLICAS, DEFAULT_SIZE_BYTES};
-use self::parameters::{Parameters, Requirement};
+use self::parameters::Requirement;
+pub use self::parameters::{DEFAULT_REPLICAS, DEFAULT_SIZE_BYTES, Parameters};
+pub use self::snapshot::{ClassParameters, class_parameters as snapshot_class_parameters};
 use crate::controller::node::Topology;
 use crate::controller::snapshot::Snapshots;
 use crate::controller::volume::operations::{CreateRequest, SIZE_ALIGN_BYTES, Source};

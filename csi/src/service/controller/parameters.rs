@@ -48,12 +48,15 @@ const REPLICAS: &str = "replicas";
 const THIN: &str = "thin";
 const FS_TYPE: &str = "fsType";
 
-/// StorageClass parameters, checked.
+/// StorageClass parameters, checked (public for the fuzz targets in
+/// `fuzz/`, which drive [`Parameters::parse`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Parameters {
+pub struct Parameters {
+    /// `replicas`: at least 1.
     pub replicas: u32,
+    /// `thin`.
     pub thin: bool,
-    /// `None` when not given.
+    /// `fsType`; `None` when not given.
     pub fs_type: Option<FsType>,
     /// `allowedNodes` and `replicaTopologyKey`.
     pub constraints: Constraints,

@@ -53,9 +53,10 @@ pub const HOOK_TIMEOUT_PARAMETER: &str = "ballast.io/hook-timeout";
 /// Prefix of the parameters the external-snapshotter adds.
 pub(crate) const SNAPSHOTTER_PREFIX: &str = "csi.storage.k8s.io/";
 
-/// What a (group) snapshot class's parameters ask for.
+/// What a (group) snapshot class's parameters ask for (public, with
+/// [`class_parameters`], for the fuzz targets in `fuzz/`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ClassParameters {
+pub struct ClassParameters {
     /// The cut's deadline.
     pub deadline: Duration,
     /// Hooks and freeze.
@@ -68,9 +69,7 @@ pub(crate) struct ClassParameters {
 /// # Errors
 ///
 /// [`Error::InvalidArgument`] for a bad value or an unknown key.
-pub(crate) fn class_parameters(
-    parameters: &HashMap<String, String>,
-) -> Result<ClassParameters, Error> {
+pub fn class_parameters(parameters: &HashMap<String, String>) -> Result<ClassParameters, Error> {
     let duration = |key: &str, value: &str| {
         humantime::parse_duration(value)
             .map_err(|e| invalid(format!("parameter {key}={value:?} is not a duration: {e}")))

@@ -86,8 +86,11 @@ pub enum Error {
 /// [`Error::Read`] if the file cannot be read, [`Error::Parse`] for a
 /// malformed line (see the module docs for why it is not skipped).
 pub fn read() -> Result<Vec<MountEntry>, Error> {
-    let text = std::fs::read_to_string(MOUNTINFO).map_err(Error::Read)?;
-    parse(&text).map_err(Error::Parse)
+    // Bytes, not a String: the kernel escapes only space, tab, newline and
+    // backslash in paths, so a mount point that is not UTF-8 appears as is,
+    // and must not make the whole table unreadable.
+    let bytes = std::fs::read(MOUNTINFO).map_err(Error::Read)?;
+    parse_bytes(&bytes).map_err(Error::Parse)
 }
 
 /// Returns the entries mounted exactly at `path`, topmost last.
@@ -98,40 +101,53 @@ pub fn at<'a>(mounts: &'a [MountEntry], path: &Path) -> Vec<&'a MountEntry> {
 /// Parses the whole text of a mountinfo file, in mount order (later entries
 /// are mounted on top of earlier ones at the same mount point).
 pub fn parse(text: &str) -> Result<Vec<MountEntry>, ParseError> {
-    text.lines()
+    parse_bytes(text.as_bytes())
+}
+
+/// Parses the bytes of a mountinfo file, which need not be UTF-8: paths are
+/// kept byte for byte; the other fields are ASCII when the kernel wrote
+/// them.
+pub fn parse_bytes(bytes: &[u8]) -> Result<Vec<MountEntry>, ParseError> {
+    bytes
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
         .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
+        .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
         .map(|(i, l)| {
             parse_line(l).ok_or_else(|| ParseError {
                 line: i + 1,
-                text: l.to_string(),
+                text: String::from_utf8_lossy(l).into_owned(),
             })
         })
         .collect()
 }
 
-fn parse_line(line: &str) -> Option<MountEntry> {
-    let mut fields = line.split(' ');
-    let mount_id = fields.next()?.parse().ok()?;
-    let parent_id = fields.next()?.parse().ok()?;
-    let (major, minor) = fields.next()?.split_once(':')?;
+fn parse_line(line: &[u8]) -> Option<MountEntry> {
+    let number = |field: &[u8]| std::str::from_utf8(field).ok()?.parse().ok();
+    let text = |field: &[u8]| String::from_utf8_lossy(field).into_owned();
+    let mut fields = line.split(|&b| b == b' ');
+    let mount_id = number(fields.next()?)?;
+    let parent_id = number(fields.next()?)?;
+    let device = fields.next()?;
+    let colon = device.iter().position(|&b| b == b':')?;
+    let (major, minor) = (&device[..colon], &device[colon + 1..]);
     let root = unescape(fields.next()?);
     let mount_point = unescape(fields.next()?);
-    let mount_options = fields.next()?.to_string();
+    let mount_options = text(fields.next()?);
     // Optional fields ("shared:1", "master:2", ...) end with a lone "-".
     loop {
-        if fields.next()? == "-" {
+        if fields.next()? == b"-" {
             break;
         }
     }
-    let fs_type = fields.next()?.to_string();
+    let fs_type = text(fields.next()?);
     let source = unescape(fields.next()?).to_string_lossy().into_owned();
-    let super_options = fields.next().unwrap_or_default().to_string();
+    let super_options = fields.next().map(text).unwrap_or_default();
     Some(MountEntry {
         mount_id,
         parent_id,
-        major: major.parse().ok()?,
-        minor: minor.parse().ok()?,
+        major: number(major)?,
+        minor: number(minor)?,
         root,
         mount_point,
         mount_options,
@@ -143,8 +159,7 @@ fn parse_line(line: &str) -> Option<MountEntry> {
 
 /// Undoes the kernel's octal escapes (`\040` for a space, `\011`, `\012`,
 /// `\134`) in a mountinfo path.
-fn unescape(field: &str) -> PathBuf {
-    let bytes = field.as_bytes();
+fn unescape(bytes: &[u8]) -> PathBuf {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -211,8 +226,8 @@ mod tests {
 
     #[test]
     fn leaves_non_octal_backslashes_alone() {
-        assert_eq!(unescape(r"a\b\0"), PathBuf::from(r"a\b\0"));
-        assert_eq!(unescape(r"a\134b"), PathBuf::from(r"a\b"));
+        assert_eq!(unescape(r"a\b\0".as_bytes()), PathBuf::from(r"a\b\0"));
+        assert_eq!(unescape(r"a\134b".as_bytes()), PathBuf::from(r"a\b"));
     }
 
     /// Moved from the agent's copy of this parser, which skipped the
@@ -256,11 +271,61 @@ mod tests {
         assert!(!at(&mounts, Path::new("/")).is_empty(), "{mounts:?}");
     }
 
+    /// Found by reading the kernel's escaping rules while writing the
+    /// mountinfo fuzz target: only space, tab, newline and backslash are
+    /// escaped, so a mount point that is not UTF-8 is in the file as is.
+    /// It made the whole table unreadable (`read_to_string` failed), and
+    /// with it every pool open and volume stage on the node.
+    #[test]
+    fn a_mount_point_that_is_not_utf8_is_kept_byte_for_byte() {
+        use std::os::unix::ffi::OsStrExt as _;
+        let text = b"27 1 254:0 / / rw - ext4 /dev/vda rw\n\
+            68 27 0:40 / /tmp/x\xff\\040y rw,relatime - tmpfs none rw\n";
+        let mounts = parse_bytes(text).expect("parse");
+        assert_eq!(mounts.len(), 2);
+        assert_eq!(
+            mounts[1].mount_point.as_os_str().as_bytes(),
+            b"/tmp/x\xff y"
+        );
+        assert_eq!(mounts[1].fs_type, "tmpfs");
+        assert!(parse_bytes(b"68 27 0:40 / /x\xff rw\n").is_err());
+    }
+
+    /// The same, through the kernel: a tmpfs mounted at a non-UTF-8 path
+    /// (needs root, as the other mount tests).
+    #[test]
+    fn reads_own_mount_table_with_a_mount_point_that_is_not_utf8() {
+        use std::os::unix::ffi::OsStrExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let point = dir
+            .path()
+            .join(std::ffi::OsStr::from_bytes(b"not-utf8-\xff"));
+        std::fs::create_dir(&point).expect("mkdir");
+        nix::mount::mount(
+            Some("none"),
+            &point,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount tmpfs");
+        let mounts = read();
+        nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH).expect("umount");
+        let mounts = mounts.expect("read mountinfo");
+        assert_eq!(at(&mounts, &point).len(), 1, "{point:?} in {mounts:?}");
+    }
+
     #[test]
     fn mountinfo_escapes_are_decoded() {
-        assert_eq!(unescape(r"/var/tmp/a\040b"), PathBuf::from("/var/tmp/a b"));
-        assert_eq!(unescape(r"/x\134y"), PathBuf::from(r"/x\y"));
-        assert_eq!(unescape("/plain"), PathBuf::from("/plain"));
-        assert_eq!(unescape(r"/trailing\04"), PathBuf::from(r"/trailing\04"));
+        assert_eq!(
+            unescape(r"/var/tmp/a\040b".as_bytes()),
+            PathBuf::from("/var/tmp/a b")
+        );
+        assert_eq!(unescape(r"/x\134y".as_bytes()), PathBuf::from(r"/x\y"));
+        assert_eq!(unescape("/plain".as_bytes()), PathBuf::from("/plain"));
+        assert_eq!(
+            unescape(r"/trailing\04".as_bytes()),
+            PathBuf::from(r"/trailing\04")
+        );
     }
 }

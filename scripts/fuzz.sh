@@ -5,8 +5,12 @@
 # the input libFuzzer saved under fuzz/artifacts/<target>/ and shows its hex
 # dump, so it can be reproduced from the log alone.
 #
-#   scripts/fuzz.sh               every target, FUZZ_SECONDS (default 45) each
+#   scripts/fuzz.sh               every target
 #   scripts/fuzz.sh TARGET...     only these targets
+#
+# Time: the whole step, build included, stays within FUZZ_BUDGET seconds
+# (default 540): what the build leaves is shared out among the targets,
+# at most FUZZ_SECONDS (default 60) and at least 20 s each.
 #
 # Reproduce a saved input with
 #   cargo fuzz run -s none -a TARGET fuzz/artifacts/TARGET/crash-...
@@ -20,12 +24,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-seconds=${FUZZ_SECONDS:-45}
+budget=${FUZZ_BUDGET:-540}
+most=${FUZZ_SECONDS:-60}
+least=20
+[ "$most" -ge "$least" ] || least=$most
 # Per-input limits: a run longer than this is a hang; RSS above this (or a
 # single allocation above it) is an unbounded allocation.
 timeout_secs=20
 rss_limit_mb=1024
 
+# scripts/setup.sh installs it; this is for a run without setup.
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz: installing cargo-fuzz"
     cargo install --locked cargo-fuzz
@@ -34,13 +42,18 @@ fi
 start=$(date +%s)
 echo "fuzz: building the targets"
 cargo fuzz build -s none -a
-echo "fuzz: built in $(($(date +%s) - start)) s"
+built=$(($(date +%s) - start))
 
 if [ "$#" -gt 0 ]; then
     targets=("$@")
 else
     mapfile -t targets < <(cargo fuzz list)
 fi
+# Each run also spends a few seconds starting and loading its corpus.
+seconds=$(((budget - built) / ${#targets[@]} - 5))
+[ "$seconds" -le "$most" ] || seconds=$most
+[ "$seconds" -ge "$least" ] || seconds=$least
+echo "fuzz: built in $built s; ${#targets[@]} targets, $seconds s each"
 
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT

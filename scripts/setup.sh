@@ -55,6 +55,11 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     echo "setup: installing cargo-nextest"
     cargo install --locked cargo-nextest
 fi
+# The fuzz targets (scripts/fuzz.sh) build and run with cargo-fuzz.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "setup: installing cargo-fuzz"
+    cargo install --locked cargo-fuzz
+fi
 
 # Loop devices and FUSE are needed by pools and by attaching volumes.
 $SUDO modprobe loop 2>/dev/null || true

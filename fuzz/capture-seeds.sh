@@ -11,9 +11,10 @@
 #   - the agents' own replica metadata and pool label files, and the
 #     kernel's mountinfo lines for the cluster's mounts (metadata_files,
 #     mountinfo).
-# It replaces the captured seeds of those five targets. The others (size_strings,
-# csi_parameters, replica_response) hold hand-written seeds or what the
-# fuzzer itself found; this script leaves them alone.
+# It replaces the captured seeds of those five targets and keeps seeds named
+# *-hand. size_strings has hand-written seeds only; csi_parameters and
+# replica_response take structured (arbitrary) input that no capture maps
+# to, and start from an empty corpus.
 #
 # Needs root, the debug binaries (cargo build --workspace --bins), and the
 # clients: qemu-utils, libnbd-bin, fio, strace (scripts/setup.sh installs

@@ -70,8 +70,10 @@ for target in "${targets[@]}"; do
     grep -E '^#[0-9]+[[:space:]]+DONE|^stat::number_of_executed_units|^stat::peak_rss_mb' "$log" | sed "s/^/fuzz: $target: /" || true
     if [ "$status" -ne 0 ]; then
         failed+=("$target")
-        echo "fuzz: $target FAILED (exit $status); the end of its log:"
-        tail -n 60 "$log"
+        echo "fuzz: $target FAILED (exit $status); what libFuzzer reported:"
+        grep -E -A3 "panicked at|ERROR: libFuzzer|^SUMMARY|Test unit written" "$log" | head -n 40 || true
+        echo "fuzz: $target: the end of its log:"
+        tail -n 80 "$log"
         find "fuzz/artifacts/$target" -type f -newer "$scratch/$target.start" | while read -r input; do
             echo "fuzz: $target: saved input $input ($(stat -c %s "$input") bytes):"
             od -A x -t x1z -v "$input" | head -n 256

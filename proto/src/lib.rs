@@ -4,7 +4,9 @@
 //! served by `ballast-agent`; `controller` is the controller's management
 //! API (nodes, volumes, and the in-sync set changes targets ask for);
 //! `csi` is the Container Storage Interface v1.12 (package `csi.v1`) that
-//! kubelet and the CSI sidecars speak to `ballast-csi`.
+//! kubelet and the CSI sidecars speak to `ballast-csi`; `pluginregistration`
+//! is kubelet's plugin registration API, which the node plugin serves so that
+//! kubelet finds it.
 //! The `.proto` files under `proto/` are the wire contract: field numbers
 //! are never reused, and `csi.proto` follows the CSI specification exactly.
 
@@ -68,4 +70,10 @@ pub mod controller {
 /// Controller, GroupController, SnapshotMetadata and Node services.
 pub mod csi {
     tonic::include_proto!("csi.v1");
+}
+
+/// kubelet's plugin registration API v1, package `pluginregistration`
+/// (`proto/kubelet/pluginregistration.proto`).
+pub mod pluginregistration {
+    tonic::include_proto!("pluginregistration");
 }

@@ -8,7 +8,11 @@
 //!
 //! `ballast-csi node` runs the CSI node plugin: the Identity and Node
 //! services on a unix socket, attaching volumes over NBD, formatting and
-//! mounting them.
+//! mounting them; with `--kubelet-registration` it also registers itself
+//! with kubelet.
+//!
+//! `ballast-csi probe` calls Identity.Probe on an endpoint: the liveness and
+//! readiness probe of the chart's pods.
 
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
@@ -22,15 +26,18 @@ use ballast_csi::node::attach::{self, AttachMode};
 use ballast_csi::node::freeze::Freezer;
 use ballast_csi::node::mount::SystemMounter;
 use ballast_csi::service::group_controller::GroupController;
+use ballast_csi::service::registration::KubeletRegistration;
 use ballast_csi::service::snapshot_metadata::SnapshotMetadata;
 use ballast_csi::service::{self, controller::Controller, identity::Identity, node::Node};
 use ballast_csi::store;
 use ballast_proto::agent::quiesce_service_server::QuiesceServiceServer;
 use ballast_proto::csi::controller_server::ControllerServer;
 use ballast_proto::csi::group_controller_server::GroupControllerServer;
+use ballast_proto::csi::identity_client::IdentityClient;
 use ballast_proto::csi::identity_server::IdentityServer;
 use ballast_proto::csi::node_server::NodeServer;
 use ballast_proto::csi::snapshot_metadata_server::SnapshotMetadataServer;
+use ballast_proto::pluginregistration::registration_server::RegistrationServer;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -51,6 +58,20 @@ enum Command {
     /// Runs the CSI node plugin: attach, format, mount and publish
     /// volumes on this node.
     Node(NodeArgs),
+    /// Calls Identity.Probe on a CSI endpoint; exits 0 when the plugin is
+    /// ready, 1 otherwise (a pod's exec probe).
+    Probe(ProbeArgs),
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// The CSI endpoint: unix:///path/csi.sock.
+    #[arg(long, env = "CSI_ENDPOINT")]
+    endpoint: String,
+
+    /// How long the probe may take.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(clap::Args)]
@@ -85,6 +106,19 @@ struct NodeArgs {
     /// topology.ballast.io/node=<node id>. Give the agent the same labels.
     #[arg(long = "topology", value_name = "KEY=VALUE", value_parser = parse_label)]
     topology: Vec<(String, String)>,
+
+    /// Serve kubelet's plugin registration API on this socket, in kubelet's
+    /// plugins_registry directory (e.g.
+    /// /var/lib/kubelet/plugins_registry/csi.ballast.io-reg.sock), so that
+    /// kubelet finds the plugin without the node-driver-registrar sidecar.
+    #[arg(long, value_name = "PATH", requires = "kubelet_endpoint")]
+    kubelet_registration: Option<std::path::PathBuf>,
+
+    /// The path of --endpoint's socket as kubelet sees it on the node (e.g.
+    /// /var/lib/kubelet/plugins/csi.ballast.io/csi.sock), announced through
+    /// --kubelet-registration.
+    #[arg(long, value_name = "PATH", requires = "kubelet_registration")]
+    kubelet_endpoint: Option<String>,
 }
 
 /// Parses a `KEY=VALUE` topology label; both sides must be non-empty.
@@ -168,6 +202,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Controller(args) => run_controller(args).await,
         Command::Node(args) => run_node(args).await,
+        Command::Probe(args) => probe(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -305,17 +340,79 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     );
     let (path, incoming) = service::listen(&args.endpoint)?;
     info!(endpoint = %path.display(), "Serving the CSI Identity and Node services, and QuiesceService");
-    tonic::transport::Server::builder()
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let csi = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(Identity))
         .add_service(NodeServer::new(node))
         .add_service(QuiesceServiceServer::new(service::quiesce::Quiesce::new(
             freezer,
         )))
-        .serve_with_incoming_shutdown(incoming, wait_for_signal()?)
-        .await
-        .context("Cannot serve the CSI services")?;
+        .serve_with_incoming_shutdown(incoming, until_stopped(stopped.clone()));
+    // Registered only once the CSI socket listens: kubelet calls
+    // NodeGetInfo as soon as it has read GetInfo.
+    let registration = match (&args.kubelet_registration, &args.kubelet_endpoint) {
+        (Some(socket), Some(endpoint)) => {
+            let (path, incoming) = service::listen(&format!("unix://{}", socket.display()))?;
+            info!(socket = %path.display(), %endpoint, "Serving kubelet's plugin registration");
+            Some(
+                tonic::transport::Server::builder()
+                    .add_service(RegistrationServer::new(KubeletRegistration::new(
+                        endpoint.clone(),
+                    )))
+                    .serve_with_incoming_shutdown(incoming, until_stopped(stopped)),
+            )
+        }
+        _ => None,
+    };
+    let signalled = wait_for_signal()?;
+    let served = async {
+        match registration {
+            Some(registration) => tokio::try_join!(csi, registration).map(|_| ()),
+            None => csi.await,
+        }
+    };
+    tokio::pin!(served);
+    tokio::select! {
+        result = &mut served => result.context("Cannot serve the CSI services")?,
+        () = signalled => {
+            let _ = stop.send(true);
+            served.await.context("Cannot serve the CSI services")?;
+        }
+    }
+    if let Some(socket) = &args.kubelet_registration {
+        // kubelet unregisters a plugin whose socket is gone.
+        let _ = std::fs::remove_file(socket);
+    }
     info!("Node plugin stopped");
     Ok(())
+}
+
+/// Calls Identity.Probe on `args.endpoint`; fails unless the plugin answers
+/// within `args.timeout` and does not say it is not ready (CSI spec,
+/// "Probe": an empty `ready` means ready).
+async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
+    let call = async {
+        let channel = tonic::transport::Endpoint::from_shared(args.endpoint.clone())
+            .with_context(|| format!("Invalid --endpoint {:?}", args.endpoint))?
+            .connect()
+            .await
+            .with_context(|| format!("Cannot connect to {}", args.endpoint))?;
+        let response = IdentityClient::new(channel)
+            .probe(ballast_proto::csi::ProbeRequest {})
+            .await
+            .context("Probe failed")?
+            .into_inner();
+        match response.ready {
+            Some(false) => anyhow::bail!("The plugin at {} is not ready", args.endpoint),
+            _ => Ok(()),
+        }
+    };
+    tokio::time::timeout(args.timeout, call)
+        .await
+        .with_context(|| format!("No answer from {} within {:?}", args.endpoint, args.timeout))?
 }
 
 #[cfg(test)]

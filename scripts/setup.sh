@@ -29,6 +29,14 @@ packages=(
     etcd-server       # the production cluster store, started by tests on loopback
     postgresql        # the demo's database (initdb, postgres, psql, pgbench)
     postgresql-contrib # amcheck, for pg_amcheck in the demo and its tests
+    # The Kubernetes suite (tests/k8s/): its container runtime, pod network,
+    # certificates, and the images it builds without a container engine.
+    containerd
+    runc
+    containernetworking-plugins # bridge, host-local and loopback CNI plugins
+    openssl
+    debootstrap       # the Debian root filesystems of the images
+    umoci             # packs them as OCI archives
 )
 
 if [ "${1:-}" = "--list" ]; then

@@ -14,6 +14,8 @@ bin=$cache/bin
 mkdir -p "$bin" "$cache/stamps"
 export GOCACHE=${GOCACHE:-$cache/go-build}
 export GOFLAGS=${GOFLAGS:--trimpath}
+# Static binaries: the sidecars' images hold nothing but their program.
+export CGO_ENABLED=0
 
 for dir in "$here"/tools/*/; do
     name=$(basename "$dir")

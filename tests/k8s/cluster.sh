@@ -201,6 +201,12 @@ up() {
 
     kubelet_config
     mkdir -p "$kubelet_dir"
+    # Bidirectional mount propagation needs a shared mount, and / is private
+    # here: the node's state directory of the chart (values-test.yaml) gets
+    # a shared bind mount of its own (kubelet does the same for its root).
+    mkdir -p "$run/ballast-node"
+    mount --bind "$run/ballast-node" "$run/ballast-node"
+    mount --make-rshared "$run/ballast-node"
     start kubelet kubelet --config "$run/kubelet/config.yaml" --kubeconfig "$KUBECONFIG" \
         --root-dir "$kubelet_dir" --cert-dir "$run/kubelet/pki" --node-ip "$NODE_IP"
     wait_for "the node" 120 kubectl wait --for=condition=Ready node --all --timeout=1s

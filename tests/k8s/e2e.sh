@@ -22,7 +22,8 @@ export KUBECONFIG=$run/admin.kubeconfig
 export PATH=$cache/bin:$repo/target/debug:$PATH
 controller=http://10.250.0.1:9600
 scenarios=("$@")
-[[ ${#scenarios[@]} -eq 0 ]] && scenarios=(1 2)
+# Scenarios 3 and 4 use what 2 left running.
+[[ ${#scenarios[@]} -eq 0 ]] && scenarios=(1 2 3 4)
 
 log() { echo "e2e: $*" >&2; }
 fail() {
@@ -166,6 +167,106 @@ scenario_2() {
     ((after > before + 900 * 1024 * 1024)) || fail "the filesystem did not grow by 1 GiB: $before -> $after bytes"
     expect "the marker row after the expansion" "$(psql_in pg-0 "SELECT v FROM marker")" \
         "written before the pod was deleted"
+}
+
+# restored_pod NAME DATA_PVC [WAL_PVC]: a PostgreSQL pod on restored volumes,
+# Ready and passing pg_amcheck.
+restored_pod() {
+    local name=$1 data=$2 wal=${3:-}
+    local manifest
+    manifest=$(sed -e "s/NAME/$name/" -e "s/DATA_PVC/$data/" "$here/manifests/pg-restored.yaml")
+    if [[ -n $wal ]]; then
+        manifest=$(sed -e "s/#WAL//" -e "s/WAL_PVC/$wal/" <<<"$manifest")
+    fi
+    kubectl apply -f - <<<"$manifest" >/dev/null
+    kubectl wait --for=condition=Ready "pod/$name" --timeout=180s >/dev/null
+    psql_in "$name" "CREATE EXTENSION IF NOT EXISTS amcheck" >/dev/null
+    kubectl exec "$name" -- pg_amcheck -h /tmp -U postgres --heapallindexed postgres ||
+        fail "pg_amcheck found corruption in $name"
+    log "ok: $name started on the restored volumes and pg_amcheck is clean"
+}
+
+# restore_pvc NAME SNAPSHOT BYTES: a PVC from a VolumeSnapshot.
+restore_pvc() {
+    kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: $1}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: ballast
+  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: $2}
+  resources: {requests: {storage: $3}}
+EOF
+}
+
+scenario_3() {
+    log "scenario 3: a VolumeSnapshot under pgbench, restored to a new PVC"
+    local before after restored
+    before=$(psql_in pg-0 "SELECT count(*) FROM pgbench_history")
+    kubectl exec pg-0 -- pgbench -h /tmp -U postgres -c 2 -T 15 postgres >"$run/logs/pgbench-3.log" 2>&1 &
+    local load=$!
+    sleep 5
+    kubectl apply -f - >/dev/null <<EOF
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: pg-snap}
+spec:
+  volumeSnapshotClassName: ballast
+  source: {persistentVolumeClaimName: data-pg-0}
+EOF
+    kubectl wait --for=jsonpath='{.status.readyToUse}'=true volumesnapshot/pg-snap --timeout=120s >/dev/null
+    wait "$load" || fail "pgbench failed during the snapshot: $(tail -5 "$run/logs/pgbench-3.log")"
+    after=$(psql_in pg-0 "SELECT count(*) FROM pgbench_history")
+    local size
+    size=$(kubectl get volumesnapshot pg-snap -o jsonpath='{.status.restoreSize}')
+    log "snapshot pg-snap ready, restoreSize $size"
+    restore_pvc pg-restored pg-snap "$size"
+    restored_pod pg-restored pg-restored
+    restored=$(psql_in pg-restored "SELECT count(*) FROM pgbench_history")
+    log "pgbench_history: $before before the snapshot, $restored in the restore, $after after pgbench"
+    ((before <= restored && restored <= after)) ||
+        fail "the restore holds $restored pgbench_history rows, not between $before and $after"
+    ((restored > before)) || fail "the restore holds no transaction of the load it was taken under"
+}
+
+scenario_4() {
+    log "scenario 4: an app-consistent VolumeGroupSnapshot of data and WAL, hooks from pod annotations"
+    kubectl apply -f "$here/manifests/pg-wal.yaml" >/dev/null
+    kubectl wait --for=jsonpath='{.status.phase}'=Bound pvc/data-pgw-0 pvc/wal-pgw-0 --timeout=180s >/dev/null
+    kubectl wait --for=condition=Ready pod/pgw-0 --timeout=240s >/dev/null
+    psql_in pgw-0 "CREATE TABLE hooklog (phase text); CREATE TABLE marker AS SELECT 'before the group snapshot'::text AS v" >/dev/null
+    kubectl exec pgw-0 -- pgbench -h /tmp -U postgres -i -s 2 -q postgres >/dev/null 2>&1
+    kubectl exec pgw-0 -- pgbench -h /tmp -U postgres -c 2 -T 15 postgres >"$run/logs/pgbench-4.log" 2>&1 &
+    local load=$!
+    sleep 5
+    kubectl apply -f - >/dev/null <<EOF
+apiVersion: groupsnapshot.storage.k8s.io/v1
+kind: VolumeGroupSnapshot
+metadata: {name: pgw-group}
+spec:
+  volumeGroupSnapshotClassName: ballast-app-consistent
+  source:
+    selector:
+      matchLabels: {snapshot-group: pgw}
+EOF
+    kubectl wait --for=jsonpath='{.status.readyToUse}'=true volumegroupsnapshot/pgw-group --timeout=180s >/dev/null
+    wait "$load" || fail "pgbench failed during the group snapshot: $(tail -5 "$run/logs/pgbench-4.log")"
+    expect "hook rows in the source after the group snapshot" \
+        "$(psql_in pgw-0 "SELECT string_agg(phase, ',' ORDER BY phase DESC) FROM hooklog")" "pre,post"
+    # Member snapshots name their group and their PVC.
+    local members
+    members=$(kubectl get volumesnapshots -o jsonpath='{range .items[?(@.status.volumeGroupSnapshotName=="pgw-group")]}{.spec.source.persistentVolumeClaimName}={.metadata.name}={.status.restoreSize}{"\n"}{end}')
+    expect "member snapshots of pgw-group" "$(grep -c = <<<"$members")" 2
+    local member pvc snapshot size
+    for member in $members; do
+        IFS== read -r pvc snapshot size <<<"$member"
+        restore_pvc "restored-$pvc" "$snapshot" "$size"
+    done
+    restored_pod pgw-restored restored-data-pgw-0 restored-wal-pgw-0
+    expect "the marker row in the restored pair" "$(psql_in pgw-restored "SELECT v FROM marker")" "before the group snapshot"
+    # The pre-hook ran before the cut and the post-hook after it.
+    expect "hook rows in the restored pair" "$(psql_in pgw-restored "SELECT string_agg(phase, ',') FROM hooklog")" "pre"
 }
 
 phase build-tools "$here/build-tools.sh" >/dev/null

@@ -107,12 +107,22 @@ pub struct Context {
 impl Context {
     /// Builds the shared context on an opened store.
     pub fn new(store: Arc<dyn ClusterStore>, config: ControllerConfig) -> Arc<Self> {
+        Self::with_hooks(store, config, Arc::new(snapshot::quiesce::NodePluginHooks))
+    }
+
+    /// Builds the shared context on an opened store, with snapshot hooks
+    /// run by `hooks`.
+    pub fn with_hooks(
+        store: Arc<dyn ClusterStore>,
+        config: ControllerConfig,
+        hooks: Arc<dyn snapshot::quiesce::HookRunner>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             nodes: node::Registry::new(store.clone(), config.heartbeat_timeout),
             agents: agents::AgentClients::new(config.agent_timeout),
             guards: ballast_storage_node::guard::OpGuards::default(),
             rebuilds: volume::RebuildProgress::default(),
-            hooks: Arc::new(snapshot::quiesce::NodePluginHooks),
+            hooks,
             store,
             config,
         })

@@ -21,6 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use ballast_csi::controller::snapshot::pod_hooks::PodExecHooks;
+use ballast_csi::controller::snapshot::quiesce::{HookRunner, NodePluginHooks};
 use ballast_csi::controller::{self, Context, ControllerConfig};
 use ballast_csi::node::attach::{self, AttachMode};
 use ballast_csi::node::freeze::Freezer;
@@ -172,6 +174,19 @@ struct ControllerArgs {
     /// How long one call to an agent may take.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     agent_timeout: Duration,
+
+    /// Where snapshot hooks run: node-plugin (a process on the member's
+    /// node, through its agent) or kubernetes (exec in the pods that mount
+    /// the member's PVC, with the hooks their annotations declare; the API
+    /// server from the in-cluster config or KUBECONFIG).
+    #[arg(long, value_enum, default_value = "node-plugin")]
+    snapshot_hooks: SnapshotHooks,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SnapshotHooks {
+    NodePlugin,
+    Kubernetes,
 }
 
 /// Parses a positive duration as humantime does ("500ms", "10s", "10m",
@@ -247,7 +262,15 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     config.node_down_after = args.node_down_after;
     config.reconcile_interval = args.reconcile_interval;
     config.agent_timeout = args.agent_timeout;
-    let context = Context::new(store, config);
+    let hooks: Arc<dyn HookRunner> = match args.snapshot_hooks {
+        SnapshotHooks::NodePlugin => Arc::new(NodePluginHooks),
+        SnapshotHooks::Kubernetes => Arc::new(PodExecHooks::new(
+            kube::Client::try_default()
+                .await
+                .context("Cannot reach the Kubernetes API server (--snapshot-hooks kubernetes)")?,
+        )),
+    };
+    let context = Context::with_hooks(store, config, hooks);
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let csi = match &args.endpoint {

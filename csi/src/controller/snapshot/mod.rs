@@ -35,6 +35,7 @@ pub mod cut;
 pub mod group;
 pub mod metadata;
 pub mod operations;
+pub mod pod_hooks;
 pub mod quiesce;
 pub mod reconcile;
 pub mod record;

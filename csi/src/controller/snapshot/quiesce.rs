@@ -10,8 +10,9 @@
 //! writer, so it has nothing to flush or freeze. Hooks run through a
 //! [`HookRunner`]: on a local cluster, [`NodePluginHooks`] runs them as
 //! processes on the member's node (its agent forwards to the node
-//! plugin); the Kubernetes runner (exec in the pods that mount the PVC)
-//! implements the same trait.
+//! plugin); on Kubernetes, [`super::pod_hooks::PodExecHooks`] runs them
+//! in the pods that mount the member's PVC, with the hooks those pods
+//! declare in their annotations.
 //!
 //! The thaw comes after the resume: FITHAW may write (XFS logs the thaw),
 //! and a write behind a closed barrier would wait for the barrier's
@@ -143,6 +144,26 @@ pub trait HookRunner: Send + Sync + std::fmt::Debug {
     /// [`Error::Hook`] when the command fails or times out; the runner's
     /// own errors (an unreachable node is [`Error::Agent`]).
     async fn run(&self, context: &Context, hook: &HookCall<'_>) -> Result<(), Error>;
+
+    /// Runs the hooks of `phase` that the application of `volume` declares
+    /// itself (on Kubernetes: the annotations of the pods that mount it),
+    /// each within `timeout` unless it names its own; returns how many ran.
+    /// Pre-hooks of this kind run after the class's, post-hooks before the
+    /// class's. The local runner has none.
+    ///
+    /// # Errors
+    ///
+    /// As [`HookRunner::run`]; a bad declaration is
+    /// [`Error::InvalidArgument`].
+    async fn run_declared(
+        &self,
+        _context: &Context,
+        _volume: &VolumeRecord,
+        _phase: Phase,
+        _timeout: Duration,
+    ) -> Result<u32, Error> {
+        Ok(0)
+    }
 }
 
 /// Runs hooks as processes on the member's node: the agent of the node
@@ -281,13 +302,30 @@ impl Quiesced<'_> {
                 continue;
             }
             started[i] = true;
+            let failed = |err: Error| {
+                warn!(volume.id = %member.volume.volume_id, error = %crate::error_chain(&err), "A pre-hook failed; the snapshot is not taken");
+                err
+            };
             for command in &self.quiesce.pre_hooks {
                 let hook = self.hook(member, Phase::Pre, command);
                 if let Err(err) = self.context.hooks.run(self.context, &hook).await {
-                    warn!(volume.id = %member.volume.volume_id, error = %crate::error_chain(&err), "A pre-hook failed; the snapshot is not taken");
-                    return Err((err, started));
+                    return Err((failed(err), started));
                 }
                 records[i].hooks_run += 1;
+            }
+            match self
+                .context
+                .hooks
+                .run_declared(
+                    self.context,
+                    member.volume,
+                    Phase::Pre,
+                    self.quiesce.hook_timeout,
+                )
+                .await
+            {
+                Ok(ran) => records[i].hooks_run += ran,
+                Err(err) => return Err((failed(err), started)),
             }
         }
         Ok(started)
@@ -300,6 +338,24 @@ impl Quiesced<'_> {
         for (i, member) in self.members.iter().enumerate().rev() {
             if !started[i] {
                 continue;
+            }
+            match self
+                .context
+                .hooks
+                .run_declared(
+                    self.context,
+                    member.volume,
+                    Phase::Post,
+                    self.quiesce.hook_timeout,
+                )
+                .await
+            {
+                Ok(ran) => records[i].hooks_run += ran,
+                Err(err) => {
+                    let error = crate::error_chain(&err);
+                    warn!(volume.id = %member.volume.volume_id, %error, "A post-hook failed");
+                    records[i].notes.push(format!("post-hook failed: {error}"));
+                }
             }
             for command in self.quiesce.post_hooks.iter().rev() {
                 let hook = self.hook(member, Phase::Post, command);

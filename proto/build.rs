@@ -8,11 +8,10 @@
 //! prints them as JSON). The CSI messages embed well-known types
 //! (`prost_types::Timestamp`, wrappers) that do not implement it.
 
-const PROTOS: [&str; 4] = [
+const PROTOS: [&str; 3] = [
     "ballast/agent.proto",
     "ballast/controller.proto",
     "csi.proto",
-    "kubelet/pluginregistration.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

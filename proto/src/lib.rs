@@ -4,9 +4,7 @@
 //! served by `ballast-agent`; `controller` is the controller's management
 //! API (nodes, volumes, and the in-sync set changes targets ask for);
 //! `csi` is the Container Storage Interface v1.12 (package `csi.v1`) that
-//! kubelet and the CSI sidecars speak to `ballast-csi`; `pluginregistration`
-//! is kubelet's plugin registration API, which the node plugin serves so that
-//! kubelet finds it.
+//! kubelet and the CSI sidecars speak to `ballast-csi`.
 //! The `.proto` files under `proto/` are the wire contract: field numbers
 //! are never reused, and `csi.proto` follows the CSI specification exactly.
 
@@ -70,10 +68,4 @@ pub mod controller {
 /// Controller, GroupController, SnapshotMetadata and Node services.
 pub mod csi {
     tonic::include_proto!("csi.v1");
-}
-
-/// kubelet's plugin registration API v1, package `pluginregistration`
-/// (`proto/kubelet/pluginregistration.proto`).
-pub mod pluginregistration {
-    tonic::include_proto!("pluginregistration");
 }

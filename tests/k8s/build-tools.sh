@@ -26,7 +26,21 @@ for dir in "$here"/tools/*/; do
     fi
     echo "build-tools: building $name" >&2
     start=$SECONDS
-    (cd "$dir" && nice -n 19 go build -p 2 -o "$bin/" tool)
+    ldflags=()
+    if [[ $name == kubernetes ]]; then
+        # What `kubectl version`, the API server's /version and Helm's
+        # kubeVersion check see; the module build does not stamp it.
+        version=$(cd "$dir" && go list -m -f '{{.Version}}' k8s.io/kubernetes)
+        minor=${version#v1.}
+        minor=${minor%%.*}
+        x=""
+        for package in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+            x+=" -X $package.gitVersion=$version -X $package.gitMajor=1 -X $package.gitMinor=$minor"
+            x+=" -X $package.gitTreeState=clean"
+        done
+        ldflags=(-ldflags "$x")
+    fi
+    (cd "$dir" && nice -n 19 go build -p 2 "${ldflags[@]}" -o "$bin/" tool)
     echo "$want" > "$stamp"
     echo "build-tools: $name built in $((SECONDS - start)) s" >&2
 done

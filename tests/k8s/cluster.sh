@@ -8,8 +8,8 @@
 #   tests/k8s/cluster.sh down    stop everything it started and remove its state
 #   tests/k8s/cluster.sh env     print the KUBECONFIG line for a shell
 #
-# Every listener is on loopback or on $NODE_IP, an address of a dummy
-# interface that `up` creates (kubelet refuses a loopback node address), so
+# Every listener is on 127.0.0.1 or on $NODE_IP, an address that `up` adds to
+# the loopback interface (kubelet refuses a node address in 127.0.0.0/8), so
 # nothing leaves the machine. State lives under $BALLAST_K8S_RUN (default
 # /var/tmp/ballast-k8s); `down` also removes the paths kubelet uses whatever
 # its flags. Facts this relies on are in ../shared/KUBERNETES.md.
@@ -19,7 +19,6 @@ cache=${BALLAST_K8S_CACHE:-/var/cache/ballast-k8s}
 bin=$cache/bin
 run=${BALLAST_K8S_RUN:-/var/tmp/ballast-k8s}
 NODE_IP=10.250.0.1
-link=ballastk8s0
 bridge=ballastk8sbr0
 service_cidr=10.251.0.0/16
 pod_subnet=10.252.0.0/24
@@ -156,9 +155,7 @@ up() {
     fi
     mkdir -p "$run/logs"
     : >"$run/pids"
-    ip link add "$link" type dummy
-    ip addr add "$NODE_IP/32" dev "$link"
-    ip link set "$link" up
+    ip addr add "$NODE_IP/32" dev lo
 
     pki
     start etcd etcd --name test --data-dir "$run/etcd" \
@@ -167,7 +164,7 @@ up() {
         --initial-advertise-peer-urls "http://127.0.0.1:$((etcd_port + 1))" \
         --initial-cluster "test=http://127.0.0.1:$((etcd_port + 1))" \
         --listen-metrics-urls ""
-    wait_for etcd 30 etcdctl --endpoints "127.0.0.1:$etcd_port" endpoint health
+    wait_for etcd 30 curl -sf "http://127.0.0.1:$etcd_port/health"
 
     local pki=$run/pki
     start kube-apiserver kube-apiserver --etcd-servers "http://127.0.0.1:$etcd_port" \
@@ -256,7 +253,7 @@ down() {
     losetup -n -l -O NAME,BACK-FILE 2>/dev/null | while read -r dev file; do
         [[ $file == "$run"/* ]] && losetup -d "$dev" 2>/dev/null || true
     done
-    ip link del "$link" 2>/dev/null || true
+    ip addr del "$NODE_IP/32" dev lo 2>/dev/null || true
     ip link del "$bridge" 2>/dev/null || true
     rm -rf "$kubelet_dir" "$run" /var/lib/cni/results/ballast-test-* /var/log/pods /var/log/containers
     log "down"

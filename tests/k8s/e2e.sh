@@ -51,10 +51,12 @@ diagnose() {
     kubectl get pods -A -o wide 2>&1 | sed 's/^/  /' >&2 || true
     kubectl get pvc,pv,volumeattachments -A 2>&1 | sed 's/^/  /' >&2 || true
     kubectl get events -A --sort-by=.lastTimestamp 2>&1 | tail -30 | sed 's/^/  /' >&2 || true
-    local pod
-    for pod in $(kubectl -n ballast get pods -o name 2>/dev/null); do
-        kubectl -n ballast logs "$pod" --all-containers --tail=40 --prefix 2>&1 | sed 's/^/  /' >&2 || true
-    done
+    local ns pod
+    while read -r ns pod; do
+        kubectl -n "$ns" logs "$pod" --all-containers --tail=40 --prefix 2>&1 | sed 's/^/  /' >&2 || true
+        kubectl -n "$ns" logs "$pod" --all-containers --tail=20 --prefix --previous 2>/dev/null |
+            sed 's/^/  previous: /' >&2 || true
+    done < <(kubectl get pods -A --no-headers -o custom-columns=NS:.metadata.namespace,NAME:.metadata.name 2>/dev/null)
     tail -n 30 "$run"/logs/kubelet.log 2>/dev/null | sed 's/^/  kubelet: /' >&2 || true
 }
 

@@ -13,8 +13,6 @@
 //!   tracking), served by `ballast-csi controller`.
 //! - [`quiesce`]: Ballast's `QuiesceService` (freeze, thaw, hooks), served
 //!   by `ballast-csi node` beside Node for its agent to forward to.
-//! - [`registration`]: kubelet's plugin registration API, served by
-//!   `ballast-csi node` so that kubelet finds the plugin.
 //!
 //! Every handler has the same shape (STYLE.md, "Handlers"): validate the
 //! request (`INVALID_ARGUMENT`), take the volume's operation guard
@@ -31,7 +29,6 @@ pub mod group_controller;
 pub mod identity;
 pub mod node;
 pub mod quiesce;
-pub mod registration;
 pub mod snapshot_metadata;
 
 use std::path::{Path, PathBuf};

@@ -8,6 +8,8 @@
 # - the CSI sidecars and snapshot-controller: their static binaries from
 #   tests/k8s/build-tools.sh, alone in the image, under the names the
 #   chart's values give;
+# - ballast-kubelet-registrar (csi/kubelet-registrar), in place of
+#   node-driver-registrar;
 # - postgres: Debian's PostgreSQL 15 with postgres-entrypoint.sh;
 # - ballast: charts/ballast/image/build.sh (debug build; --profile to change).
 #
@@ -65,6 +67,13 @@ for sidecar in csi-provisioner csi-attacher csi-resizer csi-snapshotter snapshot
     single_binary_image "$cache/bin/$sidecar" "$sidecar" "${image%:*}" "${image##*:}"
 done
 
+# Ballast's registrar (node-driver-registrar is not served here).
+(cd "$repo/csi/kubelet-registrar" && CGO_ENABLED=0 GOCACHE=$cache/go-build \
+    go build -trimpath -o "$cache/bin/ballast-kubelet-registrar" .)
+tag=$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -1)
+single_binary_image "$cache/bin/ballast-kubelet-registrar" ballast-kubelet-registrar \
+    localhost/ballast-kubelet-registrar "$tag"
+
 # postgres
 pg_root=$cache/rootfs/postgres
 if [[ ! -f $pg_root/.complete ]]; then
@@ -86,13 +95,12 @@ if stale "$pg_archive" "$here/postgres-entrypoint.sh" "$pg_root/.complete" "$pac
     cp -a "$pg_root" "$stage/rootfs"
     install -m 0755 "$here/postgres-entrypoint.sh" "$stage/rootfs/usr/local/bin/postgres-entrypoint"
     "$pack" "$stage/rootfs" "$pg_archive" 15 --entrypoint /usr/local/bin/postgres-entrypoint \
-        --env PATH=/usr/lib/postgresql/15/bin:/usr/local/bin:/usr/bin:/bin
+        --env PATH=/usr/lib/postgresql/15/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
     rm -rf "$stage"
 fi
 echo "$pg_archive localhost/postgres:15" >>"$list"
 
 # ballast
 "$repo/charts/ballast/image/build.sh" --profile "$profile" "$out/ballast.oci.tar" >&2
-tag=$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -1)
 echo "$out/ballast.oci.tar localhost/ballast:$tag" >>"$list"
 cat "$list"

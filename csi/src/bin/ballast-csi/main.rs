@@ -8,8 +8,7 @@
 //!
 //! `ballast-csi node` runs the CSI node plugin: the Identity and Node
 //! services on a unix socket, attaching volumes over NBD, formatting and
-//! mounting them; with `--kubelet-registration` it also registers itself
-//! with kubelet.
+//! mounting them.
 //!
 //! `ballast-csi probe` calls Identity.Probe on an endpoint: the liveness and
 //! readiness probe of the chart's pods.
@@ -28,7 +27,6 @@ use ballast_csi::node::attach::{self, AttachMode};
 use ballast_csi::node::freeze::Freezer;
 use ballast_csi::node::mount::SystemMounter;
 use ballast_csi::service::group_controller::GroupController;
-use ballast_csi::service::registration::KubeletRegistration;
 use ballast_csi::service::snapshot_metadata::SnapshotMetadata;
 use ballast_csi::service::{self, controller::Controller, identity::Identity, node::Node};
 use ballast_csi::store;
@@ -39,7 +37,6 @@ use ballast_proto::csi::identity_client::IdentityClient;
 use ballast_proto::csi::identity_server::IdentityServer;
 use ballast_proto::csi::node_server::NodeServer;
 use ballast_proto::csi::snapshot_metadata_server::SnapshotMetadataServer;
-use ballast_proto::pluginregistration::registration_server::RegistrationServer;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -108,19 +105,6 @@ struct NodeArgs {
     /// topology.ballast.io/node=<node id>. Give the agent the same labels.
     #[arg(long = "topology", value_name = "KEY=VALUE", value_parser = parse_label)]
     topology: Vec<(String, String)>,
-
-    /// Serve kubelet's plugin registration API on this socket, in kubelet's
-    /// plugins_registry directory (e.g.
-    /// /var/lib/kubelet/plugins_registry/csi.ballast.io-reg.sock), so that
-    /// kubelet finds the plugin without the node-driver-registrar sidecar.
-    #[arg(long, value_name = "PATH", requires = "kubelet_endpoint")]
-    kubelet_registration: Option<std::path::PathBuf>,
-
-    /// The path of --endpoint's socket as kubelet sees it on the node (e.g.
-    /// /var/lib/kubelet/plugins/csi.ballast.io/csi.sock), announced through
-    /// --kubelet-registration.
-    #[arg(long, value_name = "PATH", requires = "kubelet_registration")]
-    kubelet_endpoint: Option<String>,
 }
 
 /// Parses a `KEY=VALUE` topology label; both sides must be non-empty.
@@ -363,52 +347,15 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     );
     let (path, incoming) = service::listen(&args.endpoint)?;
     info!(endpoint = %path.display(), "Serving the CSI Identity and Node services, and QuiesceService");
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    };
-    let csi = tonic::transport::Server::builder()
+    tonic::transport::Server::builder()
         .add_service(IdentityServer::new(Identity))
         .add_service(NodeServer::new(node))
         .add_service(QuiesceServiceServer::new(service::quiesce::Quiesce::new(
             freezer,
         )))
-        .serve_with_incoming_shutdown(incoming, until_stopped(stopped.clone()));
-    // Registered only once the CSI socket listens: kubelet calls
-    // NodeGetInfo as soon as it has read GetInfo.
-    let registration = match (&args.kubelet_registration, &args.kubelet_endpoint) {
-        (Some(socket), Some(endpoint)) => {
-            let (path, incoming) = service::listen(&format!("unix://{}", socket.display()))?;
-            info!(socket = %path.display(), %endpoint, "Serving kubelet's plugin registration");
-            Some(
-                tonic::transport::Server::builder()
-                    .add_service(RegistrationServer::new(KubeletRegistration::new(
-                        endpoint.clone(),
-                    )))
-                    .serve_with_incoming_shutdown(incoming, until_stopped(stopped)),
-            )
-        }
-        _ => None,
-    };
-    let signalled = wait_for_signal()?;
-    let served = async {
-        match registration {
-            Some(registration) => tokio::try_join!(csi, registration).map(|_| ()),
-            None => csi.await,
-        }
-    };
-    tokio::pin!(served);
-    tokio::select! {
-        result = &mut served => result.context("Cannot serve the CSI services")?,
-        () = signalled => {
-            let _ = stop.send(true);
-            served.await.context("Cannot serve the CSI services")?;
-        }
-    }
-    if let Some(socket) = &args.kubelet_registration {
-        // kubelet unregisters a plugin whose socket is gone.
-        let _ = std::fs::remove_file(socket);
-    }
+        .serve_with_incoming_shutdown(incoming, wait_for_signal()?)
+        .await
+        .context("Cannot serve the CSI services")?;
     info!("Node plugin stopped");
     Ok(())
 }

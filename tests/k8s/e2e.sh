@@ -159,9 +159,20 @@ scenario_2() {
         "written before the pod was deleted"
     expect "pgbench_history after the pod came back" "$(psql_in pg-0 "SELECT count(*) FROM pgbench_history")" "$history"
 
+    # Expansion is offline (the controller announces no ONLINE expansion: an
+    # NBD client cannot learn a new size on its connection): stop the pod,
+    # grow the PVC, start it again; kubelet grows the filesystem at mount.
     local before
     before=$(kubectl exec pg-0 -- df -B1 --output=size /var/lib/postgresql/data | tail -1 | tr -d ' ')
+    kubectl scale statefulset pg --replicas=0 >/dev/null
+    kubectl wait --for=delete pod/pg-0 --timeout=120s >/dev/null
+    wait_until "the volume detached" 120 bash -c "[[ -z \$(kubectl get volumeattachments -o jsonpath='{.items[?(@.spec.source.persistentVolumeName==\"$pv\")].metadata.name}') ]]"
     kubectl patch pvc data-pg-0 -p '{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}' >/dev/null
+    wait_until "the controller expanded the volume" 120 \
+        bash -c "[[ \$(kubectl get pv $pv -o jsonpath='{.spec.capacity.storage}') == 2Gi ]]"
+    kubectl scale statefulset pg --replicas=1 >/dev/null
+    wait_until "pg-0 back" 120 kubectl get pod pg-0
+    kubectl wait --for=condition=Ready pod/pg-0 --timeout=180s >/dev/null
     kubectl wait --for=jsonpath='{.status.capacity.storage}'=2Gi pvc/data-pg-0 --timeout=180s >/dev/null
     local after
     after=$(kubectl exec pg-0 -- df -B1 --output=size /var/lib/postgresql/data | tail -1 | tr -d ' ')

@@ -6,6 +6,7 @@
 #
 #   tests/k8s/e2e.sh            every scenario
 #   tests/k8s/e2e.sh 1 2        only those scenarios (the install always runs)
+#   BALLAST_E2E_KEEP=1 tests/k8s/e2e.sh   leaves the cluster up after a failure
 #
 # Besides the DaemonSet's agent on the Kubernetes node, two storage agents
 # run as plain processes on loopback (nodes agent-2 and agent-3), so that
@@ -63,7 +64,11 @@ diagnose() {
 finish() {
     local status=$?
     [[ $status -ne 0 ]] && diagnose
-    "$here/cluster.sh" down || true
+    if [[ $status -ne 0 && -n ${BALLAST_E2E_KEEP:-} ]]; then
+        log "BALLAST_E2E_KEEP is set: the cluster stays up; tests/k8s/cluster.sh down ends it"
+    else
+        "$here/cluster.sh" down || true
+    fi
     log "timings: ${timings[*]}"
     [[ $status -eq 0 ]] && log "PASS: scenarios ${scenarios[*]}"
     exit "$status"
@@ -144,7 +149,7 @@ scenario_2() {
     psql_in pg-0 "CREATE TABLE marker (v text); INSERT INTO marker VALUES ('written before the pod was deleted')" >/dev/null
     kubectl exec pg-0 -- pgbench -h /tmp -U postgres -i -s 2 -q postgres >/dev/null 2>&1
     local out
-    out=$(kubectl exec pg-0 -- pgbench -h /tmp -U postgres -c 2 -T 10 postgres 2>&1)
+    out=$(kubectl exec pg-0 -- pgbench -h /tmp -U postgres -n -c 2 -T 10 postgres 2>&1)
     expect "pgbench's failed transactions" "$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")" 0
     log "pgbench: $(grep -E '^tps' <<<"$out" | head -1)"
     local history
@@ -215,9 +220,11 @@ EOF
 
 scenario_3() {
     log "scenario 3: a VolumeSnapshot under pgbench, restored to a new PVC"
+    # pgbench -n: without it every run starts by truncating pgbench_history,
+    # and the counts below would compare different tables.
     local before after restored
     before=$(psql_in pg-0 "SELECT count(*) FROM pgbench_history")
-    kubectl exec pg-0 -- pgbench -h /tmp -U postgres -c 2 -T 15 postgres >"$run/logs/pgbench-3.log" 2>&1 &
+    kubectl exec pg-0 -- pgbench -h /tmp -U postgres -n -c 2 -T 15 postgres >"$run/logs/pgbench-3.log" 2>&1 &
     local load=$!
     sleep 5
     kubectl apply -f - >/dev/null <<EOF
@@ -250,7 +257,7 @@ scenario_4() {
     kubectl wait --for=condition=Ready pod/pgw-0 --timeout=240s >/dev/null
     psql_in pgw-0 "CREATE TABLE hooklog (phase text); CREATE TABLE marker AS SELECT 'before the group snapshot'::text AS v" >/dev/null
     kubectl exec pgw-0 -- pgbench -h /tmp -U postgres -i -s 2 -q postgres >/dev/null 2>&1
-    kubectl exec pgw-0 -- pgbench -h /tmp -U postgres -c 2 -T 15 postgres >"$run/logs/pgbench-4.log" 2>&1 &
+    kubectl exec pgw-0 -- pgbench -h /tmp -U postgres -n -c 2 -T 15 postgres >"$run/logs/pgbench-4.log" 2>&1 &
     local load=$!
     sleep 5
     kubectl apply -f - >/dev/null <<EOF

@@ -276,16 +276,24 @@ impl HookRunner for PodExecHooks {
     async fn run_declared(
         &self,
         _context: &Context,
-        volume: &VolumeRecord,
+        volumes: &[&VolumeRecord],
         phase: Phase,
         default_timeout: Duration,
-    ) -> Result<u32, Error> {
-        let mut ran = 0;
-        for pod in self.pods_of(volume).await? {
-            let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-            if let Some(command) = declared_command(&annotations, phase)? {
-                self.exec(volume, &pod, &command, default_timeout).await?;
-                ran += 1;
+    ) -> Result<Vec<u32>, Error> {
+        let mut ran = vec![0; volumes.len()];
+        // A pod that mounts several members (data and WAL) runs its hook once.
+        let mut done = std::collections::HashSet::new();
+        for (i, volume) in volumes.iter().enumerate() {
+            for pod in self.pods_of(volume).await? {
+                let uid = pod.metadata.uid.clone().unwrap_or_default();
+                if !done.insert(uid) {
+                    continue;
+                }
+                let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+                if let Some(command) = declared_command(&annotations, phase)? {
+                    self.exec(volume, &pod, &command, default_timeout).await?;
+                    ran[i] += 1;
+                }
             }
         }
         Ok(ran)

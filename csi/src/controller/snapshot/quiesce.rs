@@ -145,11 +145,13 @@ pub trait HookRunner: Send + Sync + std::fmt::Debug {
     /// own errors (an unreachable node is [`Error::Agent`]).
     async fn run(&self, context: &Context, hook: &HookCall<'_>) -> Result<(), Error>;
 
-    /// Runs the hooks of `phase` that the application of `volume` declares
-    /// itself (on Kubernetes: the annotations of the pods that mount it),
-    /// each within `timeout` unless it names its own; returns how many ran.
-    /// Pre-hooks of this kind run after the class's, post-hooks before the
-    /// class's. The local runner has none.
+    /// Runs the hooks of `phase` that the applications of `volumes` declare
+    /// themselves (on Kubernetes: the annotations of the pods that mount
+    /// them), once per application even when it uses several members, each
+    /// within `timeout` unless it names its own. Returns how many ran, per
+    /// volume (a hook counts for the first member its pod mounts). Pre-hooks
+    /// of this kind run after the class's, post-hooks before the class's.
+    /// The local runner has none.
     ///
     /// # Errors
     ///
@@ -158,11 +160,11 @@ pub trait HookRunner: Send + Sync + std::fmt::Debug {
     async fn run_declared(
         &self,
         _context: &Context,
-        _volume: &VolumeRecord,
+        volumes: &[&VolumeRecord],
         _phase: Phase,
         _timeout: Duration,
-    ) -> Result<u32, Error> {
-        Ok(0)
+    ) -> Result<Vec<u32>, Error> {
+        Ok(vec![0; volumes.len()])
     }
 }
 
@@ -302,30 +304,24 @@ impl Quiesced<'_> {
                 continue;
             }
             started[i] = true;
-            let failed = |err: Error| {
-                warn!(volume.id = %member.volume.volume_id, error = %crate::error_chain(&err), "A pre-hook failed; the snapshot is not taken");
-                err
-            };
             for command in &self.quiesce.pre_hooks {
                 let hook = self.hook(member, Phase::Pre, command);
                 if let Err(err) = self.context.hooks.run(self.context, &hook).await {
-                    return Err((failed(err), started));
+                    warn!(volume.id = %member.volume.volume_id, error = %crate::error_chain(&err), "A pre-hook failed; the snapshot is not taken");
+                    return Err((err, started));
                 }
                 records[i].hooks_run += 1;
             }
-            match self
-                .context
-                .hooks
-                .run_declared(
-                    self.context,
-                    member.volume,
-                    Phase::Pre,
-                    self.quiesce.hook_timeout,
-                )
-                .await
-            {
-                Ok(ran) => records[i].hooks_run += ran,
-                Err(err) => return Err((failed(err), started)),
+        }
+        match self.declared(Phase::Pre, &started).await {
+            Ok(ran) => {
+                for (record, ran) in records.iter_mut().zip(ran) {
+                    record.hooks_run += ran;
+                }
+            }
+            Err(err) => {
+                warn!(error = %crate::error_chain(&err), "A pre-hook failed; the snapshot is not taken");
+                return Err((err, started));
             }
         }
         Ok(started)
@@ -335,27 +331,23 @@ impl Quiesced<'_> {
     /// commands in reverse; a failure is noted, not fatal (the cut is
     /// taken or already failed).
     async fn post_hooks(&self, started: &[bool], records: &mut [QuiesceRecord]) {
+        match self.declared(Phase::Post, started).await {
+            Ok(ran) => {
+                for (record, ran) in records.iter_mut().zip(ran) {
+                    record.hooks_run += ran;
+                }
+            }
+            Err(err) => {
+                let error = crate::error_chain(&err);
+                warn!(%error, "A post-hook failed");
+                if let Some(i) = started.iter().position(|s| *s) {
+                    records[i].notes.push(format!("post-hook failed: {error}"));
+                }
+            }
+        }
         for (i, member) in self.members.iter().enumerate().rev() {
             if !started[i] {
                 continue;
-            }
-            match self
-                .context
-                .hooks
-                .run_declared(
-                    self.context,
-                    member.volume,
-                    Phase::Post,
-                    self.quiesce.hook_timeout,
-                )
-                .await
-            {
-                Ok(ran) => records[i].hooks_run += ran,
-                Err(err) => {
-                    let error = crate::error_chain(&err);
-                    warn!(volume.id = %member.volume.volume_id, %error, "A post-hook failed");
-                    records[i].notes.push(format!("post-hook failed: {error}"));
-                }
             }
             for command in self.quiesce.post_hooks.iter().rev() {
                 let hook = self.hook(member, Phase::Post, command);
@@ -369,6 +361,31 @@ impl Quiesced<'_> {
                 }
             }
         }
+    }
+
+    /// Runs the hooks the applications of the `started` members declare
+    /// for `phase`, once per application; returns how many ran per member.
+    async fn declared(&self, phase: Phase, started: &[bool]) -> Result<Vec<u32>, Error> {
+        let (indexes, volumes): (Vec<usize>, Vec<&VolumeRecord>) = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| started[*i])
+            .map(|(i, m)| (i, m.volume))
+            .unzip();
+        let mut ran = vec![0; self.members.len()];
+        if volumes.is_empty() {
+            return Ok(ran);
+        }
+        let counts = self
+            .context
+            .hooks
+            .run_declared(self.context, &volumes, phase, self.quiesce.hook_timeout)
+            .await?;
+        for (i, count) in indexes.into_iter().zip(counts) {
+            ran[i] = count;
+        }
+        Ok(ran)
     }
 
     fn hook<'m>(&'m self, member: &'m Member<'m>, phase: Phase, command: &'m str) -> HookCall<'m> {

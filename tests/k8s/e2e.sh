@@ -272,6 +272,11 @@ spec:
 EOF
     kubectl wait --for=jsonpath='{.status.readyToUse}'=true volumegroupsnapshot/pgw-group --timeout=180s >/dev/null
     wait "$load" || fail "pgbench failed during the group snapshot: $(tail -5 "$run/logs/pgbench-4.log")"
+    # Both members were frozen through the cut (ballast.io/freeze of the class).
+    local group
+    group=$(kubectl get volumegroupsnapshotcontent -o jsonpath='{range .items[?(@.spec.volumeGroupSnapshotRef.name=="pgw-group")]}{.status.volumeGroupSnapshotHandle}{end}')
+    expect "members of $group frozen through the cut" "$(ballast --controller "$controller" -o json snapshot group show "$group" |
+        python3 -c 'import json,sys; print(sum(1 for s in json.load(sys.stdin)["snapshots"] if s["frozen"]))')" 2
     expect "hook rows in the source after the group snapshot" \
         "$(psql_in pgw-0 "SELECT string_agg(phase, ',' ORDER BY phase DESC) FROM hooklog")" "pre,post"
     # Member snapshots name their group and their PVC.

@@ -122,9 +122,8 @@ impl PodExecHooks {
         Self { client }
     }
 
-    /// The running pods that mount `volume`'s PVC, with its namespace;
-    /// empty when no PV of this driver has the volume's handle or its claim
-    /// is mounted nowhere.
+    /// The running pods that mount `volume`'s PVC; empty when no PV of this
+    /// driver has the volume's handle or its claim is mounted nowhere.
     async fn pods_of(&self, volume: &VolumeRecord) -> Result<Vec<Pod>, Error> {
         let pvs: Api<PersistentVolume> = Api::all(self.client.clone());
         let list = pvs
@@ -206,13 +205,24 @@ impl PodExecHooks {
                 .exec(&name, command.argv.clone(), &params)
                 .await
                 .map_err(|e| hook_error(volume, &namespace, &name, &format!("exec failed: {e}")))?;
-            let mut output = Vec::new();
-            if let Some(mut stdout) = attached.stdout() {
-                let _ = stdout.read_to_end(&mut output).await;
-            }
-            if let Some(mut stderr) = attached.stderr() {
-                let _ = stderr.read_to_end(&mut output).await;
-            }
+            // Both at once: a command that fills one pipe while the other
+            // is not read would stall until its timeout.
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let (stdout, stderr) = (attached.stdout(), attached.stderr());
+            tokio::join!(
+                async {
+                    if let Some(mut stdout) = stdout {
+                        let _ = stdout.read_to_end(&mut out).await;
+                    }
+                },
+                async {
+                    if let Some(mut stderr) = stderr {
+                        let _ = stderr.read_to_end(&mut err).await;
+                    }
+                }
+            );
+            let mut output = out;
+            output.extend_from_slice(&err);
             let status = match attached.take_status() {
                 Some(status) => status.await,
                 None => None,
@@ -256,6 +266,7 @@ impl PodExecHooks {
 #[async_trait]
 impl HookRunner for PodExecHooks {
     async fn run(&self, _context: &Context, hook: &HookCall<'_>) -> Result<(), Error> {
+        // The ids are CSI names Ballast validated (no quotes or spaces).
         let command = PodCommand {
             argv: shell(&format!(
                 "export BALLAST_VOLUME_ID='{}' BALLAST_SNAPSHOT_ID='{}' BALLAST_HOOK_PHASE='{}'; {}",

@@ -34,6 +34,7 @@ packages=(
     containerd
     runc
     containernetworking-plugins # bridge, host-local and loopback CNI plugins
+    iptables          # the bridge plugin's rules (containernetworking-plugins needs it too)
     openssl
     debootstrap       # the Debian root filesystems of the images
     umoci             # packs them as OCI archives

@@ -218,16 +218,27 @@ spec:
 EOF
 }
 
-scenario_3() {
-    log "scenario 3: a VolumeSnapshot under pgbench, restored to a new PVC"
-    # pgbench -n: without it every run starts by truncating pgbench_history,
-    # and the counts below would compare different tables.
-    local before after restored
-    before=$(psql_in pg-0 "SELECT count(*) FROM pgbench_history")
-    kubectl exec pg-0 -- pgbench -h /tmp -U postgres -n -c 2 -T 15 postgres >"$run/logs/pgbench-3.log" 2>&1 &
+# under_load POD KIND/NAME: applies the manifest on stdin 5 s into a 15 s
+# pgbench run in POD, then waits until KIND/NAME is ReadyToUse and pgbench
+# ended without an error. pgbench -n: without it every run starts by
+# truncating pgbench_history, and the counts around the cut would compare
+# different tables.
+under_load() {
+    local pod=$1 resource=$2 log=$run/logs/pgbench-$1.log manifest
+    manifest=$(cat)
+    kubectl exec "$pod" -- pgbench -h /tmp -U postgres -n -c 2 -T 15 postgres >"$log" 2>&1 &
     local load=$!
     sleep 5
-    kubectl apply -f - >/dev/null <<EOF
+    kubectl apply -f - <<<"$manifest" >/dev/null
+    kubectl wait --for=jsonpath='{.status.readyToUse}'=true "$resource" --timeout=180s >/dev/null
+    wait "$load" || fail "pgbench in $pod failed during $resource: $(tail -5 "$log")"
+}
+
+scenario_3() {
+    log "scenario 3: a VolumeSnapshot under pgbench, restored to a new PVC"
+    local before after restored
+    before=$(psql_in pg-0 "SELECT count(*) FROM pgbench_history")
+    under_load pg-0 volumesnapshot/pg-snap <<EOF
 apiVersion: snapshot.storage.k8s.io/v1
 kind: VolumeSnapshot
 metadata: {name: pg-snap}
@@ -235,8 +246,6 @@ spec:
   volumeSnapshotClassName: ballast
   source: {persistentVolumeClaimName: data-pg-0}
 EOF
-    kubectl wait --for=jsonpath='{.status.readyToUse}'=true volumesnapshot/pg-snap --timeout=120s >/dev/null
-    wait "$load" || fail "pgbench failed during the snapshot: $(tail -5 "$run/logs/pgbench-3.log")"
     after=$(psql_in pg-0 "SELECT count(*) FROM pgbench_history")
     local size
     size=$(kubectl get volumesnapshot pg-snap -o jsonpath='{.status.restoreSize}')
@@ -257,10 +266,7 @@ scenario_4() {
     kubectl wait --for=condition=Ready pod/pgw-0 --timeout=240s >/dev/null
     psql_in pgw-0 "CREATE TABLE hooklog (phase text); CREATE TABLE marker AS SELECT 'before the group snapshot'::text AS v" >/dev/null
     kubectl exec pgw-0 -- pgbench -h /tmp -U postgres -i -s 2 -q postgres >/dev/null 2>&1
-    kubectl exec pgw-0 -- pgbench -h /tmp -U postgres -n -c 2 -T 15 postgres >"$run/logs/pgbench-4.log" 2>&1 &
-    local load=$!
-    sleep 5
-    kubectl apply -f - >/dev/null <<EOF
+    under_load pgw-0 volumegroupsnapshot/pgw-group <<EOF
 apiVersion: groupsnapshot.storage.k8s.io/v1
 kind: VolumeGroupSnapshot
 metadata: {name: pgw-group}
@@ -270,8 +276,6 @@ spec:
     selector:
       matchLabels: {snapshot-group: pgw}
 EOF
-    kubectl wait --for=jsonpath='{.status.readyToUse}'=true volumegroupsnapshot/pgw-group --timeout=180s >/dev/null
-    wait "$load" || fail "pgbench failed during the group snapshot: $(tail -5 "$run/logs/pgbench-4.log")"
     # Both members were frozen through the cut (ballast.io/freeze of the class).
     local group
     group=$(kubectl get volumegroupsnapshotcontent -o jsonpath='{range .items[?(@.spec.volumeGroupSnapshotRef.name=="pgw-group")]}{.status.volumeGroupSnapshotHandle}{end}')

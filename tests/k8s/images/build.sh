@@ -25,7 +25,7 @@ mkdir -p "$out"
 list=$out/images.txt
 : >"$list"
 
-# fresh ARCHIVE INPUT...: true when ARCHIVE is missing or older than an input.
+# stale ARCHIVE INPUT...: true when ARCHIVE is missing or older than an input.
 stale() {
     local archive=$1
     shift
